@@ -1,0 +1,1 @@
+"""Ticket-system backends: one small interface (`base.Backend`), four implementations."""
