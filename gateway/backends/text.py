@@ -1,0 +1,68 @@
+"""The ticket text every backend sends: a header block naming the real sender, then the body.
+
+The customer-port systems (SuperOffice SOAP, InterServer) make the API account the author, so the
+real sender must head the text; the others get the same block for a uniform ticket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gateway.models import ParsedMail
+
+DEFAULT_HEADER_FIELDS = ("From", "To", "Cc", "Date")
+TRUNCATION_MARKER = "\n\n[... message truncated by ticket-gateway: {dropped} characters not shown ...]"
+
+
+def sender_display(mail: ParsedMail) -> str:
+    """`Name <addr>` or just the address (or "(unknown sender)")."""
+    addr = mail.from_addr or "(unknown sender)"
+    return f"{mail.from_name} <{addr}>" if mail.from_name else addr
+
+
+def header_block(mail: ParsedMail, fields: Iterable[str] = DEFAULT_HEADER_FIELDS) -> str:
+    lines = []
+    for name in fields:
+        key = name.lower()
+        if key == "from":
+            value = sender_display(mail)
+        elif key == "to":
+            value = ", ".join(mail.to)
+        elif key == "cc":
+            value = ", ".join(mail.cc)
+        elif key == "date":
+            value = mail.date
+        elif key == "subject":
+            value = mail.subject
+        else:
+            value = mail.header(name) or ""
+        if value:
+            lines.append(f"{name}: {value}")
+    return "\n".join(lines)
+
+
+def ticket_text(
+    mail: ParsedMail,
+    *,
+    header_fields: Iterable[str] = DEFAULT_HEADER_FIELDS,
+    max_chars: int | None = None,
+    not_forwarded: Iterable[str] = (),
+    automatic: bool = False,
+) -> str:
+    """Header block, blank line, body; names of attachments not forwarded; truncated visibly."""
+    parts = []
+    if automatic:
+        parts.append("[automatic reply: recorded by ticket-gateway, not acknowledged]")
+    block = header_block(mail, header_fields)
+    if block:
+        parts.append(block)
+    body = mail.text.strip("\n") or "(no text)"
+    parts.append(body)
+    skipped = list(not_forwarded)
+    if skipped:
+        parts.append("Attachments not forwarded: " + ", ".join(skipped))
+    text = "\n\n".join(parts)
+    if max_chars is not None and len(text) > max_chars:
+        dropped = len(text) - max_chars
+        text = text[:max_chars] + TRUNCATION_MARKER.format(dropped=dropped)
+    return text
