@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gateway.models import ParsedMail
+from gateway.models import Attachment, ParsedMail
 
 DEFAULT_HEADER_FIELDS = ("From", "To", "Cc", "Date")
 TRUNCATION_MARKER = "\n\n[... message truncated by ticket-gateway: {dropped} characters not shown ...]"
@@ -66,3 +66,37 @@ def ticket_text(
         dropped = len(text) - max_chars
         text = text[:max_chars] + TRUNCATION_MARKER.format(dropped=dropped)
     return text
+
+
+def select_attachments(
+    mail: ParsedMail,
+    *,
+    max_bytes: int,
+    max_total: int,
+    blocked_extensions: Iterable[str],
+) -> tuple[list[Attachment], list[str]]:
+    """Split the mail's real attachments into (forwarded, names of those not forwarded).
+
+    Inline images referenced from the HTML body are not attachments of the ticket. A file is not
+    forwarded when its extension is blocked, it is larger than `max_bytes`, or it would take the
+    total past `max_total`; the ticket text lists those by name.
+    """
+    blocked = {e.lower() if e.startswith(".") else "." + e.lower() for e in blocked_extensions}
+    keep: list[Attachment] = []
+    skipped: list[str] = []
+    total = 0
+    for att in mail.attachments:
+        if att.inline:
+            continue
+        name = att.filename or "attachment"
+        ext = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
+        if ext in blocked:
+            skipped.append(f"{name} (blocked type)")
+        elif att.size > max_bytes:
+            skipped.append(f"{name} (too large: {att.size} bytes)")
+        elif total + att.size > max_total:
+            skipped.append(f"{name} (total size limit)")
+        else:
+            keep.append(att)
+            total += att.size
+    return keep, skipped
