@@ -1,0 +1,748 @@
+"""The embedded spool: one SQLite file in WAL mode with synchronous=FULL. See `Spool`.
+
+Durability with speed comes from group commit: every write goes through one writer thread that
+owns the only write connection. It takes the first waiting job, then every job that queued up
+meanwhile, runs them all in one transaction (a savepoint each, so one failing job fails alone) and
+commits once: one fsync for the whole batch. Each caller's future resolves only after that commit,
+so an SMTP `250` is never said for a mail that is not on disk. Reads use per-thread connections
+and never wait for the writer (WAL).
+
+Crash recovery (`recover`, at start-up): messages left `processing` are put back to `queued`; the
+ones whose backend create call was begun but not recorded done (`inflight`) are flagged
+`uncertain`, so the worker looks for the ticket before creating it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import SpoolError
+from gateway.models import Envelope
+from gateway.spool.base import FINAL_STATES, AckRow, MessageRow, Outcome, PutResult, State
+
+log = logging.getLogger("gateway.spool")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    intake TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpt_tos TEXT NOT NULL,            -- JSON list
+    peer TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    raw BLOB,                           -- NULL once purged by retention
+    source_key TEXT UNIQUE,             -- e.g. imap:<mailbox>:<uidvalidity>:<uid>
+    message_id TEXT NOT NULL DEFAULT '',
+    digest TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    first_attempt_at REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    backend TEXT NOT NULL DEFAULT '',
+    rule TEXT NOT NULL DEFAULT '',
+    action TEXT NOT NULL DEFAULT '',
+    ticket_ref TEXT NOT NULL DEFAULT '',
+    ticket_id TEXT NOT NULL DEFAULT '',
+    progress TEXT NOT NULL DEFAULT '{}', -- JSON: completed backend steps and what they returned
+    inflight TEXT NOT NULL DEFAULT '',  -- a backend step begun and not yet recorded done
+    uncertain INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS messages_msgid ON messages (message_id);
+CREATE INDEX IF NOT EXISTS messages_digest ON messages (digest);
+CREATE TABLE IF NOT EXISTS tickets (        -- every ticket the gateway made: ref -> (backend, id)
+    backend TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    system TEXT NOT NULL,
+    ticket_id TEXT NOT NULL,
+    requester TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    PRIMARY KEY (backend, ref)
+);
+CREATE INDEX IF NOT EXISTS tickets_ref ON tickets (ref);
+CREATE TABLE IF NOT EXISTS threads (        -- Message-ID (incoming mails and our acks) -> ticket
+    message_id TEXT PRIMARY KEY,
+    backend TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL,
+    rcpt TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL,                -- pending | sent | failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_rcpt ON outbox (rcpt, created_at);
+"""
+
+_MSG_COLUMNS = (
+    "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
+    " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
+    " subject, progress, uncertain, updated_at"
+)
+
+
+def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
+    return MessageRow(
+        id=r["id"],
+        state=r["state"],
+        envelope=Envelope(
+            mail_from=r["mail_from"],
+            rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
+            peer=r["peer"],
+            intake=r["intake"],
+            received_at=r["received_at"],
+        ),
+        size=r["size"],
+        attempts=r["attempts"],
+        next_attempt_at=r["next_attempt_at"],
+        first_attempt_at=r["first_attempt_at"],
+        last_error=r["last_error"],
+        backend=r["backend"],
+        rule=r["rule"],
+        action=r["action"],
+        ticket_ref=r["ticket_ref"],
+        ticket_id=r["ticket_id"],
+        message_id=r["message_id"],
+        subject=r["subject"],
+        progress=json.loads(r["progress"] or "{}"),
+        uncertain=bool(r["uncertain"]),
+        updated_at=r["updated_at"],
+        raw=raw,
+    )
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.future: Future[Any] = Future()
+
+
+class SqliteSpool:
+    """See `Spool`. `clock` is injectable so retention and retry tests control time."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_batch: int = 512,
+    ) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self.max_batch = max_batch
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._closed = False
+        self.commits = 0  # for the benchmarks: how many fsyncs served how many puts
+        self.puts = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._wconn = self._connect()
+            self._wconn.executescript(SCHEMA)
+            cur = self._wconn.execute("SELECT value FROM meta WHERE key='schema_version'")
+            row = cur.fetchone()
+            if row is None:
+                self._wconn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"{self.path}: spool schema version {row[0]} is newer than this gateway "
+                    f"understands ({SCHEMA_VERSION}); upgrade the gateway"
+                )
+            self._wconn.commit()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open spool: {exc}") from exc
+        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+        self._writer.start()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    # -- the writer thread: group commit -------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = self._wconn
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+            if stop:
+                break
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        results: list[tuple[_Job, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(conn)
+                except Exception as exc:  # one job failing must not fail its batch-mates
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((job, False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((job, True, value))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.error("event=spool_commit_failed error=%r batch=%d", str(exc), len(batch))
+            err = SpoolError(f"spool commit failed: {exc}")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        for job, ok, value in results:
+            if ok:
+                job.future.set_result(value)
+            elif isinstance(value, sqlite3.Error):
+                job.future.set_exception(SpoolError(f"spool write failed: {value}"))
+            else:
+                job.future.set_exception(value)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise SpoolError("spool is closed")
+        job = _Job(fn)
+        self._jobs.put(job)
+        return await asyncio.wrap_future(job.future)  # type: ignore[no-any-return]
+
+    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking variant of a write, for the CLI (no event loop)."""
+        job = _Job(fn)
+        self._jobs.put(job)
+        return job.future.result()  # type: ignore[no-any-return]
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(self.read_sync, fn)
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._reader())
+        except sqlite3.Error as exc:
+            raise SpoolError(f"spool read failed: {exc}") from exc
+
+    async def close(self) -> None:
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._writer.join(timeout=30)
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    async def put(
+        self, raw: bytes, envelope: Envelope, *, source_key: str | None = None
+    ) -> PutResult:
+        now = self.clock()
+        received = envelope.received_at or now
+
+        def job(conn: sqlite3.Connection) -> PutResult:
+            if source_key is not None:
+                row = conn.execute(
+                    "SELECT id FROM messages WHERE source_key = ?", (source_key,)
+                ).fetchone()
+                if row is not None:
+                    return PutResult(id=row[0], duplicate=True)
+            cur = conn.execute(
+                "INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at,"
+                " size, raw, source_key, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    State.QUEUED.value,
+                    envelope.intake,
+                    envelope.mail_from,
+                    json.dumps(list(envelope.rcpt_tos)),
+                    envelope.peer,
+                    received,
+                    len(raw),
+                    raw,
+                    source_key,
+                    0.0,
+                    now,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return PutResult(id=cur.lastrowid)
+
+        result = await self._write(job)
+        self.puts += 1
+        return result
+
+    async def has_source_key(self, source_key: str) -> bool:
+        def q(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM messages WHERE source_key = ?", (source_key,)
+            ).fetchone()
+            return row is not None
+
+        return await self._read(q)
+
+    # -- recovery and the worker's queue ---------------------------------------------------------
+
+    def recover_sync(self) -> tuple[int, int]:
+        """Put back messages a crash left `processing`; returns (requeued, uncertain)."""
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            now = self.clock()
+            unc = conn.execute(
+                "UPDATE messages SET uncertain = 1, last_error = ?"
+                " WHERE state = 'processing' AND inflight != ''",
+                ("crash during a backend call: the ticket system may already have it",),
+            ).rowcount
+            n = conn.execute(
+                "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
+                " updated_at = ? WHERE state = 'processing'",
+                (now, now),
+            ).rowcount
+            return n, unc
+
+        return self.write_sync(job)
+
+    async def claim_due(self, limit: int, *, exclude_backends: Iterable[str] = ()) -> list[int]:
+        """Mark up to `limit` due messages `processing` (oldest first) and return their ids."""
+        now = self.clock()
+        excluded = sorted(set(exclude_backends))
+
+        def job(conn: sqlite3.Connection) -> list[int]:
+            params: list[Any] = [now]
+            extra = ""
+            if excluded:
+                extra = f" AND backend NOT IN ({','.join('?' * len(excluded))})"
+                params.extend(excluded)
+            params.append(limit)
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM messages WHERE state IN ('queued', 'deferred')"
+                    f" AND next_attempt_at <= ?{extra} ORDER BY next_attempt_at, id LIMIT ?",
+                    params,
+                )
+            ]
+            if ids:
+                conn.executemany(
+                    "UPDATE messages SET state = 'processing', attempts = attempts + 1,"
+                    " first_attempt_at = COALESCE(first_attempt_at, ?), updated_at = ?"
+                    " WHERE id = ?",
+                    [(now, now, i) for i in ids],
+                )
+            return ids
+
+        return await self._write(job)
+
+    async def next_due_at(self) -> float | None:
+        def q(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state IN ('queued', 'deferred')"
+            ).fetchone()
+            return row[0] if row and row[0] is not None else None
+
+        return await self._read(q)
+
+    async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
+        def q(conn: sqlite3.Connection) -> MessageRow | None:
+            cols = _MSG_COLUMNS + (", raw" if with_raw else "")
+            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            if r is None:
+                return None
+            return _row_to_message(r, bytes(r["raw"]) if with_raw and r["raw"] is not None else None)
+
+        return await self._read(q)
+
+    async def set_identity(self, msg_id: int, message_id: str, digest: str, subject: str) -> int | None:
+        """Record the parsed Message-ID/digest; return the id of an earlier copy of this mail.
+
+        An earlier copy is a message with the same digest (and the same Message-ID where there is
+        one) that is not dead or itself a duplicate. Done in the writer so two copies processed at
+        once cannot both miss each other.
+        """
+
+        def job(conn: sqlite3.Connection) -> int | None:
+            conn.execute(
+                "UPDATE messages SET message_id = ?, digest = ?, subject = ? WHERE id = ?",
+                (message_id, digest, subject[:500], msg_id),
+            )
+            row = conn.execute(
+                "SELECT id FROM messages WHERE digest = ? AND message_id = ? AND id != ?"
+                " AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
+                (digest, message_id, msg_id),
+            ).fetchone()
+            if row is None or row[0] > msg_id and not self._is_done(conn, row[0]):
+                # a later copy that has not finished: this (older) one goes first
+                return None
+            return int(row[0])
+
+        return await self._write(job)
+
+    @staticmethod
+    def _is_done(conn: sqlite3.Connection, msg_id: int) -> bool:
+        row = conn.execute("SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone()
+        return row is not None and row[0] in ("done", "suppressed")
+
+    async def state_of(self, msg_id: int) -> str | None:
+        def q(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            return row[0] if row else None
+
+        return await self._read(q)
+
+    async def begin_step(self, msg_id: int, step: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE messages SET inflight = ? WHERE id = ?", (step, msg_id))
+
+        await self._write(job)
+
+    async def done_step(self, msg_id: int, progress: dict[str, Any]) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET progress = ?, inflight = '' WHERE id = ?",
+                (json.dumps(progress), msg_id),
+            )
+
+        await self._write(job)
+
+    async def defer(
+        self,
+        msg_id: int,
+        *,
+        error: str,
+        delay: float,
+        backend: str = "",
+        count_attempt: bool = True,
+    ) -> None:
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET state = 'deferred', last_error = ?, next_attempt_at = ?,"
+                " inflight = '', backend = CASE WHEN ? != '' THEN ? ELSE backend END,"
+                " attempts = attempts - ?, updated_at = ? WHERE id = ?",
+                (error[:4000], now + delay, backend, backend, 0 if count_attempt else 1, now, msg_id),
+            )
+
+        await self._write(job)
+
+    async def finish(self, msg_id: int, outcome: Outcome) -> None:
+        """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE messages SET state = ?, last_error = ?, backend = ?, rule = ?, action = ?,"
+                " ticket_ref = ?, ticket_id = ?, inflight = '', next_attempt_at = 0,"
+                " updated_at = ? WHERE id = ?",
+                (
+                    outcome.state.value,
+                    outcome.reason[:4000],
+                    outcome.backend,
+                    outcome.rule,
+                    outcome.action,
+                    outcome.ticket_ref,
+                    outcome.ticket_id,
+                    now,
+                    msg_id,
+                ),
+            )
+            if outcome.state == State.DONE and outcome.ticket_ref:
+                conn.execute(
+                    "INSERT OR IGNORE INTO tickets (backend, ref, system, ticket_id, requester,"
+                    " subject, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        outcome.backend,
+                        outcome.ticket_ref,
+                        outcome.system,
+                        outcome.ticket_id,
+                        outcome.requester,
+                        outcome.subject[:500],
+                        now,
+                    ),
+                )
+                if outcome.message_id:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
+                    )
+            if outcome.ack is not None:
+                rcpt, mail_from, data, ack_msgid = outcome.ack
+                conn.execute(
+                    "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
+                    " next_attempt_at) VALUES (?, ?, ?, ?, 'pending', ?, 0)",
+                    (msg_id, rcpt, mail_from, data, now),
+                )
+                if ack_msgid and outcome.ticket_ref:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (ack_msgid, outcome.backend, outcome.ticket_ref, now),
+                    )
+
+        await self._write(job)
+
+    # -- ticket and thread maps -------------------------------------------------------------------
+
+    async def ticket_by_ref(self, ref: str) -> tuple[str, str, str, str] | None:
+        """(backend, system, ticket_id, requester) of a ticket the gateway made, by its ref."""
+
+        def q(conn: sqlite3.Connection) -> tuple[str, str, str, str] | None:
+            r = conn.execute(
+                "SELECT backend, system, ticket_id, requester FROM tickets WHERE ref = ?"
+                " ORDER BY created_at DESC LIMIT 1",
+                (ref,),
+            ).fetchone()
+            return (r[0], r[1], r[2], r[3]) if r else None
+
+        return await self._read(q)
+
+    async def thread_lookup(self, message_ids: list[str]) -> tuple[str, str] | None:
+        """(backend, ref) of the ticket a Message-ID among `message_ids` belongs to (first wins)."""
+        if not message_ids:
+            return None
+
+        def q(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            for mid in message_ids:
+                r = conn.execute(
+                    "SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)
+                ).fetchone()
+                if r:
+                    return r[0], r[1]
+            return None
+
+        return await self._read(q)
+
+    async def pending_original(self, message_ids: list[str], before_id: int) -> int | None:
+        """An earlier message, still waiting for its ticket, whose Message-ID is in the list."""
+        if not message_ids:
+            return None
+
+        def q(conn: sqlite3.Connection) -> int | None:
+            marks = ",".join("?" * len(message_ids))
+            r = conn.execute(
+                f"SELECT id FROM messages WHERE message_id IN ({marks}) AND id < ?"
+                " AND state IN ('queued', 'deferred', 'processing') ORDER BY id LIMIT 1",
+                [*message_ids, before_id],
+            ).fetchone()
+            return int(r[0]) if r else None
+
+        return await self._read(q)
+
+    # -- outbox -----------------------------------------------------------------------------------
+
+    async def acks_since(self, rcpt: str, since: float) -> int:
+        def q(conn: sqlite3.Connection) -> int:
+            r = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE rcpt = ? AND created_at >= ?",
+                (rcpt.lower(), since),
+            ).fetchone()
+            return int(r[0])
+
+        return await self._read(q)
+
+    async def due_acks(self, limit: int = 50) -> list[AckRow]:
+        now = self.clock()
+
+        def q(conn: sqlite3.Connection) -> list[AckRow]:
+            return [
+                AckRow(
+                    id=r["id"],
+                    message_id=r["message_id"],
+                    rcpt=r["rcpt"],
+                    mail_from=r["mail_from"],
+                    data=bytes(r["data"]),
+                    attempts=r["attempts"],
+                    next_attempt_at=r["next_attempt_at"],
+                )
+                for r in conn.execute(
+                    "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
+                    " ORDER BY id LIMIT ?",
+                    (now, limit),
+                )
+            ]
+
+        return await self._read(q)
+
+    async def ack_result(
+        self, ack_id: int, *, sent: bool, error: str = "", retry_in: float | None = None
+    ) -> None:
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> None:
+            if sent:
+                conn.execute(
+                    "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1"
+                    " WHERE id = ?",
+                    (now, ack_id),
+                )
+            elif retry_in is None:
+                conn.execute(
+                    "UPDATE outbox SET state = 'failed', last_error = ?, attempts = attempts + 1"
+                    " WHERE id = ?",
+                    (error[:2000], ack_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE outbox SET last_error = ?, attempts = attempts + 1,"
+                    " next_attempt_at = ? WHERE id = ?",
+                    (error[:2000], now + retry_in, ack_id),
+                )
+
+        await self._write(job)
+
+    # -- inspection (CLI, health, metrics) ---------------------------------------------------------
+
+    def counts_sync(self) -> dict[str, int]:
+        def q(conn: sqlite3.Connection) -> dict[str, int]:
+            out = {s.value: 0 for s in State}
+            for r in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
+                out[r[0]] = r[1]
+            out["outbox_pending"] = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'"
+            ).fetchone()[0]
+            out["outbox_failed"] = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'failed'"
+            ).fetchone()[0]
+            return out
+
+        return self.read_sync(q)
+
+    def oldest_pending_sync(self) -> float | None:
+        def q(conn: sqlite3.Connection) -> float | None:
+            r = conn.execute(
+                "SELECT MIN(received_at) FROM messages"
+                " WHERE state IN ('queued', 'deferred', 'processing')"
+            ).fetchone()
+            return r[0] if r and r[0] is not None else None
+
+        return self.read_sync(q)
+
+    def list_sync(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
+        def q(conn: sqlite3.Connection) -> list[MessageRow]:
+            if state:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE state = ? ORDER BY id LIMIT ?",
+                    (state, limit),
+                )
+            else:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT ?", (limit,)
+                )
+            return [_row_to_message(r) for r in rows]
+
+        return self.read_sync(q)
+
+    def get_sync(self, msg_id: int, with_raw: bool = False) -> MessageRow | None:
+        def q(conn: sqlite3.Connection) -> MessageRow | None:
+            cols = _MSG_COLUMNS + (", raw" if with_raw else "")
+            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            if r is None:
+                return None
+            raw = bytes(r["raw"]) if with_raw and r["raw"] is not None else None
+            return _row_to_message(r, raw)
+
+        return self.read_sync(q)
+
+    def retry_sync(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
+        """Put dead (or deferred) messages back in the queue now; returns how many."""
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> int:
+            if all_dead:
+                return conn.execute(
+                    "UPDATE messages SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                    " first_attempt_at = NULL, updated_at = ? WHERE state = 'dead'",
+                    (now, now),
+                ).rowcount
+            return conn.execute(
+                "UPDATE messages SET state = 'queued', next_attempt_at = ?, attempts = 0,"
+                " first_attempt_at = NULL, updated_at = ?"
+                " WHERE id = ? AND state IN ('dead', 'deferred', 'queued', 'suppressed')",
+                (now, now, msg_id),
+            ).rowcount
+
+        return self.write_sync(job)
+
+    def drop_sync(self, msg_id: int) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM outbox WHERE message_id = ? AND state = 'pending'", (msg_id,))
+            return conn.execute(
+                "DELETE FROM messages WHERE id = ? AND state != 'processing'", (msg_id,)
+            ).rowcount
+
+        return self.write_sync(job)
+
+
+def is_final(state: str) -> bool:
+    return state in {s.value for s in FINAL_STATES}
