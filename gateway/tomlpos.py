@@ -48,7 +48,7 @@ class LineMap:
             self._lines[loc] = line
 
     def line_of(self, loc: Sequence[str | int]) -> int:
-        """Line of `loc`, or of its nearest recorded enclosing key/table; 1 when nothing is known."""
+        """Line of `loc`, else of its nearest recorded enclosing key or table; 1 if none."""
         key = tuple(loc)
         for end in range(len(key), 0, -1):
             line = self._lines.get(key[:end])
@@ -107,7 +107,9 @@ def pydantic_problems(
         loc = _clean_loc(prefix, tuple(err["loc"]), lines)
         message = _message(err)
         where = dotted(loc)
-        problems.append(Problem(file, lines.line_of(loc), f"{where}: {message}" if where else message))
+        problems.append(
+            Problem(file, lines.line_of(loc), f"{where}: {message}" if where else message)
+        )
     return problems
 
 
