@@ -1,0 +1,205 @@
+"""Acknowledgements: render a template into a reply, and the outbox sender that delivers it.
+
+The worker renders the reply and records it in the spool's outbox in the same transaction as the
+ticket, so an acknowledgement exists only for a ticket that exists, and is never lost while the
+relay is down. The sender delivers it through the configured relay with the null envelope sender
+by default (a bounce of an acknowledgement can never start a loop) and RFC 3834 headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from gateway.models import ParsedMail
+
+log = logging.getLogger("gateway.ack")
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+PLACEHOLDERS = frozenset(
+    {"ref", "token", "subject", "sender", "sender_name", "recipient", "backend", "date"}
+)
+
+
+class Template:
+    """A template file: a `Subject:` line, a blank line, then the body; `{placeholders}`."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        head, sep, body = text.partition("\n\n")
+        subject = "{token} Re: {subject}"
+        if sep and head.lower().startswith("subject:"):
+            subject = head.split(":", 1)[1].strip()
+        else:
+            body = text
+        self.subject = subject
+        self.body = body
+        unknown = set(_PLACEHOLDER.findall(subject + body)) - PLACEHOLDERS
+        if unknown:
+            raise ValueError(
+                f"template {name!r}: unknown placeholder(s) {', '.join(sorted(unknown))};"
+                f" known: {', '.join(sorted(PLACEHOLDERS))}"
+            )
+
+    def render(self, values: dict[str, str]) -> tuple[str, str]:
+        def sub(text: str) -> str:
+            return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), text)
+
+        return sub(self.subject), sub(self.body)
+
+
+def load_templates(directory: Path) -> dict[str, Template]:
+    """Templates `*.txt` from `directory`; the packaged `default` when the directory lacks one."""
+    out: dict[str, Template] = {}
+    packaged = resources.files("gateway").joinpath("templates/default.txt")
+    out["default"] = Template("default", packaged.read_text(encoding="utf-8"))
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.txt")):
+            out[path.stem] = Template(path.stem, path.read_text(encoding="utf-8"))
+    return out
+
+
+def build_ack(
+    template: Template,
+    mail: ParsedMail,
+    *,
+    rcpt: str,
+    ref: str,
+    token: str,
+    from_address: str,
+    from_name: str,
+    hostname: str,
+    backend: str,
+) -> tuple[bytes, str]:
+    """Render the acknowledgement; return (bytes, its Message-ID without brackets)."""
+    values = {
+        "ref": ref,
+        "token": token,
+        "subject": mail.subject or "(no subject)",
+        "sender": mail.from_addr,
+        "sender_name": mail.from_name or mail.from_addr,
+        "recipient": from_address,
+        "backend": backend,
+        "date": mail.date,
+    }
+    subject, body = template.render(values)
+    if token not in subject:  # the token is how replies find their ticket: never lose it
+        subject = f"{token} {subject}"
+    msg = EmailMessage()
+    msg["From"] = formataddr((from_name, from_address)) if from_name else from_address
+    msg["To"] = rcpt
+    msg["Subject"] = " ".join(subject.split())
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg_id = f"ack.{uuid.uuid4().hex}@{hostname}"
+    msg["Message-ID"] = f"<{msg_id}>"
+    if mail.message_id:
+        msg["In-Reply-To"] = f"<{mail.message_id}>"
+        refs = [*mail.references[-10:], mail.message_id]
+        msg["References"] = " ".join(f"<{r}>" for r in refs)
+    msg["Auto-Submitted"] = "auto-replied"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg["Precedence"] = "auto_reply"
+    msg.set_content(body)
+    return bytes(msg), msg_id
+
+
+class AckSender:
+    """Delivers the outbox through the relay, with retries; one task, woken by the worker."""
+
+    def __init__(
+        self,
+        spool: Any,
+        relay_host: str,
+        relay_port: int,
+        *,
+        status: Any = None,
+        relay_tls: str = "none",
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 50,
+        clock: Any = time.time,
+    ) -> None:
+        self.spool = spool
+        self.host, self.port = relay_host, relay_port
+        self.status = status
+        self.relay_tls = relay_tls
+        self.username, self.password = username, password
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.wake = asyncio.Event()
+        self.sent = 0
+        self.failed = 0
+        self._stopping = False
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                due = await self.spool.due_acks()
+            except Exception as exc:
+                log.error("event=outbox_read_failed error=%r", str(exc))
+                due = []
+            for ack in due:
+                if self._stopping:
+                    break
+                await self._send_one(ack)
+            if not due or len(due) < 50:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=2.0)
+                except TimeoutError:
+                    pass
+
+    async def _send_one(self, ack: Any) -> None:
+        try:
+            await aiosmtplib.send(
+                ack.data,
+                sender=ack.mail_from,
+                recipients=[ack.rcpt],
+                hostname=self.host,
+                port=self.port,
+                timeout=self.timeout,
+                use_tls=self.relay_tls == "tls",
+                start_tls=self.relay_tls == "starttls",
+                username=self.username,
+                password=self.password,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            permanent = 500 <= exc.code < 600
+            await self._failed(ack, f"relay said {exc.code} {exc.message}", permanent)
+            return
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self._failed(ack, f"relay unreachable: {exc}", False)
+            return
+        await self.spool.ack_result(ack.id, sent=True)
+        self.sent += 1
+        if self.status is not None:
+            self.status.set_ok()
+        log.info("event=ack_sent ack=%d message=%d", ack.id, ack.message_id)
+
+    async def _failed(self, ack: Any, error: str, permanent: bool) -> None:
+        if permanent or ack.attempts + 1 >= self.max_attempts:
+            self.failed += 1
+            await self.spool.ack_result(ack.id, sent=False, error=error)
+            log.warning("event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error)
+            return
+        delay = min(600.0, 2.0 ** min(ack.attempts, 10)) * random.uniform(0.8, 1.2)
+        await self.spool.ack_result(ack.id, sent=False, error=error, retry_in=delay)
+        if self.status is not None:
+            self.status.set_down(error)
+        log.info("event=ack_deferred ack=%d retry_in=%.1f error=%r", ack.id, delay, error)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake.set()

@@ -1,0 +1,383 @@
+"""Builds the daemon from config and runs its lifecycle: startup, main loop, reload, shutdown.
+
+Only this module (and the CLI) reads config; stages get plain values. Signal handlers only record
+what was asked (STYLE 9); the main loop acts: SIGHUP reloads rules and templates (an invalid new
+set leaves the old one in force and /healthz says why), SIGTERM/SIGINT drain (new SMTP sessions
+get 421, in-flight work may finish within `drain_timeout`, the rest stays queued), a second
+SIGINT/SIGTERM forces the stop. systemd: READY=1 once the spool is open and intakes listen,
+STATUS= with a live summary, WATCHDOG=1 from the main loop.
+
+Exit codes: 0 clean stop; 1 config/rules invalid at start; 2 cannot open the spool or bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from gateway.ack import AckSender, Template, load_templates
+from gateway.backends.base import Backend
+from gateway.backends.registry import make_backend
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError, GatewayError
+from gateway.health import HealthServer
+from gateway.intake.smtp import IntakeHandler, SmtpListener
+from gateway.metrics import Metrics
+from gateway.rules import RuleSet, load_rules
+from gateway.secrets import resolve_secret
+from gateway.spool.sqlite import SqliteSpool
+from gateway.status import StatusBoard
+from gateway.worker import Worker, WorkerSettings
+
+log = logging.getLogger("gateway.app")
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_STARTUP = 2
+
+
+def sd_notify(message: str) -> None:
+    """Send a state line to systemd when run as Type=notify; a no-op otherwise."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.debug("event=sd_notify_failed error=%r", str(exc))
+
+
+def load_rule_set(cfg: Config) -> tuple[RuleSet, dict[str, Template]]:
+    """Rules and templates as one unit: both valid, or ConfigError listing every problem."""
+    try:
+        templates = load_templates(cfg.templates_dir)
+    except ValueError as exc:
+        raise ConfigError([_problem(str(cfg.templates_dir), str(exc))]) from exc
+    rules = load_rules(
+        cfg.rules_dir,
+        {name: b.type for name, b in cfg.backends.items()},
+        timezone=cfg.gateway.timezone,
+        templates=set(templates),
+        intakes={"smtp", "pipe", *(i.name for i in cfg.imap)},
+    )
+    return rules, templates
+
+
+def _problem(file: str, message: str) -> Any:
+    from gateway.errors import Problem
+
+    return Problem(file, 0, message)
+
+
+def worker_settings(cfg: Config) -> WorkerSettings:
+    return WorkerSettings(
+        concurrency=cfg.gateway.workers,
+        retry_base=cfg.retry.base,
+        retry_max_delay=cfg.retry.max_delay,
+        retry_deadline=cfg.retry.deadline,
+        paused_check=cfg.retry.paused_check,
+        max_crashes=cfg.retry.max_crashes,
+        own_addresses=frozenset(cfg.own_addresses()),
+        timezone=cfg.gateway.timezone,
+        followup_closed=cfg.gateway.followup_closed,
+        followup_sender=cfg.gateway.followup_sender,
+        ack_enabled=cfg.ack.enabled,
+        ack_followups=cfg.ack.followups,
+        ack_rate_limit=cfg.ack.rate_limit,
+        ack_from_address=cfg.ack.from_address,
+        ack_from_name=cfg.ack.from_name,
+        ack_envelope_from=cfg.ack.envelope_from,
+        hostname=cfg.gateway.hostname,
+    )
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, smtp_sock: socket.socket | None = None) -> None:
+        self.cfg = cfg
+        self.smtp_sock = smtp_sock
+        self.status = StatusBoard()
+        self.metrics = Metrics()
+        self.spool: SqliteSpool | None = None
+        self.backends: dict[str, Backend] = {}
+        self.worker: Worker | None = None
+        self.smtp: SmtpListener | None = None
+        self.health: HealthServer | None = None
+        self.ack_sender: AckSender | None = None
+        self.imaps: list[Any] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.executor: ProcessPoolExecutor | None = None
+        self.should_exit = False
+        self.force_exit = False
+        self.reload_requested = False
+        self._signals = 0
+        self._wakeup = asyncio.Event()
+
+    # -- signals: record only ---------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self._signals += 1
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+        self._wakeup.set()
+
+    # -- startup ------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        cfg = self.cfg
+        self.rules, self.templates = load_rule_set(cfg)
+        self.rules_status = self.status.register("rules", "rules")
+        self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
+        spool_status = self.status.register("spool", "spool")
+        self.spool = SqliteSpool(cfg.spool_path)
+        requeued, uncertain = self.spool.recover_sync()
+        if requeued:
+            log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
+        spool_status.set_ok(str(cfg.spool_path.name))
+        for name, bcfg in cfg.backends.items():
+            self.backends[name] = make_backend(name, bcfg, base_dir=cfg.base_dir)
+        self.executor = ProcessPoolExecutor(
+            max_workers=cfg.gateway.parse_processes,
+            mp_context=multiprocessing.get_context("forkserver"),
+        )
+        self.worker = Worker(
+            self.spool,
+            self.backends,
+            self.rules,
+            self.templates,
+            worker_settings(cfg),
+            tokens={name: b.subject_token for name, b in cfg.backends.items()},
+            executor=self.executor,
+            status=self.status,
+            metrics=self.metrics,
+            on_ack=self._wake_acks,
+        )
+        outbox_status = self.status.register("outbox", "outbox")
+        if cfg.ack.enabled:
+            host, _, port = cfg.ack.relay.rpartition(":")
+            password = resolve_secret(
+                None if cfg.ack.relay_password is None else _secret(cfg.ack.relay_password),
+                cfg.ack.relay_password_file,
+                cfg.ack.relay_password_env,
+                what="ack.relay_password",
+                base_dir=cfg.base_dir,
+                required=False,
+            )
+            self.ack_sender = AckSender(
+                self.spool,
+                host,
+                int(port),
+                status=outbox_status,
+                relay_tls=cfg.ack.relay_tls,
+                username=cfg.ack.relay_username,
+                password=password.get_secret_value() if password else None,
+            )
+        if cfg.smtp.enabled:
+            smtp_status = self.status.register("intake:smtp", "intake")
+            handler = IntakeHandler(
+                self.spool,
+                set(cfg.smtp.recipients),
+                max_recipients=cfg.smtp.max_recipients,
+                on_stored=self._on_stored,
+            )
+            host, _, port = cfg.smtp.listen.rpartition(":")
+            self.smtp = SmtpListener(
+                handler,
+                host,
+                int(port),
+                hostname=cfg.gateway.hostname,
+                max_size=cfg.smtp.max_size,
+                max_per_ip=cfg.smtp.max_connections_per_ip,
+                data_timeout=cfg.smtp.data_timeout,
+            )
+            await self.smtp.start(self.smtp_sock)
+            smtp_status.set_ok(f"listening on {host}:{self.smtp.port}")
+        for icfg in cfg.imap:
+            from gateway.intake.imap import ImapIntake
+
+            comp = self.status.register(f"intake:imap:{icfg.name}", "intake")
+            intake = ImapIntake(icfg, _CountingSpool(self.spool, self), comp, base_dir=cfg.base_dir)
+            self.imaps.append(intake)
+        host, _, port = cfg.health.listen.rpartition(":")
+        self.health = HealthServer(
+            host,
+            int(port),
+            self.status,
+            self.metrics,
+            queue_info=self.queue_info,
+            oldest_queued_max=cfg.health.oldest_queued_max,
+            backend_down_max=cfg.health.backend_down_max,
+        )
+        self.metrics.on_scrape(self._refresh_gauges)
+        await self.health.start()
+        self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        if self.ack_sender is not None:
+            self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
+        for intake in self.imaps:
+            self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
+
+    def _on_stored(self, msg_id: int) -> None:
+        self.metrics.received.labels(intake="smtp").inc()
+        if self.worker is not None:
+            self.worker.notify(msg_id)
+
+    def _wake_acks(self) -> None:
+        if self.ack_sender is not None:
+            self.ack_sender.wake.set()
+
+    def queue_info(self) -> dict[str, Any]:
+        assert self.spool is not None
+        counts = self.spool.counts_sync()
+        oldest = self.spool.oldest_pending_sync()
+        return {
+            "waiting": counts["queued"] + counts["deferred"] + counts["processing"],
+            "deferred": counts["deferred"],
+            "dead": counts["dead"],
+            "outbox_pending": counts["outbox_pending"],
+            "oldest_queued_age": round(time.time() - oldest, 1) if oldest else None,
+        }
+
+    def _refresh_gauges(self) -> None:
+        q = self.queue_info()
+        self.metrics.queue_depth.set(q["waiting"])
+        self.metrics.dead_letters.set(q["dead"])
+        self.metrics.outbox_pending.set(q["outbox_pending"])
+        self.metrics.oldest_age.set(q["oldest_queued_age"] or 0)
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read config, rules and templates; keep the old ones when anything is invalid."""
+        try:
+            new_cfg = load_config(self.cfg.path)
+            rules, templates = load_rule_set(new_cfg)
+        except (ConfigError, GatewayError) as exc:
+            self.rules_status.set_down(f"reload refused, old rules in force: {exc}".replace("\n", "; "))
+            log.error("event=reload_refused problems=%r", str(exc))
+            return
+        assert self.worker is not None
+        # One assignment each: a mail is routed by the old set or the new set, never a mix.
+        self.worker.rules = rules
+        self.worker.templates = templates
+        self.worker.s = worker_settings(new_cfg)
+        if self.smtp is not None:
+            self.smtp.handler.recipients = {r.lower() for r in new_cfg.smtp.recipients}
+        self.rules, self.templates = rules, templates
+        self.rules_status.set_ok(f"{len(rules.rule_names)} rules (reloaded)")
+        log.info("event=reloaded rules=%d", len(rules.rule_names))
+
+    # -- main loop --------------------------------------------------------------------------------
+
+    async def main_loop(self) -> None:
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        interval = max(0.5, watchdog_usec / 2e6) if watchdog_usec else 5.0
+        sd_notify("READY=1\nSTATUS=started")
+        log.info("event=ready")
+        while not self.should_exit:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=interval)
+            if self.reload_requested:
+                self.reload_requested = False
+                sd_notify("RELOADING=1")
+                self.reload()
+                sd_notify("READY=1")
+            for task in self.tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
+                    self.should_exit = True
+            if watchdog_usec:
+                sd_notify("WATCHDOG=1")
+            with contextlib.suppress(Exception):
+                q = self.queue_info()
+                sd_notify(f"STATUS=waiting={q['waiting']} dead={q['dead']} outbox={q['outbox_pending']}")
+
+    async def shutdown(self) -> None:
+        sd_notify("STOPPING=1")
+        log.info("event=stopping")
+        grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
+        if self.smtp is not None:
+            self.smtp.drain()
+        for intake in self.imaps:
+            await intake.stop()
+        cut = 0
+        if self.worker is not None:
+            cut = await self.worker.drain(grace)
+        if self.smtp is not None:
+            await self.smtp.stop(grace=min(grace, 5.0))
+        if self.ack_sender is not None:
+            self.ack_sender.stop()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for backend in self.backends.values():
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        if self.health is not None:
+            await self.health.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.spool is not None:
+            await self.spool.close()
+        log.info("event=stopped cut_short=%d", cut)
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.startup()
+        except ConfigError:
+            raise
+        except (GatewayError, OSError) as exc:
+            log.error("event=startup_failed error=%r", str(exc))
+            await self.shutdown()
+            return EXIT_STARTUP
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return EXIT_OK
+
+
+def _secret(value: str) -> Any:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+class _CountingSpool:
+    """The spool as an IMAP intake sees it: every stored mail counts and wakes the worker."""
+
+    def __init__(self, spool: SqliteSpool, daemon: Daemon) -> None:
+        self._spool = spool
+        self._daemon = daemon
+
+    async def put(self, raw: bytes, envelope: Any, *, source_key: str | None = None) -> Any:
+        result = await self._spool.put(raw, envelope, source_key=source_key)
+        if not result.duplicate:
+            self._daemon.metrics.received.labels(intake=envelope.intake).inc()
+            if self._daemon.worker is not None:
+                self._daemon.worker.notify(result.id)
+        return result
+
+    async def has_source_key(self, source_key: str) -> bool:
+        return await self._spool.has_source_key(source_key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)

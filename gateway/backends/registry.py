@@ -1,0 +1,43 @@
+"""The table from a config's `type = "..."` to its config model and backend class.
+
+Looked up once at start-up (and by `gateway check`): an unknown type stops the config load, not
+the first mail. The modules are imported on first use so that `gateway deliver` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from gateway.backends.base import Backend
+from gateway.backends.config import BackendConfigBase
+
+# type -> (module, config model, backend class)
+BACKEND_TYPES: dict[str, tuple[str, str, str]] = {
+    "superoffice-soap": (
+        "gateway.backends.superoffice_soap",
+        "SuperOfficeSoapConfig",
+        "SuperOfficeSoapBackend",
+    ),
+    "superoffice-rest": (
+        "gateway.backends.superoffice_rest",
+        "SuperOfficeRestConfig",
+        "SuperOfficeRestBackend",
+    ),
+    "interserver": ("gateway.backends.interserver", "InterServerConfig", "InterServerBackend"),
+    "whmcs": ("gateway.backends.whmcs", "WhmcsConfig", "WhmcsBackend"),
+}
+
+
+def config_model(type_name: str) -> type[BackendConfigBase]:
+    module, model, _ = BACKEND_TYPES[type_name]
+    cls: type[BackendConfigBase] = getattr(importlib.import_module(module), model)
+    return cls
+
+
+def make_backend(name: str, cfg: BackendConfigBase, *, base_dir: Path) -> Backend:
+    module, _, cls_name = BACKEND_TYPES[cfg.type]
+    cls: Any = getattr(importlib.import_module(module), cls_name)
+    backend: Backend = cls(name, cfg, base_dir=base_dir)
+    return backend

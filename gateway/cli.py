@@ -1,0 +1,386 @@
+"""The `gateway` command: run, check, route, deliver, queue, simulate (DESIGN, "CLI")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway.config import Config, config_path, load_config
+from gateway.errors import ConfigError, GatewayError, ParseError
+from gateway.logs import setup_logging
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for p in exc.problems:
+        print(str(p), file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.app import EXIT_CONFIG, Daemon
+
+    try:
+        cfg = _load(args)
+        from gateway.app import load_rule_set
+
+        load_rule_set(cfg)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format)
+    sock = _activation_socket()
+    try:
+        return asyncio.run(Daemon(cfg, smtp_sock=sock).serve())
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+
+
+def _activation_socket() -> Any:
+    """The SMTP socket passed by systemd socket activation (LISTEN_FDS), or None."""
+    import os
+    import socket
+
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0") or 0) < 1:
+        return None
+    return socket.socket(fileno=3)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.app import load_rule_set
+
+    problems: list[str] = []
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    except GatewayError as exc:
+        print(f"{config_path(args.config)}:0: {exc}", file=sys.stderr)
+        return 1
+    try:
+        rules, _ = load_rule_set(cfg)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    # secrets must be readable, but are never printed
+    from gateway.backends.registry import make_backend
+
+    async def build() -> None:
+        for name, b in cfg.backends.items():
+            try:
+                backend = make_backend(name, b, base_dir=cfg.base_dir)
+            except GatewayError as exc:
+                problems.append(f"{cfg.path}:0: backends.{name}: {exc}")
+                continue
+            await backend.aclose()
+
+    asyncio.run(build())
+    _warn_permissions(cfg)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    print(
+        f"{cfg.path}: ok: {len(cfg.backends)} backends, {len(rules.rule_names)} rules,"
+        f" {len(cfg.imap)} IMAP mailboxes"
+    )
+    return 0
+
+
+def _warn_permissions(cfg: Config) -> None:
+    try:
+        mode = cfg.path.stat().st_mode
+    except OSError:
+        return
+    text = cfg.path.read_text(encoding="utf-8", errors="replace")
+    inline = any(
+        line.strip().startswith(("password =", "secret =", "token =", "password=", "secret="))
+        for line in text.splitlines()
+    )
+    if inline and mode & 0o004:
+        print(
+            f"{cfg.path}:0: warning: the file is world-readable and holds inline secrets;"
+            " chmod 640 it or move the secrets to *_file / *_env / systemd credentials",
+            file=sys.stderr,
+        )
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from gateway import classify
+    from gateway.app import load_rule_set
+    from gateway.mail import parse
+    from gateway.models import Envelope
+    from gateway.rules import RouteContext
+
+    try:
+        cfg = _load(args)
+        rules, _ = load_rule_set(cfg)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
+    try:
+        mail = parse(raw)
+    except ParseError as exc:
+        out = {"rule": "", "backend": "", "action": "suppress", "ticket": {}, "followup_of": None,
+               "ack": False, "reasons": [f"quarantine: unreadable: {exc}"]}
+        print(json.dumps(out) if args.json else f"quarantine: unreadable: {exc}")
+        return 0
+    rcpts = tuple(a.lower() for a in args.rcpt) if args.rcpt else (*mail.to, *mail.cc)
+    env = Envelope(
+        mail_from=args.mail_from if args.mail_from is not None else mail.from_addr,
+        rcpt_tos=rcpts,
+        intake=args.intake,
+        received_at=time.time(),
+    )
+    tz = ZoneInfo(cfg.gateway.timezone)
+    now = datetime.fromisoformat(args.at) if args.at else datetime.now(UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=tz)
+    own = cfg.own_addresses()
+    loop_reason = None
+    for addr in (mail.from_addr, env.mail_from):
+        if addr and classify.is_own_address(addr, own):
+            loop_reason = f"loop: mail from our own address {addr}"
+            break
+    f_ref, f_backend = _followup_from_spool(cfg, mail)
+    ctx = RouteContext(
+        now=now.astimezone(tz),
+        auto_reason=classify.auto_reason(mail, env),
+        loop_reason=loop_reason,
+        followup_ref=f_ref,
+        followup_backend=f_backend,
+    )
+    decision = rules.route(mail, env, ctx)
+    if args.json:
+        print(json.dumps(decision.to_json(), ensure_ascii=False))
+    else:
+        print(f"rule:     {decision.rule}")
+        print(f"backend:  {decision.backend or '-'}")
+        print(f"action:   {decision.action}")
+        print(f"ticket:   {json.dumps(decision.ticket, ensure_ascii=False)}")
+        print(f"followup: {decision.followup_of or '-'}")
+        print(f"ack:      {'yes (' + decision.ack + ')' if decision.ack else 'no'}")
+        for r in decision.reasons:
+            print(f"  - {r}")
+    return 0
+
+
+def _followup_from_spool(cfg: Config, mail: Any) -> tuple[str | None, str | None]:
+    """Read-only look-up of the spool's ticket and thread maps (the dry run calls nothing)."""
+    import sqlite3
+
+    from gateway import classify
+
+    tokens = sorted({b.subject_token for b in cfg.backends.values()} | {"[Ticket ID: {ref}]"})
+    ref = classify.find_subject_token(mail.subject, tokens)
+    path = cfg.spool_path
+    if not path.exists():
+        return ref, None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return ref, None
+    try:
+        if ref is not None:
+            row = conn.execute("SELECT backend FROM tickets WHERE ref = ?", (ref,)).fetchone()
+            return ref, row[0] if row else None
+        for mid in classify.thread_ids(mail):
+            row = conn.execute("SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)).fetchone()
+            if row:
+                return row[1], row[0]
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+    return None, None
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from gateway.intake.pipe import EX_TEMPFAIL, deliver
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EX_TEMPFAIL  # the MTA keeps the mail until the config is fixed
+    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format)
+    return deliver(
+        cfg.spool_path,
+        sys.stdin.buffer,
+        rcpts=args.rcpt or [],
+        mail_from=args.mail_from or "",
+        max_size=cfg.smtp.max_size,
+    )
+
+
+def _row_json(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "intake": row.envelope.intake,
+        "received_at": row.envelope.received_at,
+        "size": row.size,
+        "attempts": row.attempts,
+        "next_attempt_at": row.next_attempt_at,
+        "last_error": row.last_error,
+        "rule": row.rule,
+        "backend": row.backend,
+        "action": row.action,
+        "ticket_ref": row.ticket_ref,
+        "ticket_id": row.ticket_id,
+        "message_id": row.message_id,
+        "subject": row.subject,
+        "uncertain": row.uncertain,
+    }
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway.spool.sqlite import SqliteSpool
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    spool = SqliteSpool(cfg.spool_path)
+    try:
+        if args.qcmd == "ls":
+            rows = spool.list_sync(args.state)
+            if args.json:
+                print(json.dumps([_row_json(r) for r in rows], ensure_ascii=False))
+            else:
+                for r in rows:
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.envelope.received_at))
+                    detail = r.ticket_ref or r.last_error.split("\n", 1)[0][:80]
+                    print(f"{r.id:>7} {r.state:<10} {when} {r.envelope.intake:<8} {r.rule or '-':<12} {detail}")
+            return 0
+        if args.qcmd == "show":
+            row = spool.get_sync(args.id, with_raw=args.raw)
+            if row is None:
+                print(f"no message {args.id}", file=sys.stderr)
+                return 1
+            if args.raw and row.raw is not None:
+                sys.stdout.buffer.write(row.raw)
+                return 0
+            data = _row_json(row)
+            data["envelope"] = {
+                "mail_from": row.envelope.mail_from,
+                "rcpt_tos": list(row.envelope.rcpt_tos),
+                "peer": row.envelope.peer,
+            }
+            data["progress"] = row.progress
+            print(json.dumps(data, indent=2, ensure_ascii=False))
+            return 0
+        if args.qcmd == "retry":
+            n = spool.retry_sync(None, all_dead=True) if args.all_dead else spool.retry_sync(args.id)
+            print(f"requeued {n}")
+            return 0 if n or args.all_dead else 1
+        if args.qcmd == "drop":
+            n = spool.drop_sync(args.id)
+            print(f"dropped {n}")
+            return 0 if n else 1
+        if args.qcmd == "stats":
+            counts = spool.counts_sync()
+            oldest = spool.oldest_pending_sync()
+            counts["oldest_waiting_age_s"] = int(time.time() - oldest) if oldest else 0
+            counts["spool_bytes"] = cfg.spool_path.stat().st_size if cfg.spool_path.exists() else 0
+            print(json.dumps(counts, indent=2))
+            return 0
+    finally:
+        spool.close_sync()
+    return 2
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.simulators.server import serve_forever
+
+    setup_logging("info", "kv")
+    try:
+        asyncio.run(serve_forever(args.listen, args.smtp))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="ticket-gateway: mail in, tickets out")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", help="config file (default $GATEWAY_CONFIG or /etc/ticket-gateway/config.toml)")
+        return sp
+
+    sp = with_config(sub.add_parser("run", help="run the daemon"))
+    sp.set_defaults(func=cmd_run)
+    sp = with_config(sub.add_parser("check", help="validate config and rules"))
+    sp.set_defaults(func=cmd_check)
+    sp = with_config(sub.add_parser("route", help="dry run: classify and route one message"))
+    sp.add_argument("message")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--rcpt", action="append", default=[])
+    sp.add_argument("--from", dest="mail_from")
+    sp.add_argument("--intake", default="smtp")
+    sp.add_argument("--at", help="ISO time to route at (business-hours rules)")
+    sp.set_defaults(func=cmd_route)
+    sp = with_config(sub.add_parser("deliver", help="spool one message from stdin (MTA pipe)"))
+    sp.add_argument("--rcpt", action="append", default=[])
+    sp.add_argument("--from", dest="mail_from")
+    sp.set_defaults(func=cmd_deliver)
+    sp = with_config(sub.add_parser("queue", help="inspect and repair the spool"))
+    qs = sp.add_subparsers(dest="qcmd", required=True)
+    q = qs.add_parser("ls")
+    q.add_argument("--state")
+    q.add_argument("--json", action="store_true")
+    q = qs.add_parser("show")
+    q.add_argument("id", type=int)
+    q.add_argument("--raw", action="store_true", help="print the stored message bytes")
+    q = qs.add_parser("retry")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("id", type=int, nargs="?")
+    g.add_argument("--all-dead", action="store_true")
+    q = qs.add_parser("drop")
+    q.add_argument("id", type=int)
+    qs.add_parser("stats")
+    for q in qs.choices.values():
+        q.add_argument("-c", "--config", default=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_queue)
+    sp = sub.add_parser("simulate", help="run the ticket-system simulators and the SMTP sink")
+    sp.add_argument("--listen", default="127.0.0.1:8900")
+    sp.add_argument("--smtp", default="127.0.0.1:2526")
+    sp.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The one validated config model, loaded from TOML with `file:line` errors.
+
+Every key is commented in config.example.toml. Unknown keys are refused. Relative paths resolve
+against the directory of the config file. Backend sections are validated by the model of their
+`type`, looked up once in `gateway.backends.registry` (an unknown type is a config error).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.backends.config import BackendConfigBase
+from gateway.backends.registry import BACKEND_TYPES, config_model
+from gateway.errors import ConfigError, Problem
+from gateway.intake.imap import ImapConfig
+from gateway.tomlpos import load_toml, pydantic_problems
+
+DEFAULT_CONFIG = "/etc/ticket-gateway/config.toml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class GatewaySection(_Model):
+    own_addresses: list[str] = []  # more addresses whose mail is a loop (besides recipients etc.)
+    hostname: str = "ticket-gateway.localdomain"  # right side of our Message-IDs; SMTP banner
+    workers: int = Field(8, ge=1, le=512)  # messages processed concurrently
+    parse_processes: int = Field(1, ge=1, le=16)  # processes parsing mail off the event loop
+    timezone: str = "UTC"  # for weekday/time rule conditions
+    followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
+    followup_sender: Literal["any", "address", "domain"] = "any"  # who may follow up a ticket
+    log_format: Literal["kv", "json"] = "kv"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
+
+
+class SpoolSection(_Model):
+    path: str = "var/gateway.sqlite"
+
+
+class SmtpSection(_Model):
+    enabled: bool = True
+    listen: str = "127.0.0.1:2525"
+    recipients: list[str] = []  # accepted RCPT TO addresses; everything else 550 5.1.1
+    max_size: int = Field(25 * 1024 * 1024, ge=1024)  # bytes, advertised as EHLO SIZE
+    max_recipients: int = Field(100, ge=1)
+    max_connections_per_ip: int = Field(64, ge=1)
+    data_timeout: float = Field(300.0, gt=0)  # seconds a client may take to send a message
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _hostport(v)))
+
+    @field_validator("recipients")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if "@" not in addr:
+                raise ValueError(f"{addr!r} is not an e-mail address")
+        return [a.strip().lower() for a in v]
+
+
+class HealthSection(_Model):
+    listen: str = "127.0.0.1:8025"
+    oldest_queued_max: float = Field(900.0, gt=0)  # seconds before /healthz reports a stuck queue
+    backend_down_max: float = Field(300.0, gt=0)  # seconds a backend may fail before 503
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _hostport(v)))
+
+
+class RulesSection(_Model):
+    dir: str = "rules"
+
+
+class RetrySection(_Model):
+    base: float = Field(30.0, gt=0)  # first retry delay, seconds; doubles each attempt
+    max_delay: float = Field(3600.0, gt=0)  # cap of one delay
+    deadline: float = Field(5 * 24 * 3600.0, gt=0)  # give up (dead-letter) after this long
+    paused_check: float = Field(60.0, gt=0)  # how often a paused backend is tried again
+    max_crashes: int = Field(5, ge=1)  # a mail that keeps killing the worker is set aside
+
+
+class AckSection(_Model):
+    enabled: bool = True
+    relay: str = "127.0.0.1:2526"  # SMTP relay for acknowledgements
+    relay_tls: Literal["none", "starttls", "tls"] = "none"
+    relay_username: str | None = None
+    relay_password: str | None = None
+    relay_password_file: str | None = None
+    relay_password_env: str | None = None
+    from_address: str = ""  # "" = the support address the mail was sent to
+    from_name: str = "Support"
+    envelope_from: str = ""  # "" = the null sender <>, so a bounce of an ack cannot loop
+    templates_dir: str = "templates"
+    rate_limit: int = Field(5, ge=0)  # acknowledgements per sender per hour
+    followups: bool = False  # acknowledge follow-ups too
+
+    _relay = field_validator("relay")(classmethod(lambda cls, v: _hostport(v)))
+
+
+class Config(_Model):
+    gateway: GatewaySection = GatewaySection()
+    spool: SpoolSection = SpoolSection()
+    smtp: SmtpSection = SmtpSection()
+    health: HealthSection = HealthSection()
+    rules: RulesSection = RulesSection()
+    retry: RetrySection = RetrySection()
+    ack: AckSection = AckSection()
+    imap: list[ImapConfig] = []
+    backends: dict[str, BackendConfigBase] = {}
+
+    # set by load(), not by the file
+    path: Path = Path("config.toml")
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p)
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.resolve(self.spool.path)
+
+    @property
+    def rules_dir(self) -> Path:
+        return self.resolve(self.rules.dir)
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.resolve(self.ack.templates_dir)
+
+    def own_addresses(self) -> set[str]:
+        """DESIGN: recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
+        own = {a.lower() for a in self.smtp.recipients}
+        own |= {a.lower() for a in self.gateway.own_addresses}
+        if self.ack.from_address:
+            own.add(self.ack.from_address.lower())
+        own |= {i.username.lower() for i in self.imap if "@" in i.username}
+        return own
+
+
+def config_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file; raise ConfigError listing every `file:line: problem`."""
+    data, lines = load_toml(path)
+    fname = str(path)
+    problems: list[Problem] = []
+    backends_raw = data.pop("backends", {})
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(exc, fname, lines))
+        cfg = None
+    backends: dict[str, BackendConfigBase] = {}
+    if not isinstance(backends_raw, dict):
+        problems.append(Problem(fname, lines.line_of(("backends",)), "backends must be a table"))
+        backends_raw = {}
+    for name, raw in backends_raw.items():
+        loc: tuple[str | int, ...] = ("backends", name)
+        if not isinstance(raw, dict):
+            problems.append(Problem(fname, lines.line_of(loc), f"backends.{name} must be a table"))
+            continue
+        btype = raw.get("type")
+        if btype not in BACKEND_TYPES:
+            problems.append(
+                Problem(
+                    fname,
+                    lines.line_of((*loc, "type")),
+                    f"backends.{name}.type: unknown backend type {btype!r};"
+                    f" one of {', '.join(BACKEND_TYPES)}",
+                )
+            )
+            continue
+        try:
+            backends[name] = config_model(btype).model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(exc, fname, lines, prefix=loc))
+    if cfg is not None:
+        names = [i.name for i in cfg.imap]
+        for idx, n in enumerate(names):
+            if names.index(n) != idx:
+                problems.append(
+                    Problem(fname, lines.line_of(("imap", idx, "name")), f"duplicate imap name {n!r}")
+                )
+        if cfg.smtp.enabled and not cfg.smtp.recipients:
+            problems.append(
+                Problem(
+                    fname,
+                    lines.line_of(("smtp",)),
+                    "smtp.recipients is empty: the listener would refuse every mail",
+                )
+            )
+        for section in ("smtp", "health"):
+            host = getattr(cfg, section).listen.rpartition(":")[0].strip("[]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                problems.append(
+                    Problem(
+                        fname,
+                        lines.line_of((section, "listen")),
+                        f"{section}.listen: {host!r} is not an IP address",
+                    )
+                )
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    cfg.backends = backends
+    cfg.path = path.resolve()
+    return cfg
+

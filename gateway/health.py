@@ -1,0 +1,98 @@
+"""HTTP endpoints for monitoring: `GET /healthz` (per component, 503 when one is down) and
+`GET /metrics` (Prometheus text). Bound to loopback by default; no content or addresses exposed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.metrics import Metrics
+from gateway.status import StatusBoard
+
+log = logging.getLogger("gateway.health")
+
+
+class HealthServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        status: StatusBoard,
+        metrics: Metrics,
+        *,
+        queue_info: Callable[[], dict[str, Any]],
+        oldest_queued_max: float,
+        backend_down_max: float,
+    ) -> None:
+        self.host, self.port = host, port
+        self.status = status
+        self.metrics = metrics
+        self.queue_info = queue_info
+        self.oldest_queued_max = oldest_queued_max
+        self.backend_down_max = backend_down_max
+        self._runner: web.AppRunner | None = None
+
+    def report(self) -> tuple[int, dict[str, Any]]:
+        now = time.time()
+        problems: list[str] = []
+        components: dict[str, Any] = {}
+        for name, comp in self.status.components.items():
+            components[name] = comp.to_json()
+            if comp.ok:
+                continue
+            # A backend is only "down" for health once it has failed for a while: one refused
+            # call is retried; a paused backend (credentials refused) counts at once.
+            if comp.kind == "backend" and not comp.detail.startswith("paused"):
+                if now - comp.since < self.backend_down_max:
+                    continue
+            problems.append(f"{name}: {comp.detail}")
+        try:
+            queue = self.queue_info()
+        except Exception as exc:
+            queue = {}
+            problems.append(f"spool: cannot read: {exc}")
+        oldest = queue.get("oldest_queued_age")
+        if oldest is not None and oldest > self.oldest_queued_max:
+            problems.append(
+                f"queue: oldest waiting message is {int(oldest)} s old (threshold {int(self.oldest_queued_max)} s)"
+            )
+        body: dict[str, Any] = {
+            "status": "ok" if not problems else "fail",
+            "components": components,
+            "queue": queue,
+        }
+        if problems:
+            body["problems"] = problems
+        return (200 if not problems else 503), body
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        code, body = self.report()
+        return web.json_response(body, status=code, dumps=lambda d: json.dumps(d, sort_keys=True))
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        data = self.metrics.render()
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("event=health_listening host=%s port=%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,79 @@
+"""`gateway deliver`: spool one message from stdin for an MTA pipe transport (Postfix, Exim).
+
+Exit codes are sysexits: 0 stored, 75 (EX_TEMPFAIL) the spool could not commit (the MTA keeps the
+mail and retries), 65 (EX_DATAERR) the input is not a mail at all (empty, or no header section).
+The daemon's worker picks the message up from the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.errors import SpoolError
+from gateway.models import Envelope
+from gateway.spool.sqlite import SqliteSpool
+
+log = logging.getLogger("gateway.intake.pipe")
+
+EX_OK = 0
+EX_DATAERR = 65
+EX_TEMPFAIL = 75
+
+
+def looks_like_mail(raw: bytes) -> str | None:
+    """None when `raw` has a header section; otherwise why it is not a mail."""
+    if not raw.strip():
+        return "empty input"
+    head = raw[:65536].split(b"\n", 1)[0].rstrip(b"\r")
+    if head.startswith(b"From ") and b"\n" in raw:  # mbox "From " line from some MTAs
+        head = raw.split(b"\n", 2)[1].rstrip(b"\r")
+    name, sep, _ = head.partition(b":")
+    if not sep or not name or b" " in name.strip():
+        return "input does not start with a mail header"
+    return None
+
+
+def deliver(
+    spool_path: Path,
+    stdin: BinaryIO,
+    *,
+    rcpts: list[str],
+    mail_from: str,
+    max_size: int,
+) -> int:
+    raw = stdin.read(max_size + 1)
+    if len(raw) > max_size:
+        print(f"gateway deliver: message larger than {max_size} bytes", file=sys.stderr)
+        return EX_DATAERR
+    if raw.startswith(b"From ") and b"\n" in raw:
+        raw = raw.split(b"\n", 1)[1]
+    why = looks_like_mail(raw)
+    if why is not None:
+        print(f"gateway deliver: {why}", file=sys.stderr)
+        return EX_DATAERR
+    env = Envelope(
+        mail_from=mail_from.strip("<>"),
+        rcpt_tos=tuple(r.lower() for r in rcpts),
+        peer="",
+        intake="pipe",
+        received_at=time.time(),
+    )
+    try:
+        spool = SqliteSpool(spool_path)
+    except SpoolError as exc:
+        print(f"gateway deliver: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    try:
+        result = asyncio.run(spool.put(raw, env))
+    except SpoolError as exc:
+        print(f"gateway deliver: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    finally:
+        spool.close_sync()
+    log.info("event=accepted intake=pipe id=%d size=%d", result.id, len(raw))
+    return EX_OK

@@ -1,0 +1,206 @@
+"""SMTP intake (aiosmtpd): RCPT policy, size limit, and `250` only after the spool commit.
+
+The listener never parses and never calls a backend: it stores the raw bytes with the envelope
+and answers. Status strings are named constants; what will never succeed is 5xx, what may succeed
+later is 4xx. While the daemon drains (SIGTERM), new connections get 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+
+from gateway.errors import SpoolError
+from gateway.models import Envelope
+
+log = logging.getLogger("gateway.intake.smtp")
+
+OK_QUEUED = "250 2.0.0 Ok: queued as {id}"
+OK_RCPT = "250 2.1.5 Ok"
+ERR_421_DRAINING = "421 4.3.2 Service shutting down, try again later"
+ERR_421_TOO_MANY = "421 4.7.0 Too many connections from your address, try again later"
+ERR_451_SPOOL = "451 4.3.0 Temporary local problem storing the message, try again later"
+ERR_452_TOO_MANY_RCPT = "452 4.5.3 Too many recipients"
+ERR_550_RCPT = "550 5.1.1 <{addr}>: recipient address not accepted here"
+ERR_553_SYNTAX = "553 5.1.3 Bad recipient address syntax"
+ERR_554_NO_RCPT = "554 5.5.1 No valid recipients"
+
+
+class PutSpool:
+    """What the SMTP intake needs of the spool (see `gateway.spool.base.Spool.put`)."""
+
+    async def put(self, raw: bytes, envelope: Envelope) -> Any: ...
+
+
+class IntakeHandler:
+    """aiosmtpd handler: see the module docstring."""
+
+    def __init__(
+        self,
+        spool: Any,
+        recipients: set[str],
+        *,
+        max_recipients: int = 100,
+        on_stored: Any = None,
+    ) -> None:
+        self.spool = spool
+        self.recipients = {r.lower() for r in recipients}
+        self.max_recipients = max_recipients
+        self.on_stored = on_stored  # callback(msg_id) so the worker wakes at once
+        self.accepted = 0
+        self.refused_rcpt = 0
+        self.spool_failures = 0
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        addr = address.strip().lower()
+        if "@" not in addr:
+            return ERR_553_SYNTAX
+        if addr not in self.recipients:
+            self.refused_rcpt += 1
+            log.info("event=rcpt_refused peer=%s", _peer_ip(session))
+            return ERR_550_RCPT.format(addr=address)
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return ERR_452_TOO_MANY_RCPT
+        envelope.rcpt_tos.append(addr)
+        return OK_RCPT
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        if not envelope.rcpt_tos:
+            return ERR_554_NO_RCPT
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        env = Envelope(
+            mail_from=(envelope.mail_from or "").strip("<>"),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            peer=_peer_ip(session),
+            intake="smtp",
+            received_at=time.time(),
+        )
+        try:
+            result = await self.spool.put(raw, env)
+        except SpoolError as exc:
+            self.spool_failures += 1
+            log.error("event=spool_put_failed intake=smtp error=%r", str(exc))
+            return ERR_451_SPOOL
+        self.accepted += 1
+        if self.on_stored is not None:
+            self.on_stored(result.id)
+        log.debug("event=accepted intake=smtp id=%d size=%d", result.id, len(raw))
+        return OK_QUEUED.format(id=result.id)
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with a drain switch and a per-IP connection limit."""
+
+    def __init__(self, handler: IntakeHandler, listener: SmtpListener, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._listener = listener
+        self._counted_ip: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if peer else ""
+        lst = self._listener
+        if lst.draining or lst.per_ip[ip] >= lst.max_per_ip:
+            reply = ERR_421_DRAINING if lst.draining else ERR_421_TOO_MANY
+            try:
+                transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
+            finally:
+                transport.close()
+            return
+        lst.per_ip[ip] += 1
+        lst.sessions += 1
+        self._counted_ip = ip
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted_ip is not None:
+            lst = self._listener
+            lst.per_ip[self._counted_ip] -= 1
+            if lst.per_ip[self._counted_ip] <= 0:
+                del lst.per_ip[self._counted_ip]
+            lst.sessions -= 1
+            self._counted_ip = None
+            super().connection_lost(error)
+
+
+class SmtpListener:
+    """The SMTP intake server on the daemon's event loop."""
+
+    def __init__(
+        self,
+        handler: IntakeHandler,
+        host: str,
+        port: int,
+        *,
+        hostname: str,
+        max_size: int,
+        max_per_ip: int = 64,
+        data_timeout: float = 300.0,
+    ) -> None:
+        self.handler = handler
+        self.host, self.port = host, port
+        self.hostname = hostname
+        self.max_size = max_size
+        self.max_per_ip = max_per_ip
+        self.data_timeout = data_timeout
+        self.draining = False
+        self.per_ip: Counter[str] = Counter()
+        self.sessions = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    def _factory(self) -> GatewaySMTP:
+        return GatewaySMTP(
+            self.handler,
+            self,
+            hostname=self.hostname,
+            ident="ticket-gateway ESMTP",
+            data_size_limit=self.max_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=self.data_timeout,
+        )
+
+    async def start(self, sock: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:  # socket activation
+            self._server = await loop.create_server(self._factory, sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(
+                self._factory, self.host, self.port, backlog=1024, reuse_address=True
+            )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("event=smtp_listening host=%s port=%d", self.host, self.port)
+
+    def drain(self) -> None:
+        """From now on new connections get 421; sessions already open may finish."""
+        self.draining = True
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+            deadline = time.monotonic() + grace
+            while self.sessions > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self._server = None

@@ -1,0 +1,549 @@
+"""The worker: takes due messages from the spool and runs parse -> classify -> route -> backend ->
+acknowledge, recording each outcome in one spool transaction.
+
+Decisions about failure live here (STYLE 6): a transient backend error is retried with exponential
+backoff and jitter until `retry.deadline`; a permanent one dead-letters the mail with the system's
+reason; `BackendUnavailable` pauses that backend (its mails stay deferred, /healthz says why) and
+never dead-letters; anything unexpected quarantines the mail (state dead, raw bytes kept, the
+traceback as reason) and the worker goes on with the next one. Parsing runs in a process pool so
+that a 10 MiB mail never stalls the SMTP intake on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from gateway import classify
+from gateway.ack import Template, build_ack
+from gateway.backends.base import Backend
+from gateway.errors import (
+    BackendUnavailable,
+    ParseError,
+    PermanentError,
+    SpoolError,
+    TransientError,
+)
+from gateway.mail import parse
+from gateway.metrics import Metrics
+from gateway.models import Decision, Envelope, ParsedMail, TicketRef
+from gateway.rules import RouteContext, RuleSet
+from gateway.spool.base import MessageRow, Outcome, State
+from gateway.spool.sqlite import SqliteSpool
+from gateway.status import StatusBoard
+
+log = logging.getLogger("gateway.worker")
+
+WHMCS_TOKEN = "[Ticket ID: {ref}]"
+
+
+class SpoolProgress:
+    """`Progress` backed by the spool: every step is durable before the next call. See `Progress`."""
+
+    def __init__(self, spool: SqliteSpool, msg_id: int, data: dict[str, Any]) -> None:
+        self.spool = spool
+        self.msg_id = msg_id
+        self.data: dict[str, Any] = dict(data)
+
+    async def begin(self, step: str) -> None:
+        await self.spool.begin_step(self.msg_id, step)
+
+    async def done(self, step: str, **values: Any) -> None:
+        self.data[step] = values
+        await self.spool.done_step(self.msg_id, self.data)
+
+
+@dataclasses.dataclass
+class WorkerSettings:
+    concurrency: int = 8
+    retry_base: float = 30.0
+    retry_max_delay: float = 3600.0
+    retry_deadline: float = 5 * 24 * 3600.0
+    paused_check: float = 60.0
+    max_crashes: int = 5
+    own_addresses: frozenset[str] = frozenset()
+    timezone: str = "UTC"
+    followup_closed: str = "append"
+    followup_sender: str = "any"
+    ack_enabled: bool = True
+    ack_followups: bool = False
+    ack_rate_limit: int = 5
+    ack_from_address: str = ""
+    ack_from_name: str = "Support"
+    ack_envelope_from: str = ""
+    hostname: str = "ticket-gateway.localdomain"
+    wait_original: float = 5.0  # a follow-up whose original is still queued waits this long
+
+
+class Worker:
+    def __init__(
+        self,
+        spool: SqliteSpool,
+        backends: dict[str, Backend],
+        rules: RuleSet,
+        templates: dict[str, Template],
+        settings: WorkerSettings,
+        *,
+        tokens: dict[str, str],
+        executor: Executor | None = None,
+        status: StatusBoard | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        on_ack: Callable[[], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.backends = backends
+        self.rules = rules
+        self.templates = templates
+        self.s = settings
+        self.tokens = tokens  # backend name -> subject token format
+        self.executor = executor
+        self.status = status or StatusBoard()
+        self.metrics = metrics
+        self.clock = clock
+        self.on_ack = on_ack
+        self.wake = asyncio.Event()
+        self.paused: dict[str, float] = {}  # backend -> monotonic time to try again
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._sem = asyncio.Semaphore(settings.concurrency)
+        self._backend_status = {
+            name: self.status.register(f"backend:{name}", "backend") for name in backends
+        }
+        self._token_formats = sorted({*tokens.values(), WHMCS_TOKEN})
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def notify(self, _msg_id: int | None = None) -> None:
+        self.wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            free = self.s.concurrency - len(self._inflight)
+            ids: list[int] = []
+            if free > 0:
+                self.wake.clear()
+                try:
+                    ids = await self.spool.claim_due(free)
+                except SpoolError as exc:
+                    log.error("event=claim_failed error=%r", str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg_id in ids:
+                    task = asyncio.create_task(self._process_guarded(msg_id))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._task_done)
+            if ids and len(ids) == free:
+                await asyncio.sleep(0)  # more may be due: claim again once a slot frees
+                if len(self._inflight) >= self.s.concurrency:
+                    await self._wait_wake(1.0)
+                continue
+            await self._wait_wake(await self._idle_timeout())
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self.wake.set()
+
+    async def _idle_timeout(self) -> float:
+        try:
+            nxt = await self.spool.next_due_at()
+        except SpoolError:
+            return 1.0
+        if nxt is None:
+            return 5.0
+        return max(0.01, min(5.0, nxt - self.clock()))
+
+    async def _wait_wake(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout=timeout)
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking work; let in-flight messages finish for `grace` s; return how many were cut."""
+        self._stopping = True
+        self.wake.set()
+        if not self._inflight:
+            return 0
+        done, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        return len(pending)
+
+    # -- one message --------------------------------------------------------------------------------
+
+    async def _process_guarded(self, msg_id: int) -> None:
+        try:
+            await self.process(msg_id)
+        except asyncio.CancelledError:
+            # cut by shutdown: the message stays `processing` and recovery requeues it
+            raise
+        except Exception:
+            tb = traceback.format_exc(limit=8)
+            log.error("event=worker_internal_error id=%d", msg_id)
+            with contextlib.suppress(SpoolError):
+                await self.spool.finish(
+                    msg_id, Outcome(state=State.DEAD, reason=f"quarantined: internal error\n{tb}")
+                )
+
+    async def _parse(self, raw: bytes) -> ParsedMail:
+        if self.executor is None:
+            return parse(raw)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, parse, raw)
+
+    async def process(self, msg_id: int) -> None:
+        row = await self.spool.load(msg_id)
+        if row is None:
+            return
+        env = row.envelope
+        if row.raw is None:
+            await self._finish(row, Outcome(state=State.DEAD, reason="raw message was purged"))
+            return
+        if row.attempts > self.s.max_crashes and row.uncertain is False and row.last_error.startswith(
+            "crash"
+        ):
+            await self._finish(
+                row, Outcome(state=State.DEAD, reason="quarantined: kept crashing the worker")
+            )
+            return
+        try:
+            mail = await self._parse(row.raw)
+        except ParseError as exc:
+            await self._finish(row, Outcome(state=State.DEAD, reason=f"quarantined: unreadable: {exc}"))
+            return
+        except Exception as exc:  # the parser must never take the worker down
+            await self._finish(
+                row,
+                Outcome(state=State.DEAD, reason=f"quarantined: parser failed: {type(exc).__name__}: {exc}"),
+            )
+            return
+        digest = classify.content_digest(row.raw)
+        earlier = await self.spool.set_identity(msg_id, mail.message_id, digest, mail.subject)
+        if earlier is not None:
+            st = await self.spool.state_of(earlier)
+            if st in ("done", "suppressed"):
+                await self._finish(
+                    row,
+                    Outcome(
+                        state=State.DUPLICATE,
+                        reason=f"duplicate of message {earlier} (same Message-ID and content)",
+                        message_id=mail.message_id,
+                    ),
+                )
+                return
+            if st in ("queued", "deferred", "processing"):
+                await self.spool.defer(
+                    msg_id, error=f"waiting for earlier copy {earlier}", delay=2.0, count_attempt=False
+                )
+                return
+
+        # -- classify ---------------------------------------------------------------------------
+        auto = classify.auto_reason(mail, env)
+        loop_reason = self._loop_reason(mail, env)
+        f_ref, f_backend, f_note = await self._find_followup(mail, row)
+        if f_note == "wait":
+            await self.spool.defer(
+                msg_id,
+                error="follow-up waiting for its original message to be ticketed",
+                delay=self.s.wait_original,
+                count_attempt=False,
+            )
+            return
+        tz = ZoneInfo(self.s.timezone)
+        ctx = RouteContext(
+            now=datetime.fromtimestamp(self.clock(), tz=UTC).astimezone(tz),
+            auto_reason=auto,
+            loop_reason=loop_reason,
+            followup_ref=f_ref,
+            followup_backend=f_backend,
+        )
+        decision = self.rules.route(mail, env, ctx)
+        if f_note and f_note != "wait":
+            decision = dataclasses.replace(decision, reasons=(*decision.reasons, f_note))
+        if decision.action == "suppress":
+            await self._finish(
+                row,
+                Outcome(
+                    state=State.SUPPRESSED,
+                    reason="; ".join(decision.reasons) or "suppressed",
+                    rule=decision.rule,
+                    action="suppress",
+                    message_id=mail.message_id,
+                ),
+                decision=decision,
+            )
+            return
+        backend = self.backends.get(decision.backend)
+        if backend is None:
+            await self._finish(
+                row,
+                Outcome(state=State.DEAD, reason=f"no backend named {decision.backend!r}", rule=decision.rule),
+            )
+            return
+        until = self.paused.get(backend.name)
+        if until is not None and time.monotonic() < until:
+            await self.spool.defer(
+                msg_id,
+                error=f"backend {backend.name} paused: {self._backend_status[backend.name].detail}",
+                delay=max(1.0, until - time.monotonic()),
+                backend=backend.name,
+                count_attempt=False,
+            )
+            return
+        mail = self._with_peer(mail, env)
+        await self._deliver(row, mail, decision, backend)
+
+    def _with_peer(self, mail: ParsedMail, env: Envelope) -> ParsedMail:
+        """Backends see only the mail; the SMTP peer IP travels as a header (InterServer user_ip)."""
+        if not env.peer:
+            return mail
+        return dataclasses.replace(mail, headers=(*mail.headers, ("X-Gateway-Peer", env.peer)))
+
+    def _loop_reason(self, mail: ParsedMail, env: Envelope) -> str | None:
+        own = self.s.own_addresses
+        for addr in (mail.from_addr, env.mail_from):
+            if addr and classify.is_own_address(addr, set(own)):
+                return f"loop: mail from our own address {addr}"
+        return None
+
+    async def _find_followup(self, mail: ParsedMail, row: MessageRow) -> tuple[str | None, str | None, str]:
+        """(ref, backend or None, note). note == "wait" when the original is still queued."""
+        ref = classify.find_subject_token(mail.subject, self._token_formats)
+        if ref is not None:
+            known = await self.spool.ticket_by_ref(ref)
+            if known is not None:
+                backend, _system, _tid, requester = known
+                if not self._sender_may_follow_up(mail, requester):
+                    return None, None, f"token [{ref}] ignored: sender is not the ticket's requester"
+                return ref, backend, f"follow-up by subject token of ticket {ref}"
+            return ref, None, f"subject token {ref} is not a ticket the gateway made"
+        ids = classify.thread_ids(mail)
+        if ids:
+            hit = await self.spool.thread_lookup(ids)
+            if hit is not None:
+                backend, ref = hit
+                known = await self.spool.ticket_by_ref(ref)
+                requester = known[3] if known else ""
+                if not self._sender_may_follow_up(mail, requester):
+                    return None, None, "In-Reply-To ignored: sender is not the ticket's requester"
+                return ref, backend, f"follow-up by In-Reply-To/References of ticket {ref}"
+            pending = await self.spool.pending_original(ids, row.id)
+            if pending is not None:
+                return None, None, "wait"
+        return None, None, ""
+
+    def _sender_may_follow_up(self, mail: ParsedMail, requester: str) -> bool:
+        policy = self.s.followup_sender
+        if policy == "any" or not requester or not mail.from_addr:
+            return True
+        if policy == "address":
+            return mail.from_addr.lower() == requester.lower()
+        return mail.from_addr.rpartition("@")[2].lower() == requester.rpartition("@")[2].lower()
+
+    async def _deliver(
+        self, row: MessageRow, mail: ParsedMail, decision: Decision, backend: Backend
+    ) -> None:
+        progress = SpoolProgress(self.spool, row.id, row.progress)
+        started = time.monotonic()
+        action = decision.action
+        notes: list[str] = []
+        try:
+            ref: TicketRef | None = None
+            if decision.action == "followup" and decision.followup_of:
+                known = await self.spool.ticket_by_ref(decision.followup_of)
+                tid = known[2] if known and known[0] == backend.name else decision.followup_of
+                target = TicketRef(backend.name, backend.system, tid, decision.followup_of)
+                state: str | None
+                try:
+                    state = await backend.ticket_status(target)
+                except PermanentError as exc:
+                    state = "unknown"
+                    notes.append(f"ticket {decision.followup_of} unknown to {backend.name} ({exc}): new ticket")
+                if state == "closed" and self.s.followup_closed == "new":
+                    notes.append(f"ticket {decision.followup_of} is closed: new ticket (policy)")
+                    state = "unknown"
+                if state == "unknown":
+                    action = "new"
+                else:
+                    await backend.add_message(target, mail, progress, automatic=decision.automatic)
+                    ref = target
+            if ref is None:
+                action = "new"
+                if row.uncertain and not progress.data:
+                    found = await backend.find_existing(decision, mail)
+                    if found is not None:
+                        notes.append(f"uncertain after crash: found existing ticket {found.ref}")
+                        ref = found
+                if ref is None:
+                    ref = await backend.open_ticket(decision, mail, progress)
+        except TransientError as exc:
+            self._observe(backend.name, started, ok=False)
+            await self._transient(row, backend.name, str(exc), exc.retry_after, decision)
+            return
+        except PermanentError as exc:
+            self._observe(backend.name, started, ok=False)
+            await self._finish(
+                row,
+                Outcome(
+                    state=State.DEAD,
+                    reason=f"{backend.name}: {exc}",
+                    backend=backend.name,
+                    rule=decision.rule,
+                    action=action,
+                ),
+                decision=decision,
+            )
+            return
+        except BackendUnavailable as exc:
+            self._observe(backend.name, started, ok=False)
+            self._pause(backend.name, str(exc))
+            await self.spool.defer(
+                row.id,
+                error=f"backend {backend.name} unavailable: {exc}",
+                delay=self.s.paused_check,
+                backend=backend.name,
+                count_attempt=False,
+            )
+            if self.metrics:
+                self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend.name)
+            return
+        self._observe(backend.name, started, ok=True)
+        self._resume(backend.name)
+        ack = await self._ack(mail, row, decision, ref, action)
+        reasons = [*decision.reasons, *notes]
+        await self._finish(
+            row,
+            Outcome(
+                state=State.DONE,
+                reason="; ".join(reasons),
+                backend=backend.name,
+                rule=decision.rule,
+                action=action,
+                ticket_ref=ref.ref,
+                ticket_id=ref.id,
+                system=ref.system,
+                requester=mail.from_addr,
+                subject=mail.subject,
+                message_id=mail.message_id,
+                ack=ack,
+            ),
+            decision=decision,
+        )
+        if ack is not None and self.on_ack is not None:
+            self.on_ack()
+
+    async def _transient(
+        self, row: MessageRow, backend: str, error: str, retry_after: float | None, decision: Decision
+    ) -> None:
+        now = self.clock()
+        first = row.first_attempt_at or now
+        if now - first > self.s.retry_deadline:
+            await self._finish(
+                row,
+                Outcome(
+                    state=State.DEAD,
+                    reason=f"{backend}: gave up after {row.attempts} attempts: {error}",
+                    backend=backend,
+                    rule=decision.rule,
+                ),
+                decision=decision,
+            )
+            return
+        delay = min(self.s.retry_max_delay, self.s.retry_base * 2 ** max(0, row.attempts - 1))
+        delay *= random.uniform(0.5, 1.0)  # full-ish jitter: spread a thundering herd
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        await self.spool.defer(row.id, error=f"{backend}: {error}", delay=delay, backend=backend)
+        log.info(
+            "event=deferred id=%d backend=%s attempt=%d retry_in=%.1f error=%r",
+            row.id, backend, row.attempts, delay, error,
+        )
+        if self.metrics:
+            self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend)
+
+    def _pause(self, backend: str, reason: str) -> None:
+        self.paused[backend] = time.monotonic() + self.s.paused_check
+        self._backend_status[backend].set_down(f"paused: {reason}")
+        log.warning("event=backend_paused backend=%s reason=%r", backend, reason)
+
+    def _resume(self, backend: str) -> None:
+        if self.paused.pop(backend, None) is not None:
+            log.info("event=backend_resumed backend=%s", backend)
+        self._backend_status[backend].set_ok()
+
+    def _observe(self, backend: str, started: float, *, ok: bool) -> None:
+        if self.metrics:
+            self.metrics.backend_latency(backend, time.monotonic() - started, ok)
+        if not ok:
+            st = self._backend_status[backend]
+            st.extra["last_failure"] = round(time.time(), 3)
+
+    async def _ack(
+        self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
+    ) -> tuple[str, str, bytes, str] | None:
+        s = self.s
+        if not s.ack_enabled or decision.ack is None or decision.automatic:
+            return None
+        if action == "followup" and not s.ack_followups:
+            return None
+        rcpt = (mail.reply_to or mail.from_addr or row.envelope.mail_from).lower()
+        if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, set(s.own_addresses)):
+            return None
+        if not row.envelope.mail_from and row.envelope.intake == "smtp":
+            return None  # null envelope sender: never answer (RFC 3834)
+        template = self.templates.get(decision.ack) or self.templates.get("default")
+        if template is None:
+            return None
+        if s.ack_rate_limit <= 0 or (
+            await self.spool.acks_since(rcpt, self.clock() - 3600) >= s.ack_rate_limit
+        ):
+            log.info("event=ack_rate_limited id=%d", row.id)
+            return None
+        from_address = s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
+        token = self.tokens.get(ref.backend, "[Ticket #{ref}]").replace("{ref}", ref.ref)
+        data, ack_id = build_ack(
+            template,
+            mail,
+            rcpt=rcpt,
+            ref=ref.ref,
+            token=token,
+            from_address=from_address,
+            from_name=s.ack_from_name,
+            hostname=s.hostname,
+            backend=ref.backend,
+        )
+        return rcpt, s.ack_envelope_from, data, ack_id
+
+    async def _finish(self, row: MessageRow, outcome: Outcome, decision: Decision | None = None) -> None:
+        await self.spool.finish(row.id, outcome)
+        rule = outcome.rule or (decision.rule if decision else "")
+        log.info(
+            "event=outcome id=%d intake=%s state=%s rule=%s backend=%s action=%s ref=%s reason=%r",
+            row.id,
+            row.envelope.intake,
+            outcome.state.value,
+            rule or "-",
+            outcome.backend or "-",
+            outcome.action or "-",
+            outcome.ticket_ref or "-",
+            outcome.reason[:300],
+        )
+        if self.metrics:
+            name = {
+                State.DONE: "followup" if outcome.action == "followup" else "ticketed",
+                State.DEAD: "dead",
+                State.SUPPRESSED: "suppressed",
+                State.DUPLICATE: "duplicate",
+            }.get(outcome.state, outcome.state.value)
+            self.metrics.outcome(name, row.envelope.intake, rule, outcome.backend)
