@@ -1,0 +1,584 @@
+"""Backend for the SuperOffice Service customer SOAP port (`type = "superoffice-soap"`).
+
+Owns `SuperOfficeSoapConfig` (the `[backends.NAME]` keys of this type) and `SuperOfficeSoapBackend`.
+The port's contract is in shared/contracts/superoffice-soap.md; in short: `login` → `newTicket`
+(no body) → `addMessage` (the text, with the real sender in its header block) with attachments
+uploaded first by `addAttachment`. The logged-in customer account is the author of everything.
+
+Every call answers an error-code string first ("0" = ok); the text of a failure comes from
+`getErrorMessage(sessionKey)`. How failures map onto the error tree (`map_code`, `map_exception`):
+
+    code 1, 2, 3, 4, 15, 19 (login, rights, licence)      BackendUnavailable
+    code 5 (session expired or corrupt)                    log in again once and retry the call;
+                                                           a second code 5 → BackendUnavailable
+    any other code (6 illegal, 7 custom, 8 category,       PermanentError, message
+      9 priority, 10 sLevel, 12 extra field, 13 unknown      "superoffice-soap code N: <text of
+      ticket, 16 attachment, 17 field, ...)                  getErrorMessage> (<operation>)"
+    httpx timeout / connect / read / protocol errors,
+      HTTP 5xx, 408, 425, 429                              TransientError (Retry-After honoured)
+    other HTTP 4xx, a 200 that is not SOAP, bad URL        BackendUnavailable (wrong URL or config)
+    SOAP Fault, server side (faultcode Server/Receiver,
+      or none: an HTTP 500 without a Fault element)        TransientError
+    SOAP Fault, VersionMismatch / MustUnderstand           BackendUnavailable (protocol mismatch)
+    SOAP Fault, client side (Client/Sender/other)          PermanentError for the calls that carry
+                                                           the mail (newTicket, addMessage,
+                                                           addAttachment); BackendUnavailable for
+                                                           the others (login, getTicket...), which
+                                                           carry nothing but config: the documented
+                                                           "exception" for a client IP outside the
+                                                           allowed ranges lands here
+    request or answer that does not fit the WSDL           BackendUnavailable
+
+The WSDL (our synthetic one, or an installation's own via `wsdl`) is loaded once, at construction
+(a `wsdl` URL is fetched there, synchronously: point it at a saved file to keep start-up offline),
+and the service is bound to `url`; calls use zeep's async transport over one httpx.AsyncClient and
+pass parameters in the documented order, so an installation's WSDL with other part names still
+fits. Answers are read leniently (by part name, dict-like or object). The password and the session
+key are never logged, nor is any text of the mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+import httpx
+import zeep
+from pydantic import Field, SecretStr
+from zeep.exceptions import Error as ZeepError
+from zeep.exceptions import Fault, TransportError
+from zeep.proxy import AsyncServiceProxy
+from zeep.transports import AsyncTransport
+from zeep.wsdl.bindings.soap import SoapBinding
+from zeep.wsdl.utils import etree_to_string
+
+from gateway.backends.base import Progress
+from gateway.backends.config import BackendConfigBase
+from gateway.backends.text import select_attachments, ticket_text
+from gateway.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    PermanentError,
+    Problem,
+    TransientError,
+)
+from gateway.models import Attachment, Decision, ParsedMail, TicketRef
+from gateway.secrets import resolve_secret
+
+log = logging.getLogger("gateway.backend.superoffice_soap")
+
+SYSTEM = "superoffice-soap"
+PACKAGED_WSDL = ("gateway.backends", "wsdl", "superoffice_customer.wsdl")
+MAX_TITLE_CHARS = 255  # the title column's length is undocumented; keep it to a safe size
+LOGOUT_TIMEOUT = 2.0  # seconds aclose() waits for a courtesy logout
+
+# shared/contracts/superoffice-soap.md, "Error codes" (SoapError<Name>)
+CODE_NAMES: dict[int, str] = {
+    1: "IncorrectLoginCustomer",
+    2: "IncorrectLoginUser",
+    3: "UnknownCustomer",
+    4: "InsufficientRights",
+    5: "InvalidSessionKey",
+    6: "OperationIllegal",
+    7: "CustomError",
+    8: "InvalidCategory",
+    9: "InvalidPriority",
+    10: "InvalidSLevel",
+    11: "InvalidDomain",
+    12: "InvalidExtraField",
+    13: "UnknownTicket",
+    14: "UserNameExists",
+    15: "EmptyPassword",
+    16: "UnknownAttachment",
+    17: "InvalidField",
+    18: "UnknownMessage",
+    19: "NoLicense",
+}
+CODE_SESSION = 5
+CODE_UNKNOWN_TICKET = 13
+UNAVAILABLE_CODES = frozenset({1, 2, 3, 4, 15, 19})
+CONTENT_OPS = frozenset({"newTicket", "addMessage", "addAttachment"})
+SLEVELS = {"external": 2, "internal": 1, "2": 2, "1": 1}
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+class SuperOfficeSoapConfig(BackendConfigBase):
+    """`[backends.NAME]` with `type = "superoffice-soap"` (besides the shared keys)."""
+
+    type: Literal["superoffice-soap"]
+    username: str  # the customer login the gateway uses; it becomes the author of every ticket
+    password: SecretStr | None = None  # or password_file / password_env
+    password_file: str | None = None
+    password_env: str | None = None
+    wsdl: str | None = None  # path (relative to the config file) or URL; default: packaged WSDL
+    slevel: Literal["external", "internal", 1, 2] = "external"  # new tickets, unless a rule says
+    message_slevel: Literal[1, 2] = 2  # sLevel of the messages the gateway adds (2 = external)
+    default_category: Annotated[int, Field(ge=1)] = 1  # categoryId when no rule sets `category`
+    # priorityId when no rule sets `priority`; -1 = let the system decide
+    default_priority: Annotated[int, Field(ge=-1)] = -1
+
+
+class _HttpStatus(Exception):
+    """An HTTP answer that carries no SOAP (anything but 200 and 500)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class _Transport(AsyncTransport):
+    """zeep's async transport without its debug log of whole envelopes (password, mail text),
+    and with HTTP statuses that carry no SOAP turned into `_HttpStatus` right away."""
+
+    async def post(self, address: str, message: bytes, headers: dict[str, str]) -> httpx.Response:
+        return await self.client.post(address, content=message, headers=headers)
+
+    async def post_xml(self, address: str, envelope: Any, headers: dict[str, str]) -> Any:
+        response = await self.post(address, etree_to_string(envelope), headers)
+        if response.status_code not in (200, 500):
+            raise _HttpStatus(
+                response.status_code, _retry_after(response.headers.get("Retry-After"))
+            )
+        return self.new_response(response)
+
+
+def _get(obj: Any, name: str) -> Any:
+    """A part or member by name from whatever zeep returned (dict-like, object or None)."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    try:
+        return obj[name]
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return getattr(obj, name, None)
+
+
+def _items(obj: Any) -> list[Any]:
+    """The items of an array part: `{item: [...]}`, a plain list, one item, or nothing."""
+    if obj is None:
+        return []
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    inner = _get(obj, "item")
+    if inner is None:
+        return []
+    return list(inner) if isinstance(inner, list | tuple) else [inner]
+
+
+def _clean(text: str) -> str:
+    """Drop characters XML 1.0 cannot carry (lxml would refuse the whole request)."""
+    return _XML_INVALID.sub("", text)
+
+
+class CodeRefused(PermanentError):
+    """A business error code (see `map_code`); `code` is the system's number."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def map_code(op: str, code: int, text: str) -> BackendError:
+    """The error for a non-zero error code (code 5 is handled by the caller first)."""
+    name = CODE_NAMES.get(code, "unknown code")
+    detail = text.strip()[:500] or name
+    message = f"superoffice-soap code {code}: {detail} ({op})"
+    if code in UNAVAILABLE_CODES or code == CODE_SESSION:
+        return BackendUnavailable(message)
+    return CodeRefused(message, code=code)
+
+
+def map_exception(op: str, exc: BaseException) -> BackendError:
+    """The error for a failed HTTP/SOAP exchange (see the module docstring)."""
+    if isinstance(exc, BackendError):
+        return exc
+    if isinstance(exc, _HttpStatus):
+        status = exc.status
+        msg = f"superoffice-soap {op}: HTTP {status}"
+        if status >= 500 or status in (408, 425, 429):
+            return TransientError(msg, retry_after=exc.retry_after)
+        return BackendUnavailable(msg + " (check url)")
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientError(f"superoffice-soap {op}: timeout ({type(exc).__name__})")
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return BackendUnavailable(f"superoffice-soap {op}: bad url: {exc}")
+    if isinstance(exc, httpx.HTTPError):
+        return TransientError(f"superoffice-soap {op}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, Fault):
+        code = str(exc.code or "").rsplit(":", 1)[-1].strip().lower()
+        msg = f"superoffice-soap {op}: SOAP fault {code or '?'}: {str(exc.message or '')[:300]}"
+        if not code or code in ("server", "receiver") or code.startswith("server."):
+            return TransientError(msg)  # server side, or an HTTP 500 without a fault code
+        if code in ("versionmismatch", "mustunderstand") or op not in CONTENT_OPS:
+            return BackendUnavailable(msg)
+        return PermanentError(msg)
+    if isinstance(exc, TransportError):
+        status = int(exc.status_code or 0)
+        if status >= 500:
+            return TransientError(f"superoffice-soap {op}: HTTP {status} without SOAP")
+        return BackendUnavailable(f"superoffice-soap {op}: answer is not SOAP (HTTP {status})")
+    if isinstance(exc, ZeepError | TypeError | ValueError):
+        return BackendUnavailable(
+            f"superoffice-soap {op}: does not fit the WSDL: {type(exc).__name__}: {exc}"
+        )
+    return TransientError(f"superoffice-soap {op}: {type(exc).__name__}: {exc}")
+
+
+def _slevel(value: Any, what: str) -> int:
+    level = SLEVELS.get(str(value).strip().lower())
+    if level is None:
+        raise PermanentError(
+            f"superoffice-soap: {what} must be external/internal or 2/1: {value!r}"
+        )
+    return level
+
+
+def _int_field(value: Any, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return int(str(value).strip())
+    except ValueError:
+        raise PermanentError(
+            f"superoffice-soap: ticket field {what} must be an id: {value!r}"
+        ) from None
+
+
+def _load_client(wsdl: str, transport: _Transport, base_dir: Path) -> Any:
+    """Load the WSDL (file or URL) once; returns the zeep client."""
+    settings = zeep.Settings(strict=False, xml_huge_tree=True, forbid_entities=True)
+    if wsdl.startswith("file://"):
+        location = urlparse(wsdl).path
+    elif urlparse(wsdl).scheme in ("http", "https"):
+        location = wsdl  # read once, synchronously, by the transport's WSDL client
+    else:
+        path = Path(wsdl).expanduser()
+        location = str(path if path.is_absolute() else base_dir / path)
+    try:
+        return zeep.AsyncClient(location, transport=transport, settings=settings)
+    except (OSError, ZeepError, httpx.HTTPError, ValueError) as exc:
+        raise ConfigError(
+            [Problem(wsdl, 0, f"superoffice-soap: cannot load WSDL: {type(exc).__name__}: {exc}")]
+        ) from exc
+
+
+def _service(client: Any, url: str) -> Any:
+    """Bind the first SOAP binding of the WSDL's services to `url` (async proxy).
+
+    `zeep.AsyncClient.create_service` returns a synchronous proxy (zeep 4.3), so the async proxy
+    is built the same way by hand.
+    """
+    for service in client.wsdl.services.values():
+        for port in service.ports.values():
+            if isinstance(port.binding, SoapBinding):
+                return AsyncServiceProxy(client, port.binding, address=url)
+    for binding in client.wsdl.bindings.values():
+        return AsyncServiceProxy(client, binding, address=url)
+    raise ConfigError([Problem(url, 0, "superoffice-soap: the WSDL has no SOAP binding")])
+
+
+class SuperOfficeSoapBackend:
+    """The SuperOffice customer SOAP port as a ticket backend. See `Backend` (backends/base.py)."""
+
+    system = SYSTEM
+
+    def __init__(self, name: str, cfg: SuperOfficeSoapConfig, *, base_dir: Path) -> None:
+        self.name = name
+        self.cfg = cfg
+        password = resolve_secret(
+            cfg.password,
+            cfg.password_file,
+            cfg.password_env,
+            what=f"backends.{name}.password",
+            base_dir=base_dir,
+        )
+        assert password is not None  # required=True
+        self._password = password
+        self._http = httpx.AsyncClient(
+            timeout=cfg.timeout,
+            limits=httpx.Limits(max_connections=cfg.concurrency),
+            follow_redirects=False,
+        )
+        wsdl_http = httpx.Client(timeout=cfg.timeout)
+        try:
+            transport = _Transport(client=self._http, wsdl_client=wsdl_http)
+            if cfg.wsdl:
+                client = _load_client(cfg.wsdl, transport, base_dir)
+            else:
+                ref = resources.files(PACKAGED_WSDL[0]).joinpath(*PACKAGED_WSDL[1:])
+                with resources.as_file(ref) as path:
+                    client = _load_client(str(path), transport, base_dir)
+            self._service = _service(client, cfg.url)
+        finally:
+            wsdl_http.close()
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._login_lock = asyncio.Lock()
+        self._session: str | None = None
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        """One SOAP call, bounded by `concurrency`; failures of the exchange are mapped."""
+        started = time.monotonic()
+        async with self._sem:
+            try:
+                method = getattr(self._service, op)
+                result = await method(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = map_exception(op, exc)
+                log.warning(
+                    "event=call_failed backend=%s op=%s error=%s cause=%s ms=%d",
+                    self.name,
+                    op,
+                    type(err).__name__,
+                    type(exc).__name__,
+                    (time.monotonic() - started) * 1000,
+                )
+                raise err from exc
+        log.debug(
+            "event=call backend=%s op=%s ms=%d", self.name, op, (time.monotonic() - started) * 1000
+        )
+        return result
+
+    @staticmethod
+    def _code(op: str, result: Any) -> int:
+        raw = result if isinstance(result, str) else _get(result, "errorCode")
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise BackendUnavailable(
+                f"superoffice-soap {op}: answer has no error code (does the WSDL fit?)"
+            ) from None
+
+    async def _login(self) -> str:
+        result = await self._call("login", self.cfg.username, self._password.get_secret_value())
+        code = self._code("login", result)
+        key = _get(result, "sessionKey")
+        if code != 0 or not key:
+            log.error("event=login_refused backend=%s code=%d", self.name, code)
+            name = CODE_NAMES.get(code, "no session key")
+            raise BackendUnavailable(
+                f"superoffice-soap code {code}: login refused for {self.cfg.username} ({name})"
+            )
+        log.info("event=login backend=%s", self.name)
+        return str(key)
+
+    async def _session_key(self) -> str:
+        async with self._login_lock:
+            if self._session is None:
+                self._session = await self._login()
+            return self._session
+
+    async def _forget(self, key: str) -> None:
+        async with self._login_lock:
+            if self._session == key:
+                self._session = None
+
+    async def _error_text(self, key: str) -> str:
+        """getErrorMessage, best effort: a failure here must not hide the code being reported."""
+        try:
+            result = await self._call("getErrorMessage", key)
+        except BackendError:
+            return ""
+        text = result if isinstance(result, str) or result is None else _get(result, "errorMessage")
+        return str(text or "")
+
+    async def _session_call(self, op: str, *args: Any) -> Any:
+        """Call `op(sessionKey, *args)`; log in when needed and once more on code 5."""
+        for attempt in (1, 2):
+            key = await self._session_key()
+            result = await self._call(op, key, *args)
+            code = self._code(op, result)
+            if code == 0:
+                return result
+            if code == CODE_SESSION:
+                await self._forget(key)
+                log.info(
+                    "event=session_expired backend=%s op=%s attempt=%d", self.name, op, attempt
+                )
+                if attempt == 1:
+                    continue
+                raise BackendUnavailable(
+                    f"superoffice-soap code 5: session refused right after login ({op})"
+                )
+            text = await self._error_text(key)
+            err = map_code(op, code, text)
+            log.warning(
+                "event=call_refused backend=%s op=%s code=%d error=%s",
+                self.name,
+                op,
+                code,
+                type(err).__name__,
+            )
+            raise err
+        raise AssertionError("unreachable")
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _ticket_params(self, decision: Decision, mail: ParsedMail) -> tuple[Any, ...]:
+        t = decision.ticket
+        slevel = _slevel(t.get("slevel", self.cfg.slevel), "slevel")
+        category = _int_field(t.get("category", self.cfg.default_category), "category")
+        priority = _int_field(t.get("priority", self.cfg.default_priority), "priority")
+        extra = t.get("extra") or {}
+        if not isinstance(extra, Mapping):
+            raise PermanentError("superoffice-soap: ticket field extra must be a table x_N = text")
+        pairs = [
+            {"field": str(k), "value": _clean(self._expand(str(v), mail))} for k, v in extra.items()
+        ]
+        title = _clean(mail.subject.strip() or "(no subject)")[:MAX_TITLE_CHARS]
+        return (title, str(slevel), str(category), str(priority), {"item": pairs})
+
+    @staticmethod
+    def _expand(value: str, mail: ParsedMail) -> str:
+        """`{sender}` / `{sender_name}` in an extra field's value name the mail's real sender."""
+        return value.replace("{sender}", mail.from_addr).replace("{sender_name}", mail.from_name)
+
+    async def _attachments(self, atts: list[Attachment], progress: Progress) -> list[str]:
+        """Upload each forwarded file once; ids are kept in `progress` ("addAttachment.N").
+
+        No `begin` here: a repeated upload only leaves an unreferenced attachment behind, never
+        a visible duplicate, so it must not make the mail `uncertain`.
+        """
+        ids: list[str] = []
+        for n, att in enumerate(atts):
+            step = f"addAttachment.{n}"
+            done = progress.data.get(step) or {}
+            if done.get("attachment_id") and done.get("filename") == att.filename:
+                ids.append(str(done["attachment_id"]))
+                continue
+            result = await self._session_call(
+                "addAttachment",
+                _clean(att.filename or "attachment"),
+                att.content_type or "application/octet-stream",
+                base64.b64encode(att.data).decode("ascii"),
+            )
+            att_id = _get(result, "attachmentId")
+            if not att_id:
+                raise BackendUnavailable(
+                    "superoffice-soap addAttachment: answer has no attachmentId"
+                )
+            await progress.done(step, attachment_id=str(att_id), filename=att.filename)
+            ids.append(str(att_id))
+        return ids
+
+    async def _message(
+        self, ticket_id: str, mail: ParsedMail, progress: Progress, *, automatic: bool
+    ) -> None:
+        if progress.data.get("addMessage"):
+            return
+        keep, skipped = select_attachments(
+            mail,
+            max_bytes=self.cfg.max_attachment_bytes,
+            max_total=self.cfg.max_total_attachment_bytes,
+            blocked_extensions=self.cfg.blocked_extensions,
+        )
+        att_ids = await self._attachments(keep, progress)
+        text = ticket_text(
+            mail,
+            header_fields=self.cfg.header_fields,
+            max_chars=self.cfg.max_body_chars,
+            not_forwarded=skipped,
+            automatic=automatic,
+        )
+        await progress.begin("addMessage")
+        result = await self._session_call(
+            "addMessage", _clean(text), ticket_id, str(self.cfg.message_slevel), {"item": att_ids}
+        )
+        message_id = str(_get(result, "messageId") or "")
+        await progress.done("addMessage", message_id=message_id)
+        log.info(
+            "event=message_added backend=%s ticket_id=%s attachments=%d skipped=%d",
+            self.name,
+            ticket_id,
+            len(att_ids),
+            len(skipped),
+        )
+
+    # -- Backend ------------------------------------------------------------------------------
+
+    async def open_ticket(
+        self, decision: Decision, mail: ParsedMail, progress: Progress
+    ) -> TicketRef:
+        """See `Backend`."""
+        done = progress.data.get("newTicket") or {}
+        ticket_id = str(done.get("ticket_id") or "")
+        if ticket_id:
+            log.info("event=resume backend=%s ticket_id=%s", self.name, ticket_id)
+        else:
+            params = self._ticket_params(decision, mail)
+            await progress.begin("newTicket")
+            result = await self._session_call("newTicket", *params)
+            ticket_id = str(_get(result, "ticketId") or "")
+            if not ticket_id:
+                raise BackendUnavailable("superoffice-soap newTicket: answer has no ticketId")
+            await progress.done("newTicket", ticket_id=ticket_id)
+            log.info(
+                "event=ticket_created backend=%s ticket_id=%s rule=%s",
+                self.name,
+                ticket_id,
+                decision.rule,
+            )
+        await self._message(ticket_id, mail, progress, automatic=decision.automatic)
+        return TicketRef(backend=self.name, system=SYSTEM, id=ticket_id, ref=ticket_id)
+
+    async def add_message(
+        self, ref: TicketRef, mail: ParsedMail, progress: Progress, *, automatic: bool = False
+    ) -> None:
+        """See `Backend`."""
+        await self._message(ref.id, mail, progress, automatic=automatic)
+
+    async def ticket_status(self, ref: TicketRef) -> str | None:
+        """See `Backend`. Values other than open/closed (or an installation's status ids) → None."""
+        try:
+            result = await self._session_call(
+                "getTicket", ref.id, {"item": ["ticket.id", "ticket.status"]}
+            )
+        except CodeRefused as exc:
+            if exc.code == CODE_UNKNOWN_TICKET:
+                raise PermanentError(f"superoffice-soap: unknown ticket {ref.id}") from exc
+            raise
+        for item in _items(_get(result, "ticketResult")):
+            if str(_get(item, "field") or "") == "ticket.status":
+                value = str(_get(item, "value") or "").strip().lower()
+                if value in ("closed", "deleted"):
+                    return "closed"
+                if value in ("open", "active", "postponed"):
+                    return "open"
+                return None
+        return None
+
+    async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
+        """See `Backend`. The customer port cannot search tickets: always None."""
+        return None
+
+    async def aclose(self) -> None:
+        """Log out (best effort, briefly) and close the HTTP client."""
+        key, self._session = self._session, None
+        if key is not None:
+            try:
+                await asyncio.wait_for(self._call("logout", key), LOGOUT_TIMEOUT)
+            except (BackendError, TimeoutError):
+                pass
+        await self._http.aclose()
