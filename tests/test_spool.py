@@ -1,0 +1,124 @@
+"""The SQLite spool: durable puts with group commit, recovery after a crash, outcomes and maps."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SpoolError
+from gateway.models import Envelope
+from gateway.spool.base import Outcome, State
+from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
+
+ENV = Envelope(mail_from="a@example.org", rcpt_tos=("support@example.com",), peer="127.0.0.1")
+
+
+@pytest.fixture
+def spool(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = SqliteSpool(tmp_path / "spool.sqlite")
+    yield s
+    s.close_sync()
+
+
+async def test_put_is_durable_and_visible_to_a_new_connection(spool: SqliteSpool) -> None:
+    result = await spool.put(b"Subject: x\r\n\r\nbody", ENV)
+    conn = sqlite3.connect(spool.path)
+    row = conn.execute("SELECT state, raw, rcpt_tos FROM messages WHERE id = ?", (result.id,)).fetchone()
+    assert row[0] == "queued"
+    assert row[1] == b"Subject: x\r\n\r\nbody"
+    assert "support@example.com" in row[2]
+
+
+async def test_concurrent_puts_share_commits(spool: SqliteSpool) -> None:
+    results = await asyncio.gather(*(spool.put(f"Subject: {i}\r\n\r\n".encode(), ENV) for i in range(300)))
+    assert len({r.id for r in results}) == 300
+    assert spool.puts == 300
+    assert spool.commits < 300  # group commit: fewer fsyncs than messages
+
+
+async def test_wal_and_full_sync(spool: SqliteSpool) -> None:
+    conn = spool._reader()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert spool._wconn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+async def test_source_key_makes_second_put_a_duplicate(spool: SqliteSpool) -> None:
+    a = await spool.put(b"Subject: a\r\n\r\n", ENV, source_key="imap:box:INBOX:1:7")
+    b = await spool.put(b"Subject: a\r\n\r\n", ENV, source_key="imap:box:INBOX:1:7")
+    assert b.duplicate and b.id == a.id
+    assert await spool.has_source_key("imap:box:INBOX:1:7")
+
+
+async def test_recovery_requeues_processing_and_flags_inflight_uncertain(tmp_path: Path) -> None:
+    s = SqliteSpool(tmp_path / "s.sqlite")
+    a = await s.put(b"Subject: a\r\n\r\n", ENV)
+    b = await s.put(b"Subject: b\r\n\r\n", ENV)
+    assert sorted(await s.claim_due(10)) == [a.id, b.id]
+    await s.begin_step(b.id, "newTicket")  # the crash comes while this call is in flight
+    s.close_sync()
+    s2 = SqliteSpool(tmp_path / "s.sqlite")
+    requeued, uncertain = s2.recover_sync()
+    assert (requeued, uncertain) == (2, 1)
+    row_a, row_b = s2.get_sync(a.id), s2.get_sync(b.id)
+    assert row_a is not None and row_b is not None
+    assert row_a.state == row_b.state == "queued"
+    assert not row_a.uncertain and row_b.uncertain
+    s2.close_sync()
+
+
+async def test_finish_records_ticket_thread_and_ack_in_one_step(spool: SqliteSpool) -> None:
+    r = await spool.put(b"Subject: a\r\n\r\n", ENV)
+    await spool.claim_due(1)
+    await spool.finish(
+        r.id,
+        Outcome(
+            state=State.DONE,
+            backend="so",
+            ticket_ref="1001",
+            ticket_id="1001",
+            system="superoffice-soap",
+            requester="a@example.org",
+            message_id="m1@example.org",
+            ack=("a@example.org", "", b"ack bytes", "ack1@gw"),
+        ),
+    )
+    assert await spool.ticket_by_ref("1001") == ("so", "superoffice-soap", "1001", "a@example.org")
+    assert await spool.thread_lookup(["nope", "ack1@gw"]) == ("so", "1001")
+    assert await spool.thread_lookup(["m1@example.org"]) == ("so", "1001")
+    acks = await spool.due_acks()
+    assert [a.data for a in acks] == [b"ack bytes"]
+    await spool.ack_result(acks[0].id, sent=True)
+    assert await spool.due_acks() == []
+
+
+async def test_defer_then_due_later(tmp_path: Path) -> None:
+    now = [1000.0]
+    s = SqliteSpool(tmp_path / "s.sqlite", clock=lambda: now[0])
+    r = await s.put(b"Subject: a\r\n\r\n", ENV)
+    assert await s.claim_due(5) == [r.id]
+    await s.defer(r.id, error="busy", delay=60)
+    assert await s.claim_due(5) == []
+    now[0] += 61
+    assert await s.claim_due(5) == [r.id]
+    s.close_sync()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    s = SqliteSpool(tmp_path / "s.sqlite")
+    s.close_sync()
+    conn = sqlite3.connect(tmp_path / "s.sqlite")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(SpoolError, match="newer"):
+        SqliteSpool(tmp_path / "s.sqlite")
+
+
+async def test_put_after_close_fails_cleanly(tmp_path: Path) -> None:
+    s = SqliteSpool(tmp_path / "s.sqlite")
+    s.close_sync()
+    with pytest.raises(SpoolError):
+        await s.put(b"Subject: a\r\n\r\n", ENV)
