@@ -138,7 +138,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     try:
         mail = parse(raw)
     except ParseError as exc:
-        out = {"rule": "", "backend": "", "action": "suppress", "ticket": {}, "followup_of": None,
+        out: dict[str, Any] = {"rule": "", "backend": "", "action": "suppress", "ticket": {}, "followup_of": None,
                "ack": False, "reasons": [f"quarantine: unreadable: {exc}"]}
         print(json.dumps(out) if args.json else f"quarantine: unreadable: {exc}")
         return 0

@@ -306,9 +306,11 @@ class Worker:
 
     def _with_peer(self, mail: ParsedMail, env: Envelope) -> ParsedMail:
         """Backends see only the mail; the SMTP peer IP travels as a header (InterServer user_ip)."""
-        if not env.peer:
-            return mail
-        return dataclasses.replace(mail, headers=(*mail.headers, ("X-Gateway-Peer", env.peer)))
+        # A sender must not choose its own peer address: drop any copy that came with the mail.
+        headers = tuple((k, v) for k, v in mail.headers if k.lower() != "x-gateway-peer")
+        if env.peer:
+            headers = (*headers, ("X-Gateway-Peer", env.peer))
+        return dataclasses.replace(mail, headers=headers)
 
     def _loop_reason(self, mail: ParsedMail, env: Envelope) -> str | None:
         own = self.s.own_addresses

@@ -38,7 +38,7 @@ class _Handler:
         try:
             part = msg.get_body(preferencelist=("plain", "html"))
             if part is not None:
-                body = part.get_content()  # type: ignore[attr-defined]
+                body = part.get_content()
         except (LookupError, KeyError, ValueError):
             body = raw.decode("utf-8", "replace")
         record = {

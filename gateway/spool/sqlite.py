@@ -272,13 +272,13 @@ class SqliteSpool:
             raise SpoolError("spool is closed")
         job = _Job(fn)
         self._jobs.put(job)
-        return await asyncio.wrap_future(job.future)  # type: ignore[no-any-return]
+        return await asyncio.wrap_future(job.future)  # type: ignore[no-any-return, unused-ignore]
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Blocking variant of a write, for the CLI (no event loop)."""
         job = _Job(fn)
         self._jobs.put(job)
-        return job.future.result()  # type: ignore[no-any-return]
+        return job.future.result()  # type: ignore[no-any-return, unused-ignore]
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read_sync, fn)
@@ -488,6 +488,8 @@ class SqliteSpool:
         def job(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE messages SET state = 'deferred', last_error = ?, next_attempt_at = ?,"
+                # a create call that failed in flight (timeout) may still have made the ticket
+                " uncertain = CASE WHEN inflight != '' THEN 1 ELSE uncertain END,"
                 " inflight = '', backend = CASE WHEN ? != '' THEN ? ELSE backend END,"
                 " attempts = attempts - ?, updated_at = ? WHERE id = ?",
                 (error[:4000], now + delay, backend, backend, 0 if count_attempt else 1, now, msg_id),

@@ -1,0 +1,182 @@
+"""Test harness: free ports, a config written from config.example.toml, the daemon as a process.
+
+The daemon and the simulators run as real `gateway run` / `gateway simulate` subprocesses, as users
+run them, so tests can wait synchronously without starving either server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    directory: Path,
+    *,
+    sim_http: int,
+    sim_smtp: int,
+    smtp_port: int | None = None,
+    health_port: int | None = None,
+    extra: str = "",
+    replace: dict[str, str] | None = None,
+) -> Path:
+    """Copy config.example.toml and rules/ into `directory`, pointing at the given ports."""
+    text = (ROOT / "config.example.toml").read_text()
+    smtp_port = smtp_port or free_port()
+    health_port = health_port or free_port()
+    text = text.replace("127.0.0.1:8900", f"127.0.0.1:{sim_http}")
+    text = text.replace('relay = "127.0.0.1:2526"', f'relay = "127.0.0.1:{sim_smtp}"')
+    text = text.replace('listen = "127.0.0.1:2525"', f'listen = "127.0.0.1:{smtp_port}"')
+    text = text.replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{health_port}"')
+    # tests must not wait minutes for a retry
+    text = re.sub(r"^base = 30.0", "base = 0.2", text, flags=re.M)
+    text = re.sub(r"^max_delay = 3600.0", "max_delay = 1.0", text, flags=re.M)
+    text = re.sub(r"^paused_check = 60.0", "paused_check = 1.0", text, flags=re.M)
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    text += "\n" + extra
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    path.write_text(text)
+    if (directory / "rules").exists():
+        shutil.rmtree(directory / "rules")
+    shutil.copytree(ROOT / "rules", directory / "rules")
+    return path
+
+
+def ports_of(config: Path) -> tuple[int, int]:
+    text = config.read_text()
+    smtp = int(re.search(r'^\[smtp\][^\[]*?listen = "127.0.0.1:(\d+)"', text, re.M | re.S).group(1))  # type: ignore[union-attr]
+    health = int(re.search(r'^\[health\][^\[]*?listen = "127.0.0.1:(\d+)"', text, re.M | re.S).group(1))  # type: ignore[union-attr]
+    return smtp, health
+
+
+class DaemonProcess:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.smtp_port, self.health_port = ports_of(config)
+        self.log = config.parent / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.config.parent,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                r = httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1)
+                if r.status_code in (200, 503):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not come up:\n{self.log.read_text()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def gateway(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            input=input, capture_output=True, timeout=60, cwd=self.config.parent,
+        )
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    return last
+
+
+class SimProcess:
+    def __init__(self, directory: Path) -> None:
+        self.http_port = free_port()
+        self.smtp_port = free_port()
+        self.log = directory / "sim.log"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "simulate", "--listen", f"127.0.0.1:{self.http_port}",
+                 "--smtp", f"127.0.0.1:{self.smtp_port}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        ok = wait_for(self._up, timeout=20)
+        if not ok:
+            raise RuntimeError(f"simulators did not come up: {self.log.read_text()[-2000:]}")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/_sim/tickets", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def get(self, path: str) -> list[dict]:  # type: ignore[type-arg]
+        r = httpx.get(f"{self.url}{path}", timeout=10)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def post(self, path: str, body: dict) -> dict:  # type: ignore[type-arg]
+        r = httpx.post(f"{self.url}{path}", json=body, timeout=10)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -1,0 +1,122 @@
+"""The walking skeleton end to end, as a user runs it: `gateway simulate` + `gateway run` with the
+quick-start config; mail in over SMTP, one ticket in the simulator, one acknowledgement out."""
+
+from __future__ import annotations
+
+import smtplib
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import DaemonProcess, SimProcess, wait_for, write_config
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[SimProcess, DaemonProcess]]:
+    sim = SimProcess(tmp_path)
+    sim.start()
+    cfg = write_config(tmp_path / "gw", sim_http=sim.http_port, sim_smtp=sim.smtp_port)
+    daemon = DaemonProcess(cfg)
+    daemon.start()
+    yield sim, daemon
+    daemon.stop()
+    sim.stop()
+
+
+def send(port: int, subject: str, *, to: str = "support@example.com", body: str = "Please help",
+         sender: str = "customer@example.org", msgid: str | None = None) -> None:
+    msg = EmailMessage()
+    msg["From"] = f"Carla Customer <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = msgid or f"<{uuid.uuid4().hex}@example.org>"
+    msg.set_content(body)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.send_message(msg, from_addr=sender, to_addrs=[to])
+
+
+def tickets_with(sim: SimProcess, title: str) -> list[dict]:  # type: ignore[type-arg]
+    return [t for t in sim.get("/_sim/tickets") if t["title"] == title]
+
+
+def test_mail_becomes_one_ticket_and_one_acknowledgement(stack: tuple[SimProcess, DaemonProcess]) -> None:
+    sim, daemon = stack
+    subject = "Grüße: the printer is on fire"
+    send(daemon.smtp_port, subject, body="It smokes.\nPlease help.")
+    tickets = wait_for(lambda: tickets_with(sim, subject), timeout=30)
+    assert tickets and len(tickets) == 1
+    t = tickets[0]
+    assert t["system"] == "superoffice-soap"
+    assert len(t["messages"]) == 1
+    assert "It smokes." in t["messages"][0]["body"]
+    assert "customer@example.org" in t["messages"][0]["body"]  # the real sender heads the text
+    acks = wait_for(lambda: [m for m in sim.get("/_sim/outbox") if f"[Ticket #{t['ref']}]" in m["subject"]])
+    assert acks and len(acks) == 1
+    ack = acks[0]
+    assert ack["rcpt_tos"] == ["customer@example.org"]
+    assert ack["mail_from"] in ("", "<>")  # null envelope sender
+    assert ack["headers"].get("Auto-Submitted") == "auto-replied"
+    # nothing more arrives later
+    assert len(tickets_with(sim, subject)) == 1
+
+
+def test_unknown_recipient_is_refused_and_nothing_spooled(stack: tuple[SimProcess, DaemonProcess]) -> None:
+    sim, daemon = stack
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as s:
+        s.ehlo()
+        s.mail("x@example.org")
+        code, _ = s.rcpt("nobody@example.net")
+    assert code == 550
+    out = daemon.gateway("queue", "-c", str(daemon.config), "ls", "--json")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == b"[]"
+
+
+def test_backend_down_mail_waits_then_is_ticketed_and_acked_after(stack: tuple[SimProcess, DaemonProcess]) -> None:
+    sim, daemon = stack
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "down", "seconds": 4})
+    subjects = [f"outage {i}" for i in range(5)]
+    for s in subjects:
+        send(daemon.smtp_port, s)
+    # no acknowledgement may exist before its ticket: while the fault lasts there is neither
+    assert not [m for m in sim.get("/_sim/outbox") if m["subject"].endswith(tuple(subjects))]
+    done = wait_for(lambda: all(len(tickets_with(sim, s)) == 1 for s in subjects), timeout=60)
+    assert done, daemon.log.read_text()[-3000:]
+    acks = wait_for(lambda: len([m for m in sim.get("/_sim/outbox") if "outage" in m["subject"]]) == 5)
+    assert acks
+    for s in subjects:
+        assert len(tickets_with(sim, s)) == 1
+
+
+def test_permanent_rejection_dead_letters_with_the_reason_and_retry_replays(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    sim, daemon = stack
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "reject", "count": 50})
+    send(daemon.smtp_port, "rejected one")
+
+    def dead() -> list[dict]:  # type: ignore[type-arg]
+        import json
+
+        out = daemon.gateway("queue", "-c", str(daemon.config), "ls", "--state", "dead", "--json")
+        return json.loads(out.stdout or b"[]")
+
+    rows = wait_for(dead, timeout=30)
+    assert rows and "code 8" in rows[0]["last_error"]
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
+    out = daemon.gateway("queue", "-c", str(daemon.config), "retry", str(rows[0]["id"]))
+    assert out.returncode == 0, out.stderr
+    assert wait_for(lambda: len(tickets_with(sim, "rejected one")) == 1, timeout=30)
+
+
+def test_health_reports_components(stack: tuple[SimProcess, DaemonProcess]) -> None:
+    _, daemon = stack
+    r = httpx.get(f"http://127.0.0.1:{daemon.health_port}/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert {"spool", "rules", "intake:smtp", "backend:superoffice-soap"} <= set(body["components"])
