@@ -63,14 +63,16 @@ def deliver(
         intake="pipe",
         received_at=time.time(),
     )
+    # OSError too: creating the spool's directory fails that way (a file in its place, no
+    # permission), and anything but 75 would make the MTA bounce a mail we merely failed to store.
     try:
         spool = SqliteSpool(spool_path)
-    except SpoolError as exc:
+    except (SpoolError, OSError) as exc:
         print(f"gateway deliver: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     try:
         result = asyncio.run(spool.put(raw, env))
-    except SpoolError as exc:
+    except (SpoolError, OSError) as exc:
         print(f"gateway deliver: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
     finally:
