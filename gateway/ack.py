@@ -162,25 +162,34 @@ class AckSender:
                     pass
 
     async def _send_one(self, ack: Any) -> None:
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            timeout=self.timeout,
+            use_tls=self.relay_tls == "tls",
+            start_tls=self.relay_tls == "starttls",
+            username=self.username,
+            password=self.password,
+        )
         try:
-            await aiosmtplib.send(
-                ack.data,
-                sender=ack.mail_from,
-                recipients=[ack.rcpt],
-                hostname=self.host,
-                port=self.port,
-                timeout=self.timeout,
-                use_tls=self.relay_tls == "tls",
-                start_tls=self.relay_tls == "starttls",
-                username=self.username,
-                password=self.password,
-            )
+            async with client:
+                # sendmail, not send: "" must go out as the null sender MAIL FROM:<>
+                await client.sendmail(ack.mail_from, [ack.rcpt], ack.data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [e.code for e in exc.recipients]
+            permanent = all(500 <= c < 600 for c in codes)
+            await self._failed(ack, f"relay refused the recipient: {codes}", permanent)
+            return
         except aiosmtplib.SMTPResponseException as exc:
             permanent = 500 <= exc.code < 600
             await self._failed(ack, f"relay said {exc.code} {exc.message}", permanent)
             return
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self._failed(ack, f"relay unreachable: {exc}", False)
+            return
+        except Exception as exc:  # never let one acknowledgement stop the sender
+            log.exception("event=ack_error ack=%d", ack.id)
+            await self._failed(ack, f"internal error: {type(exc).__name__}: {exc}", False)
             return
         await self.spool.ack_result(ack.id, sent=True)
         self.sent += 1

@@ -7,7 +7,8 @@ get 421, in-flight work may finish within `drain_timeout`, the rest stays queued
 SIGINT/SIGTERM forces the stop. systemd: READY=1 once the spool is open and intakes listen,
 STATUS= with a live summary, WATCHDOG=1 from the main loop.
 
-Exit codes: 0 clean stop; 1 config/rules invalid at start; 2 cannot open the spool or bind.
+Exit codes: 0 clean stop; 1 config/rules invalid at start; 2 cannot open the spool or bind;
+3 a core task (worker, acknowledgement sender, intake) died: systemd restarts the service.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("gateway.app")
 EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
+EXIT_FAILED = 3
 
 
 def sd_notify(message: str) -> None:
@@ -121,6 +123,7 @@ class Daemon:
         self.should_exit = False
         self.force_exit = False
         self.reload_requested = False
+        self.failed = False  # a core task died: exit non-zero so systemd restarts us
         self._signals = 0
         self._wakeup = asyncio.Event()
 
@@ -301,6 +304,7 @@ class Daemon:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
                     self.should_exit = True
+                    self.failed = True
             if watchdog_usec:
                 sd_notify("WATCHDOG=1")
             with contextlib.suppress(Exception):
@@ -352,7 +356,7 @@ class Daemon:
             await self.main_loop()
         finally:
             await self.shutdown()
-        return EXIT_OK
+        return EXIT_FAILED if self.failed else EXIT_OK
 
 
 def _secret(value: str) -> Any:

@@ -47,7 +47,8 @@ def test_mail_becomes_one_ticket_and_one_acknowledgement(stack: tuple[SimProcess
     sim, daemon = stack
     subject = "Grüße: the printer is on fire"
     send(daemon.smtp_port, subject, body="It smokes.\nPlease help.")
-    tickets = wait_for(lambda: tickets_with(sim, subject), timeout=30)
+    # newTicket and addMessage are two calls: wait until the message is on the ticket
+    tickets = wait_for(lambda: [t for t in tickets_with(sim, subject) if t["messages"]], timeout=30)
     assert tickets and len(tickets) == 1
     t = tickets[0]
     assert t["system"] == "superoffice-soap"
