@@ -37,7 +37,6 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def build_app(state: SimState) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app["state"] = state
 
     async def list_tickets(request: web.Request) -> web.Response:
         system = request.query.get("system")
