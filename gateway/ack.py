@@ -201,7 +201,9 @@ class AckSender:
         if permanent or ack.attempts + 1 >= self.max_attempts:
             self.failed += 1
             await self.spool.ack_result(ack.id, sent=False, error=error)
-            log.warning("event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error)
+            log.warning(
+                "event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error
+            )
             return
         delay = min(600.0, 2.0 ** min(ack.attempts, 10)) * random.uniform(0.8, 1.2)
         await self.spool.ack_result(ack.id, sent=False, error=error, retry_in=delay)

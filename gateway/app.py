@@ -270,7 +270,9 @@ class Daemon:
             new_cfg = load_config(self.cfg.path)
             rules, templates = load_rule_set(new_cfg)
         except (ConfigError, GatewayError) as exc:
-            self.rules_status.set_down(f"reload refused, old rules in force: {exc}".replace("\n", "; "))
+            self.rules_status.set_down(
+                f"reload refused, old rules in force: {exc}".replace("\n", "; ")
+            )
             log.error("event=reload_refused problems=%r", str(exc))
             return
         assert self.worker is not None
@@ -302,14 +304,18 @@ class Daemon:
                 sd_notify("READY=1")
             for task in self.tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
-                    log.error("event=task_failed task=%s error=%r", task.get_name(), str(task.exception()))
+                    log.error(
+                        "event=task_failed task=%s error=%r", task.get_name(), str(task.exception())
+                    )
                     self.should_exit = True
                     self.failed = True
             if watchdog_usec:
                 sd_notify("WATCHDOG=1")
             with contextlib.suppress(Exception):
                 q = self.queue_info()
-                sd_notify(f"STATUS=waiting={q['waiting']} dead={q['dead']} outbox={q['outbox_pending']}")
+                sd_notify(
+                    f"STATUS=waiting={q['waiting']} dead={q['dead']} outbox={q['outbox_pending']}"
+                )
 
     async def shutdown(self) -> None:
         sd_notify("STOPPING=1")

@@ -138,8 +138,15 @@ def cmd_route(args: argparse.Namespace) -> int:
     try:
         mail = parse(raw)
     except ParseError as exc:
-        out: dict[str, Any] = {"rule": "", "backend": "", "action": "suppress", "ticket": {}, "followup_of": None,
-               "ack": False, "reasons": [f"quarantine: unreadable: {exc}"]}
+        out: dict[str, Any] = {
+            "rule": "",
+            "backend": "",
+            "action": "suppress",
+            "ticket": {},
+            "followup_of": None,
+            "ack": False,
+            "reasons": [f"quarantine: unreadable: {exc}"],
+        }
         print(json.dumps(out) if args.json else f"quarantine: unreadable: {exc}")
         return 0
     rcpts = tuple(a.lower() for a in args.rcpt) if args.rcpt else (*mail.to, *mail.cc)
@@ -202,7 +209,9 @@ def _followup_from_spool(cfg: Config, mail: Any) -> tuple[str | None, str | None
             row = conn.execute("SELECT backend FROM tickets WHERE ref = ?", (ref,)).fetchone()
             return ref, row[0] if row else None
         for mid in classify.thread_ids(mail):
-            row = conn.execute("SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)).fetchone()
+            row = conn.execute(
+                "SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)
+            ).fetchone()
             if row:
                 return row[1], row[0]
     except sqlite3.Error:
@@ -267,9 +276,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 print(json.dumps([_row_json(r) for r in rows], ensure_ascii=False))
             else:
                 for r in rows:
-                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.envelope.received_at))
+                    when = time.strftime(
+                        "%Y-%m-%d %H:%M:%S", time.localtime(r.envelope.received_at)
+                    )
                     detail = r.ticket_ref or r.last_error.split("\n", 1)[0][:80]
-                    print(f"{r.id:>7} {r.state:<10} {when} {r.envelope.intake:<8} {r.rule or '-':<12} {detail}")
+                    print(
+                        f"{r.id:>7} {r.state:<10} {when} {r.envelope.intake:<8} {r.rule or '-':<12} {detail}"
+                    )
             return 0
         if args.qcmd == "show":
             row = spool.get_sync(args.id, with_raw=args.raw)
@@ -289,7 +302,11 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(json.dumps(data, indent=2, ensure_ascii=False))
             return 0
         if args.qcmd == "retry":
-            n = spool.retry_sync(None, all_dead=True) if args.all_dead else spool.retry_sync(args.id)
+            n = (
+                spool.retry_sync(None, all_dead=True)
+                if args.all_dead
+                else spool.retry_sync(args.id)
+            )
             print(f"requeued {n}")
             return 0 if n or args.all_dead else 1
         if args.qcmd == "drop":
@@ -324,7 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("-c", "--config", help="config file (default $GATEWAY_CONFIG or /etc/ticket-gateway/config.toml)")
+        sp.add_argument(
+            "-c",
+            "--config",
+            help="config file (default $GATEWAY_CONFIG or /etc/ticket-gateway/config.toml)",
+        )
         return sp
 
     sp = with_config(sub.add_parser("run", help="run the daemon"))

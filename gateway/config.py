@@ -197,7 +197,9 @@ def load_config(path: Path) -> Config:
         for idx, n in enumerate(names):
             if names.index(n) != idx:
                 problems.append(
-                    Problem(fname, lines.line_of(("imap", idx, "name")), f"duplicate imap name {n!r}")
+                    Problem(
+                        fname, lines.line_of(("imap", idx, "name")), f"duplicate imap name {n!r}"
+                    )
                 )
         if cfg.smtp.enabled and not cfg.smtp.recipients:
             problems.append(
@@ -225,4 +227,3 @@ def load_config(path: Path) -> Config:
     cfg.backends = backends
     cfg.path = path.resolve()
     return cfg
-

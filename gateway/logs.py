@@ -81,5 +81,14 @@ def setup_logging(level: str = "info", fmt: str = "kv") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("aiosmtpd", "mail", "httpx", "httpcore", "zeep", "aiohttp.access", "asyncio", "mailparser"):
+    for noisy in (
+        "aiosmtpd",
+        "mail",
+        "httpx",
+        "httpcore",
+        "zeep",
+        "aiohttp.access",
+        "asyncio",
+        "mailparser",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -29,10 +29,14 @@ class Metrics:
             if name != "received"
         }
         self.queue_depth = Gauge(
-            "gateway_queue_depth", "Messages waiting (queued, deferred, processing)", registry=self.registry
+            "gateway_queue_depth",
+            "Messages waiting (queued, deferred, processing)",
+            registry=self.registry,
         )
         self.oldest_age = Gauge(
-            "gateway_oldest_queued_age_seconds", "Age of the oldest waiting message", registry=self.registry
+            "gateway_oldest_queued_age_seconds",
+            "Age of the oldest waiting message",
+            registry=self.registry,
         )
         self.dead_letters = Gauge(
             "gateway_dead_letters", "Messages in the dead state", registry=self.registry

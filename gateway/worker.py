@@ -173,7 +173,7 @@ class Worker:
         self.wake.set()
         if not self._inflight:
             return 0
-        done, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+        _done, pending = await asyncio.wait(set(self._inflight), timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
@@ -210,8 +210,10 @@ class Worker:
         if row.raw is None:
             await self._finish(row, Outcome(state=State.DEAD, reason="raw message was purged"))
             return
-        if row.attempts > self.s.max_crashes and row.uncertain is False and row.last_error.startswith(
-            "crash"
+        if (
+            row.attempts > self.s.max_crashes
+            and row.uncertain is False
+            and row.last_error.startswith("crash")
         ):
             await self._finish(
                 row, Outcome(state=State.DEAD, reason="quarantined: kept crashing the worker")
@@ -220,12 +222,17 @@ class Worker:
         try:
             mail = await self._parse(row.raw)
         except ParseError as exc:
-            await self._finish(row, Outcome(state=State.DEAD, reason=f"quarantined: unreadable: {exc}"))
+            await self._finish(
+                row, Outcome(state=State.DEAD, reason=f"quarantined: unreadable: {exc}")
+            )
             return
         except Exception as exc:  # the parser must never take the worker down
             await self._finish(
                 row,
-                Outcome(state=State.DEAD, reason=f"quarantined: parser failed: {type(exc).__name__}: {exc}"),
+                Outcome(
+                    state=State.DEAD,
+                    reason=f"quarantined: parser failed: {type(exc).__name__}: {exc}",
+                ),
             )
             return
         digest = classify.content_digest(row.raw)
@@ -244,14 +251,17 @@ class Worker:
                 return
             if st in ("queued", "deferred", "processing"):
                 await self.spool.defer(
-                    msg_id, error=f"waiting for earlier copy {earlier}", delay=2.0, count_attempt=False
+                    msg_id,
+                    error=f"waiting for earlier copy {earlier}",
+                    delay=2.0,
+                    count_attempt=False,
                 )
                 return
 
         # -- classify ---------------------------------------------------------------------------
         auto = classify.auto_reason(mail, env)
         loop_reason = self._loop_reason(mail, env)
-        f_ref, f_backend, f_note = await self._find_followup(mail, row)
+        f_ref, f_backend, f_note = await self._find_followup(mail, row, auto, loop_reason)
         if f_note == "wait":
             await self.spool.defer(
                 msg_id,
@@ -260,9 +270,8 @@ class Worker:
                 count_attempt=False,
             )
             return
-        tz = ZoneInfo(self.s.timezone)
         ctx = RouteContext(
-            now=datetime.fromtimestamp(self.clock(), tz=UTC).astimezone(tz),
+            now=self._now(),
             auto_reason=auto,
             loop_reason=loop_reason,
             followup_ref=f_ref,
@@ -288,7 +297,11 @@ class Worker:
         if backend is None:
             await self._finish(
                 row,
-                Outcome(state=State.DEAD, reason=f"no backend named {decision.backend!r}", rule=decision.rule),
+                Outcome(
+                    state=State.DEAD,
+                    reason=f"no backend named {decision.backend!r}",
+                    rule=decision.rule,
+                ),
             )
             return
         until = self.paused.get(backend.name)
@@ -303,6 +316,9 @@ class Worker:
             return
         mail = self._with_peer(mail, env)
         await self._deliver(row, mail, decision, backend)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), tz=UTC).astimezone(ZoneInfo(self.s.timezone))
 
     def _with_peer(self, mail: ParsedMail, env: Envelope) -> ParsedMail:
         """Backends see only the mail; the SMTP peer IP travels as a header (InterServer user_ip)."""
@@ -319,15 +335,24 @@ class Worker:
                 return f"loop: mail from our own address {addr}"
         return None
 
-    async def _find_followup(self, mail: ParsedMail, row: MessageRow) -> tuple[str | None, str | None, str]:
+    async def _find_followup(
+        self, mail: ParsedMail, row: MessageRow, auto: str | None, loop_reason: str | None
+    ) -> tuple[str | None, str | None, str]:
         """(ref, backend or None, note). note == "wait" when the original is still queued."""
         ref = classify.find_subject_token(mail.subject, self._token_formats)
         if ref is not None:
-            known = await self.spool.ticket_by_ref(ref)
+            plain = self.rules.route(
+                mail, row.envelope, RouteContext(self._now(), auto, loop_reason, None, None)
+            )
+            known = await self.spool.ticket_by_ref(ref, prefer_backend=plain.backend or None)
             if known is not None:
                 backend, _system, _tid, requester = known
                 if not self._sender_may_follow_up(mail, requester):
-                    return None, None, f"token [{ref}] ignored: sender is not the ticket's requester"
+                    return (
+                        None,
+                        None,
+                        f"token [{ref}] ignored: sender is not the ticket's requester",
+                    )
                 return ref, backend, f"follow-up by subject token of ticket {ref}"
             return ref, None, f"subject token {ref} is not a ticket the gateway made"
         ids = classify.thread_ids(mail)
@@ -363,7 +388,9 @@ class Worker:
         try:
             ref: TicketRef | None = None
             if decision.action == "followup" and decision.followup_of:
-                known = await self.spool.ticket_by_ref(decision.followup_of)
+                known = await self.spool.ticket_by_ref(
+                    decision.followup_of, prefer_backend=backend.name
+                )
                 tid = known[2] if known and known[0] == backend.name else decision.followup_of
                 target = TicketRef(backend.name, backend.system, tid, decision.followup_of)
                 state: str | None
@@ -371,7 +398,9 @@ class Worker:
                     state = await backend.ticket_status(target)
                 except PermanentError as exc:
                     state = "unknown"
-                    notes.append(f"ticket {decision.followup_of} unknown to {backend.name} ({exc}): new ticket")
+                    notes.append(
+                        f"ticket {decision.followup_of} unknown to {backend.name} ({exc}): new ticket"
+                    )
                 if state == "closed" and self.s.followup_closed == "new":
                     notes.append(f"ticket {decision.followup_of} is closed: new ticket (policy)")
                     state = "unknown"
@@ -446,7 +475,12 @@ class Worker:
             self.on_ack()
 
     async def _transient(
-        self, row: MessageRow, backend: str, error: str, retry_after: float | None, decision: Decision
+        self,
+        row: MessageRow,
+        backend: str,
+        error: str,
+        retry_after: float | None,
+        decision: Decision,
     ) -> None:
         now = self.clock()
         first = row.first_attempt_at or now
@@ -469,7 +503,11 @@ class Worker:
         await self.spool.defer(row.id, error=f"{backend}: {error}", delay=delay, backend=backend)
         log.info(
             "event=deferred id=%d backend=%s attempt=%d retry_in=%.1f error=%r",
-            row.id, backend, row.attempts, delay, error,
+            row.id,
+            backend,
+            row.attempts,
+            delay,
+            error,
         )
         if self.metrics:
             self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend)
@@ -512,7 +550,9 @@ class Worker:
         ):
             log.info("event=ack_rate_limited id=%d", row.id)
             return None
-        from_address = s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
+        from_address = (
+            s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
+        )
         token = self.tokens.get(ref.backend, "[Ticket #{ref}]").replace("{ref}", ref.ref)
         data, ack_id = build_ack(
             template,
@@ -527,7 +567,9 @@ class Worker:
         )
         return rcpt, s.ack_envelope_from, data, ack_id
 
-    async def _finish(self, row: MessageRow, outcome: Outcome, decision: Decision | None = None) -> None:
+    async def _finish(
+        self, row: MessageRow, outcome: Outcome, decision: Decision | None = None
+    ) -> None:
         await self.spool.finish(row.id, outcome)
         rule = outcome.rule or (decision.rule if decision else "")
         log.info(

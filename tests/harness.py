@@ -65,7 +65,9 @@ def write_config(
 def ports_of(config: Path) -> tuple[int, int]:
     text = config.read_text()
     smtp = int(re.search(r'^\[smtp\][^\[]*?listen = "127.0.0.1:(\d+)"', text, re.M | re.S).group(1))  # type: ignore[union-attr]
-    health = int(re.search(r'^\[health\][^\[]*?listen = "127.0.0.1:(\d+)"', text, re.M | re.S).group(1))  # type: ignore[union-attr]
+    health = int(
+        re.search(r'^\[health\][^\[]*?listen = "127.0.0.1:(\d+)"', text, re.M | re.S).group(1)
+    )  # type: ignore[union-attr]
     return smtp, health
 
 
@@ -82,12 +84,18 @@ class DaemonProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.config.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=self.config.parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 r = httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1)
                 if r.status_code in (200, 503):
@@ -119,7 +127,10 @@ class DaemonProcess:
     def gateway(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "gateway", *args],
-            input=input, capture_output=True, timeout=60, cwd=self.config.parent,
+            input=input,
+            capture_output=True,
+            timeout=60,
+            cwd=self.config.parent,
         )
 
 
@@ -149,9 +160,19 @@ class SimProcess:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "simulate", "--listen", f"127.0.0.1:{self.http_port}",
-                 "--smtp", f"127.0.0.1:{self.smtp_port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "simulate",
+                    "--listen",
+                    f"127.0.0.1:{self.http_port}",
+                    "--smtp",
+                    f"127.0.0.1:{self.smtp_port}",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
         ok = wait_for(self._up, timeout=20)
         if not ok:

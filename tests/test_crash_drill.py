@@ -18,7 +18,9 @@ from pathlib import Path
 from tests.harness import DaemonProcess, SimProcess, wait_for, write_config
 
 
-def _sender(port_ref: list[int], subjects: list[str], accepted: list[str], stop: threading.Event) -> None:
+def _sender(
+    port_ref: list[int], subjects: list[str], accepted: list[str], stop: threading.Event
+) -> None:
     for subject in subjects:
         if stop.is_set():
             return
@@ -77,7 +79,9 @@ def test_kill9_during_200_mails_loses_nothing(tmp_path: Path) -> None:
         uncertain = {r["subject"] for r in rows if r["uncertain"]}
         dupes = {s for s, n in per_subject.items() if n > 1}
         assert dupes <= uncertain, f"duplicates not flagged uncertain: {dupes - uncertain}"
-        print(f"drill: accepted={len(accepted)} tickets={len(tickets)} duplicates={len(dupes)} uncertain={len(uncertain)}")
+        print(
+            f"drill: accepted={len(accepted)} tickets={len(tickets)} duplicates={len(dupes)} uncertain={len(uncertain)}"
+        )
     finally:
         daemon.stop()
         sim.stop()

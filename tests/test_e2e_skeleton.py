@@ -27,8 +27,15 @@ def stack(tmp_path: Path) -> Iterator[tuple[SimProcess, DaemonProcess]]:
     sim.stop()
 
 
-def send(port: int, subject: str, *, to: str = "support@example.com", body: str = "Please help",
-         sender: str = "customer@example.org", msgid: str | None = None) -> None:
+def send(
+    port: int,
+    subject: str,
+    *,
+    to: str = "support@example.com",
+    body: str = "Please help",
+    sender: str = "customer@example.org",
+    msgid: str | None = None,
+) -> None:
     msg = EmailMessage()
     msg["From"] = f"Carla Customer <{sender}>"
     msg["To"] = to
@@ -43,7 +50,9 @@ def tickets_with(sim: SimProcess, title: str) -> list[dict]:  # type: ignore[typ
     return [t for t in sim.get("/_sim/tickets") if t["title"] == title]
 
 
-def test_mail_becomes_one_ticket_and_one_acknowledgement(stack: tuple[SimProcess, DaemonProcess]) -> None:
+def test_mail_becomes_one_ticket_and_one_acknowledgement(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
     sim, daemon = stack
     subject = "Grüße: the printer is on fire"
     send(daemon.smtp_port, subject, body="It smokes.\nPlease help.")
@@ -55,7 +64,9 @@ def test_mail_becomes_one_ticket_and_one_acknowledgement(stack: tuple[SimProcess
     assert len(t["messages"]) == 1
     assert "It smokes." in t["messages"][0]["body"]
     assert "customer@example.org" in t["messages"][0]["body"]  # the real sender heads the text
-    acks = wait_for(lambda: [m for m in sim.get("/_sim/outbox") if f"[Ticket #{t['ref']}]" in m["subject"]])
+    acks = wait_for(
+        lambda: [m for m in sim.get("/_sim/outbox") if f"[Ticket #{t['ref']}]" in m["subject"]]
+    )
     assert acks and len(acks) == 1
     ack = acks[0]
     assert ack["rcpt_tos"] == ["customer@example.org"]
@@ -65,8 +76,10 @@ def test_mail_becomes_one_ticket_and_one_acknowledgement(stack: tuple[SimProcess
     assert len(tickets_with(sim, subject)) == 1
 
 
-def test_unknown_recipient_is_refused_and_nothing_spooled(stack: tuple[SimProcess, DaemonProcess]) -> None:
-    sim, daemon = stack
+def test_unknown_recipient_is_refused_and_nothing_spooled(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    _sim, daemon = stack
     with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as s:
         s.ehlo()
         s.mail("x@example.org")
@@ -77,7 +90,9 @@ def test_unknown_recipient_is_refused_and_nothing_spooled(stack: tuple[SimProces
     assert out.stdout.strip() == b"[]"
 
 
-def test_backend_down_mail_waits_then_is_ticketed_and_acked_after(stack: tuple[SimProcess, DaemonProcess]) -> None:
+def test_backend_down_mail_waits_then_is_ticketed_and_acked_after(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
     sim, daemon = stack
     sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "down", "seconds": 4})
     subjects = [f"outage {i}" for i in range(5)]
@@ -87,7 +102,9 @@ def test_backend_down_mail_waits_then_is_ticketed_and_acked_after(stack: tuple[S
     assert not [m for m in sim.get("/_sim/outbox") if m["subject"].endswith(tuple(subjects))]
     done = wait_for(lambda: all(len(tickets_with(sim, s)) == 1 for s in subjects), timeout=60)
     assert done, daemon.log.read_text()[-3000:]
-    acks = wait_for(lambda: len([m for m in sim.get("/_sim/outbox") if "outage" in m["subject"]]) == 5)
+    acks = wait_for(
+        lambda: len([m for m in sim.get("/_sim/outbox") if "outage" in m["subject"]]) == 5
+    )
     assert acks
     for s in subjects:
         assert len(tickets_with(sim, s)) == 1

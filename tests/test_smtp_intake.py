@@ -20,18 +20,25 @@ MAIL = b"From: Customer <customer@example.org>\r\nTo: support@example.com\r\nSub
 async def intake(tmp_path: Path) -> AsyncIterator[tuple[SmtpListener, SqliteSpool]]:
     spool = SqliteSpool(tmp_path / "spool.sqlite")
     handler = IntakeHandler(spool, {"support@example.com", "sales@example.com"})
-    listener = SmtpListener(handler, "127.0.0.1", 0, hostname="gw.test", max_size=64 * 1024, max_per_ip=4)
+    listener = SmtpListener(
+        handler, "127.0.0.1", 0, hostname="gw.test", max_size=64 * 1024, max_per_ip=4
+    )
     await listener.start()
     yield listener, spool
     await listener.stop(grace=0.5)
     spool.close_sync()
 
 
-async def test_accepted_mail_is_in_the_spool_when_250_arrives(intake: tuple[SmtpListener, SqliteSpool]) -> None:
+async def test_accepted_mail_is_in_the_spool_when_250_arrives(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
     listener, spool = intake
     errors, response = await aiosmtplib.send(
-        MAIL, sender="customer@example.org", recipients=["Support@Example.com"],
-        hostname="127.0.0.1", port=listener.port,
+        MAIL,
+        sender="customer@example.org",
+        recipients=["Support@Example.com"],
+        hostname="127.0.0.1",
+        port=listener.port,
     )
     assert errors == {}
     assert response.startswith("2.0.0 Ok: queued as ")
@@ -43,7 +50,9 @@ async def test_accepted_mail_is_in_the_spool_when_250_arrives(intake: tuple[Smtp
     assert row.envelope.peer == "127.0.0.1"
 
 
-async def test_unknown_recipient_gets_550_and_nothing_is_spooled(intake: tuple[SmtpListener, SqliteSpool]) -> None:
+async def test_unknown_recipient_gets_550_and_nothing_is_spooled(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
     listener, spool = intake
 
     def send() -> tuple[int, bytes]:
@@ -55,8 +64,13 @@ async def test_unknown_recipient_gets_550_and_nothing_is_spooled(intake: tuple[S
     code, msg = await asyncio.to_thread(send)
     assert code == 550 and b"5.1.1" in msg
     with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
-        await aiosmtplib.send(MAIL, sender="x@example.org", recipients=["relay@victim.example"],
-                              hostname="127.0.0.1", port=listener.port)
+        await aiosmtplib.send(
+            MAIL,
+            sender="x@example.org",
+            recipients=["relay@victim.example"],
+            hostname="127.0.0.1",
+            port=listener.port,
+        )
     assert spool.list_sync() == []
 
 
@@ -85,8 +99,13 @@ async def test_spool_failure_answers_451(intake: tuple[SmtpListener, SqliteSpool
     listener, spool = intake
     spool.close_sync()  # the spool can no longer commit
     with pytest.raises(aiosmtplib.SMTPDataError) as exc:
-        await aiosmtplib.send(MAIL, sender="c@example.org", recipients=["support@example.com"],
-                              hostname="127.0.0.1", port=listener.port)
+        await aiosmtplib.send(
+            MAIL,
+            sender="c@example.org",
+            recipients=["support@example.com"],
+            hostname="127.0.0.1",
+            port=listener.port,
+        )
     assert exc.value.code == 451
 
 
@@ -94,8 +113,13 @@ async def test_draining_listener_answers_421(intake: tuple[SmtpListener, SqliteS
     listener, _ = intake
     listener.drain()
     with pytest.raises(aiosmtplib.SMTPConnectResponseError) as exc:
-        await aiosmtplib.send(MAIL, sender="c@example.org", recipients=["support@example.com"],
-                              hostname="127.0.0.1", port=listener.port)
+        await aiosmtplib.send(
+            MAIL,
+            sender="c@example.org",
+            recipients=["support@example.com"],
+            hostname="127.0.0.1",
+            port=listener.port,
+        )
     assert exc.value.code == 421
 
 

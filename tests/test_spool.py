@@ -26,14 +26,18 @@ def spool(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_put_is_durable_and_visible_to_a_new_connection(spool: SqliteSpool) -> None:
     result = await spool.put(b"Subject: x\r\n\r\nbody", ENV)
     conn = sqlite3.connect(spool.path)
-    row = conn.execute("SELECT state, raw, rcpt_tos FROM messages WHERE id = ?", (result.id,)).fetchone()
+    row = conn.execute(
+        "SELECT state, raw, rcpt_tos FROM messages WHERE id = ?", (result.id,)
+    ).fetchone()
     assert row[0] == "queued"
     assert row[1] == b"Subject: x\r\n\r\nbody"
     assert "support@example.com" in row[2]
 
 
 async def test_concurrent_puts_share_commits(spool: SqliteSpool) -> None:
-    results = await asyncio.gather(*(spool.put(f"Subject: {i}\r\n\r\n".encode(), ENV) for i in range(300)))
+    results = await asyncio.gather(
+        *(spool.put(f"Subject: {i}\r\n\r\n".encode(), ENV) for i in range(300))
+    )
     assert len({r.id for r in results}) == 300
     assert spool.puts == 300
     assert spool.commits < 300  # group commit: fewer fsyncs than messages
@@ -110,7 +114,9 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     s = SqliteSpool(tmp_path / "s.sqlite")
     s.close_sync()
     conn = sqlite3.connect(tmp_path / "s.sqlite")
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.execute(
+        "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+    )
     conn.commit()
     conn.close()
     with pytest.raises(SpoolError, match="newer"):

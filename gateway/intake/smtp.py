@@ -13,7 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope

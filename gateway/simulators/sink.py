@@ -105,8 +105,12 @@ class SmtpSink:
             sender = "" if mode == "rfc3834" else rcpt
             try:
                 await aiosmtplib.send(
-                    reply, sender=sender, recipients=[to_addr or "postmaster@localhost"],
-                    hostname=host or "127.0.0.1", port=int(port), timeout=10,
+                    reply,
+                    sender=sender,
+                    recipients=[to_addr or "postmaster@localhost"],
+                    hostname=host or "127.0.0.1",
+                    port=int(port),
+                    timeout=10,
                 )
             except (aiosmtplib.SMTPException, OSError) as exc:
                 log.info("event=autoreply_refused target=%s error=%r", target, str(exc))

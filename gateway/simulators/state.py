@@ -17,6 +17,12 @@ from typing import Any
 from aiohttp import web
 
 SYSTEMS = ("superoffice-soap", "superoffice-rest", "interserver", "whmcs")
+ID_STARTS = {
+    "superoffice-soap": 1001,
+    "superoffice-rest": 2001,
+    "interserver": 30001,
+    "whmcs": 1001,
+}
 
 # Demo credentials; config.example.toml uses the same ones.
 ACCOUNT_EMAIL = "gateway@example.com"
@@ -74,7 +80,9 @@ class SimState:
         self.calls: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
         self.session_epoch = 0  # bumped by /_sim/sessions/expire: every older session is invalid
         self.autoreply: dict[str, Any] = {"mode": "off", "smtp": ""}
-        self._ids = {s: itertools.count(1001) for s in SYSTEMS}
+        # Each system numbers its tickets in its own range, as separate installations would,
+        # so that "[Ticket #<ref>]" of one system never names a ticket of another in the demo.
+        self._ids = {s: itertools.count(start) for s, start in ID_STARTS.items()}
 
     def next_id(self, system: str) -> int:
         return next(self._ids[system])

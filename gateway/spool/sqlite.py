@@ -418,11 +418,15 @@ class SqliteSpool:
             r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", (msg_id,)).fetchone()
             if r is None:
                 return None
-            return _row_to_message(r, bytes(r["raw"]) if with_raw and r["raw"] is not None else None)
+            return _row_to_message(
+                r, bytes(r["raw"]) if with_raw and r["raw"] is not None else None
+            )
 
         return await self._read(q)
 
-    async def set_identity(self, msg_id: int, message_id: str, digest: str, subject: str) -> int | None:
+    async def set_identity(
+        self, msg_id: int, message_id: str, digest: str, subject: str
+    ) -> int | None:
         """Record the parsed Message-ID/digest; return the id of an earlier copy of this mail.
 
         An earlier copy is a message with the same digest (and the same Message-ID where there is
@@ -440,7 +444,7 @@ class SqliteSpool:
                 " AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
                 (digest, message_id, msg_id),
             ).fetchone()
-            if row is None or row[0] > msg_id and not self._is_done(conn, row[0]):
+            if row is None or (row[0] > msg_id and not self._is_done(conn, row[0])):
                 # a later copy that has not finished: this (older) one goes first
                 return None
             return int(row[0])
@@ -492,7 +496,15 @@ class SqliteSpool:
                 " uncertain = CASE WHEN inflight != '' THEN 1 ELSE uncertain END,"
                 " inflight = '', backend = CASE WHEN ? != '' THEN ? ELSE backend END,"
                 " attempts = attempts - ?, updated_at = ? WHERE id = ?",
-                (error[:4000], now + delay, backend, backend, 0 if count_attempt else 1, now, msg_id),
+                (
+                    error[:4000],
+                    now + delay,
+                    backend,
+                    backend,
+                    0 if count_attempt else 1,
+                    now,
+                    msg_id,
+                ),
             )
 
         await self._write(job)
@@ -556,16 +568,25 @@ class SqliteSpool:
 
     # -- ticket and thread maps -------------------------------------------------------------------
 
-    async def ticket_by_ref(self, ref: str) -> tuple[str, str, str, str] | None:
-        """(backend, system, ticket_id, requester) of a ticket the gateway made, by its ref."""
+    async def ticket_by_ref(
+        self, ref: str, *, prefer_backend: str | None = None
+    ) -> tuple[str, str, str, str] | None:
+        """(backend, system, ticket_id, requester) of a ticket the gateway made, by its ref.
+
+        Two systems may use the same reference (separate numbering); `prefer_backend` picks the
+        one the rules would choose for this mail, else the most recent wins.
+        """
 
         def q(conn: sqlite3.Connection) -> tuple[str, str, str, str] | None:
-            r = conn.execute(
+            rows = conn.execute(
                 "SELECT backend, system, ticket_id, requester FROM tickets WHERE ref = ?"
-                " ORDER BY created_at DESC LIMIT 1",
+                " ORDER BY created_at DESC",
                 (ref,),
-            ).fetchone()
-            return (r[0], r[1], r[2], r[3]) if r else None
+            ).fetchall()
+            for r in rows:
+                if prefer_backend is None or r[0] == prefer_backend:
+                    return (r[0], r[1], r[2], r[3])
+            return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
         return await self._read(q)
 
