@@ -145,6 +145,7 @@ class AckSender:
 
     async def run(self) -> None:
         while not self._stopping:
+            self.wake.clear()  # before reading: a wake-up during the read is not lost
             try:
                 due = await self.spool.due_acks()
             except Exception as exc:
@@ -155,7 +156,6 @@ class AckSender:
                     break
                 await self._send_one(ack)
             if not due or len(due) < 50:
-                self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=2.0)
                 except TimeoutError:
