@@ -58,7 +58,7 @@ def total(values: dict, name: str) -> float:  # type: ignore[type-arg]
 
 
 def test_metrics_parse_and_count_what_was_sent(stack: tuple[SimProcess, DaemonProcess]) -> None:
-    sim, daemon = stack
+    _sim, daemon = stack
     before = metric_values(daemon)
     for i in range(5):
         msg = EmailMessage()
@@ -181,14 +181,14 @@ def test_route_dry_run_matches_what_the_daemon_does(
 
 @pytest.mark.skipif(not CORPUS.is_dir(), reason="the stdlib email test corpus is not installed")
 def test_stdlib_corpus_reaches_a_recorded_outcome(stack: tuple[SimProcess, DaemonProcess]) -> None:
-    sim, daemon = stack
+    _sim, daemon = stack
     files = sorted(CORPUS.glob("msg_*.txt"))
     assert files
     ids = []
     with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as s:
         for f in files:
             raw = f.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            _, resp = s.sendmail("corpus@example.org", ["support@example.com"], raw) or (None, b"")
+            _, _resp = s.sendmail("corpus@example.org", ["support@example.com"], raw) or (None, b"")
             s.noop()
             ids.append(f.name)
     assert wait_for(lambda: settled(daemon), timeout=120, interval=0.5)
