@@ -96,7 +96,6 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         followup_closed=cfg.gateway.followup_closed,
         followup_sender=cfg.gateway.followup_sender,
         ack_enabled=cfg.ack.enabled,
-        ack_followups=cfg.ack.followups,
         ack_rate_limit=cfg.ack.rate_limit,
         ack_from_address=cfg.ack.from_address,
         ack_from_name=cfg.ack.from_name,
@@ -124,6 +123,7 @@ class Daemon:
         self.force_exit = False
         self.reload_requested = False
         self.failed = False  # a core task died: exit non-zero so systemd restarts us
+        self._forced = asyncio.Event()  # a second SIGTERM/SIGINT: cut the drain short
         self._signals = 0
         self._wakeup = asyncio.Event()
 
@@ -136,6 +136,7 @@ class Daemon:
             self._signals += 1
             if self.should_exit:
                 self.force_exit = True
+                self._forced.set()
             self.should_exit = True
         self._wakeup.set()
 
@@ -327,9 +328,22 @@ class Daemon:
             await intake.stop()
         cut = 0
         if self.worker is not None:
-            cut = await self.worker.drain(grace)
+            # The grace is fixed when the drain starts, so a second signal during it must
+            # interrupt the wait: then what is still in flight is cut now (it stays queued).
+            draining = asyncio.ensure_future(self.worker.drain(grace))
+            forced = asyncio.ensure_future(self._forced.wait())
+            await asyncio.wait({draining, forced}, return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if draining.done():
+                cut = draining.result()
+            else:
+                draining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await draining
+                log.warning("event=drain_forced")
+                cut = await self.worker.drain(0.0)
         if self.smtp is not None:
-            await self.smtp.stop(grace=min(grace, 5.0))
+            await self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
         if self.ack_sender is not None:
             self.ack_sender.stop()
         for task in self.tasks:

@@ -104,7 +104,6 @@ class AckSection(_Model):
     envelope_from: str = ""  # "" = the null sender <>, so a bounce of an ack cannot loop
     templates_dir: str = "templates"
     rate_limit: int = Field(5, ge=0)  # acknowledgements per sender per hour
-    followups: bool = False  # acknowledge follow-ups too
 
     _relay = field_validator("relay")(classmethod(lambda cls, v: _hostport(v)))
 

@@ -76,7 +76,6 @@ class WorkerSettings:
     followup_closed: str = "append"
     followup_sender: str = "any"
     ack_enabled: bool = True
-    ack_followups: bool = False
     ack_rate_limit: int = 5
     ack_from_address: str = ""
     ack_from_name: str = "Support"
@@ -533,16 +532,19 @@ class Worker:
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
     ) -> tuple[str, str, bytes, str] | None:
         s = self.s
-        if not s.ack_enabled or decision.ack is None or decision.automatic:
-            return None
-        if action == "followup" and not s.ack_followups:
+        ack_name = decision.ack
+        if ack_name is None and decision.action == "followup" and action == "new":
+            # the follow-up's ticket was unknown or closed: it became a new ticket, which the
+            # sender must learn the reference of
+            ack_name = "default"
+        if not s.ack_enabled or ack_name is None or decision.automatic:
             return None
         rcpt = (mail.reply_to or mail.from_addr or row.envelope.mail_from).lower()
         if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, set(s.own_addresses)):
             return None
         if not row.envelope.mail_from and row.envelope.intake == "smtp":
             return None  # null envelope sender: never answer (RFC 3834)
-        template = self.templates.get(decision.ack) or self.templates.get("default")
+        template = self.templates.get(ack_name) or self.templates.get("default")
         if template is None:
             return None
         if s.ack_rate_limit <= 0 or (

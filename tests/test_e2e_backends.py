@@ -198,3 +198,73 @@ def test_autoreply_loop_drill_stops(stack: tuple[SimProcess, DaemonProcess], mod
         assert n1 == 1  # the out-of-office reply is never answered
     else:
         assert 1 <= n1 <= 5  # bare: stopped by the per-sender limit (rate_limit = 5)
+
+
+def test_token_of_an_unknown_ticket_makes_a_new_ticket_never_appends(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    sim, daemon = stack
+    subject = f"Re: [Ticket #987654] lost ticket {uuid.uuid4().hex[:6]}"
+    send(daemon.smtp_port, mail(subject, to="support@example.com", body="about an old ticket"))
+    t = wait_for(lambda: ticket(sim, subject), timeout=30)
+    assert t and len(t["messages"]) == 1
+    assert wait_for(lambda: acks_for(sim, f"[Ticket #{t['ref']}]"), timeout=30)
+
+
+def test_follow_up_to_a_ticket_made_elsewhere_by_the_systems_own_token(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    sim, daemon = stack
+    made = sim.post(
+        "/_sim/tickets",
+        {
+            "system": "whmcs",
+            "id": "777",
+            "ref": "XYZ-123456",
+            "title": "made in WHMCS",
+            "requester": "customer@example.org",
+        },
+    )
+    send(
+        daemon.smtp_port,
+        mail(
+            "Re: [Ticket ID: XYZ-123456] made in WHMCS",
+            to="billing@example.com",
+            body="reply to a ticket the gateway never saw",
+        ),
+    )
+
+    def appended() -> bool:
+        cur = [
+            x for x in sim.get("/_sim/tickets") if x["system"] == "whmcs" and x["id"] == made["id"]
+        ]
+        return bool(cur and cur[0]["messages"])
+
+    assert wait_for(appended, timeout=30), daemon.log.read_text()[-2000:]
+    assert not [
+        x
+        for x in sim.get("/_sim/tickets")
+        if x["title"].endswith("made in WHMCS") and x["id"] != "777"
+    ]
+
+
+def test_follow_up_to_a_closed_ticket_is_appended_and_reopens_it(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    sim, daemon = stack
+    subject = f"closing soon {uuid.uuid4().hex[:6]}"
+    send(daemon.smtp_port, mail(subject, to="support@example.com"))
+    t = wait_for(lambda: ticket(sim, subject), timeout=30)
+    assert t
+    sim.post(f"/_sim/tickets/{t['system']}/{t['id']}/close", {})
+    send(
+        daemon.smtp_port,
+        mail(f"Re: [Ticket #{t['ref']}] {subject}", to="support@example.com", body="still broken"),
+    )
+
+    def reopened() -> dict | None:  # type: ignore[type-arg]
+        cur = ticket(sim, subject)
+        return cur if cur and len(cur["messages"]) == 2 else None
+
+    cur = wait_for(reopened, timeout=30)
+    assert cur and cur["status"] == "open"
