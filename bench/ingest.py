@@ -1,0 +1,348 @@
+"""Accepted mails/s over SMTP: a bare aiosmtpd sink (A) against the whole gateway daemon (B).
+
+Run by hand (never by CI), from the repo root:
+
+    .venv/bin/python bench/ingest.py                # 8 and 32 clients, 3 x (A, B), 3000 mails each
+    .venv/bin/python bench/ingest.py --duration 10  # fixed 10 s per run instead of a count
+
+8 KiB mails, aiosmtplib clients, one message per connection (connect, EHLO, MAIL, RCPT, DATA,
+QUIT). A = a bare aiosmtpd server that discards (its own process). B = `gateway run` with the
+quick-start config (own ports, a fresh spool per run; SQLite WAL, synchronous=FULL), its worker
+running and `gateway simulate` answering, so every mail also becomes a ticket and an
+acknowledgement while the next ones arrive. Runs are interleaved A B A B A B per client count;
+medians and the ratio B/A are reported (issue 2: >= 0.8x at 8 clients, >= 0.7x at 32).
+
+Secondary figures per B run: how long the worker took after the load to ticket the backlog
+(until the daemon's ticketed counter reaches the accepted count, confirmed against the
+simulator's /_sim/tickets), the spool's group commit (mails per fsync of the daemon during the
+load, counted with `perf stat` when available; the worker's own transactions share those fsyncs),
+CPU of the load generator and of the server process tree, and the daemon's peak memory.
+
+The load generator, the server and (for B) the worker and simulators share this machine's cores:
+noise between runs is 10-30 %, so only the ratio within one run means much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+RCPT = "support@example.com"  # routed to superoffice-soap by the demo rules
+WARMUP = 20  # mails per run before the measurement (not counted)
+
+
+@dataclass
+class RunFigures:
+    kind: str  # "A" or "B"
+    clients: int
+    run: int
+    rate: float
+    accepted: int
+    errors: str
+    gen_cpu_pct: float  # load generator CPU, % of one core
+    server_cpu_pct: float  # server process tree CPU, % of one core
+    peak_mib: float
+    backlog_s: float | None = None  # B only: load end -> all accepted mails ticketed
+    backlog_note: str = ""
+    mails_per_fsync: float | None = None
+    spool_rows: int | None = None
+
+
+def mail_factory(tag: str) -> common.MailFactory:
+    def make(i: int) -> tuple[str, str, bytes]:
+        # one customer per mail: each gets its acknowledgement (the rate limit is per sender)
+        sender = f"customer-{tag}-{i}@example.org"
+        return sender, RCPT, common.make_mail(sender, RCPT, f"Ingest bench {tag} #{i}")
+
+    return make
+
+
+async def load(port: int, clients: int, tag: str, args: argparse.Namespace) -> common.LoadResult:
+    make = mail_factory(tag)
+    await common.run_load(port, clients=clients, mail_for=lambda i: make(10**6 + i), count=WARMUP)
+    return await common.run_load(
+        port,
+        clients=clients,
+        mail_for=make,
+        count=None if args.duration else args.count,
+        duration=args.duration,
+    )
+
+
+async def run_a(root: Path, clients: int, run: int, args: argparse.Namespace) -> RunFigures:
+    port = common.free_port()
+    sink = common.start_sink(root, port)
+    try:
+        cpu0 = common.tree_cpu_seconds(sink.pid)
+        res = await load(port, clients, f"a{clients}-{run}", args)
+        server_cpu = common.tree_cpu_seconds(sink.pid) - cpu0
+        hwm, _ = common.tree_memory_kib(sink.pid)
+    finally:
+        sink.stop()
+    return RunFigures(
+        "A",
+        clients,
+        run,
+        res.rate,
+        res.accepted,
+        res.error_text(),
+        100 * res.cpu / res.elapsed,
+        100 * server_cpu / res.elapsed,
+        hwm / 1024,
+    )
+
+
+async def run_b(
+    root: Path,
+    sim: common.SimClient,
+    sim_ports: common.Ports,
+    clients: int,
+    run: int,
+    args: argparse.Namespace,
+) -> RunFigures:
+    ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
+    workdir = root / f"gw-{clients}-{run}"  # a fresh spool per run
+    config = common.write_config(workdir, ports, {"ack": {"envelope_from": args.ack_envelope_from}})
+    await sim.reset()
+    gw = common.start_gateway(config, ports)
+    tag = f"b{clients}-{run}"
+    try:
+        # warm-up: the backend logs in, the parse process starts; wait until ticketed
+        make = mail_factory(tag)
+        warm = await common.run_load(
+            ports.smtp, clients=clients, mail_for=lambda i: make(10**6 + i), count=WARMUP
+        )
+
+        async def warmed() -> bool:
+            c = await common.gateway_counters(ports.health, ["ticketed"])
+            return c["ticketed"] >= warm.accepted
+
+        await common.wait_until(warmed, 60)
+        fsyncs = common.FsyncCounter(gw.pid, workdir / "perf-fsync.csv")
+        cpu0 = common.tree_cpu_seconds(gw.pid)
+        res = await common.run_load(
+            ports.smtp,
+            clients=clients,
+            mail_for=make,
+            count=None if args.duration else args.count,
+            duration=args.duration,
+        )
+        server_cpu = common.tree_cpu_seconds(gw.pid) - cpu0
+        n_fsync = fsyncs.stop()
+        load_end = time.monotonic()
+        target = warm.accepted + res.accepted
+        state: dict[str, float] = {}
+
+        async def drained() -> bool:
+            if not gw.alive():
+                raise RuntimeError(f"gateway run exited during the bench:\n{gw.tail()}")
+            c = await common.gateway_counters(
+                ports.health, ["ticketed", "dead", "suppressed", "duplicate"]
+            )
+            state.update(c)
+            return c["ticketed"] + c["dead"] + c["suppressed"] + c["duplicate"] >= target
+
+        done = await common.wait_until(drained, args.backlog_timeout, interval=0.1)
+        backlog = time.monotonic() - load_end if done else None
+        note = ""
+        if not done:
+            note = f"timeout: {int(state.get('ticketed', 0))}/{target} ticketed"
+        else:
+            sim_count = len(await sim.tickets("superoffice-soap"))
+            extra = int(state["dead"] + state["suppressed"] + state["duplicate"])
+            if sim_count != target or extra:
+                note = f"sim has {sim_count} tickets for {target} accepted; dead/supp./dup. {extra}"
+        hwm, _ = common.tree_memory_kib(gw.pid)
+    finally:
+        rc = gw.stop()
+    if rc not in (0, None):
+        common.log(f"gateway run exited with {rc}; log {gw.log_path}")
+    for err in gw.errors():
+        note = f"{note}; daemon logged: {err}" if note else f"daemon logged: {err}"
+    rows = spool_rows(workdir / "var" / "gateway.sqlite")
+    return RunFigures(
+        "B",
+        clients,
+        run,
+        res.rate,
+        res.accepted,
+        res.error_text(),
+        100 * res.cpu / res.elapsed,
+        100 * server_cpu / res.elapsed,
+        hwm / 1024,
+        backlog_s=backlog,
+        backlog_note=note,
+        mails_per_fsync=(res.accepted / n_fsync) if n_fsync else None,
+        spool_rows=rows,
+    )
+
+
+def spool_rows(path: Path) -> int | None:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    sim_ports = common.Ports.pick()
+    common.log(f"work dir {root}; rules: {common.rules_source()}")
+    simulator = common.start_simulator(root, sim_ports)
+    sim = common.SimClient(sim_ports.sim_http)
+    results: list[RunFigures] = []
+    try:
+        for clients in args.clients:
+            for run in range(1, args.runs + 1):
+                for kind in ("A", "B"):
+                    common.log(f"{kind} clients={clients} run={run} ...")
+                    if kind == "A":
+                        fig = await run_a(root, clients, run, args)
+                    else:
+                        fig = await run_b(root, sim, sim_ports, clients, run, args)
+                    common.log(f"   {fig.rate:.0f} mails/s, errors {fig.errors}")
+                    results.append(fig)
+    except RuntimeError as exc:
+        print(f"\nbench/ingest.py: stopped: {exc}\nwork dir (logs): {root}", file=sys.stderr)
+        return 1
+    finally:
+        await sim.aclose()
+        simulator.stop()
+
+    amount = f"{args.duration:g} s" if args.duration else f"{args.count} mails"
+    print(
+        f"\nIngest over SMTP: 8 KiB mails, one message per connection, {amount} per run,"
+        f" {WARMUP} warm-up mails not counted; A = bare aiosmtpd sink (discard),"
+        " B = gateway daemon (SQLite WAL synchronous=FULL, worker + simulators running)"
+    )
+    common.print_table(
+        [
+            "clients",
+            "run",
+            "kind",
+            "mails/s",
+            "accepted",
+            "errors",
+            "gen CPU%",
+            "server CPU%",
+            "peak MiB",
+            "backlog s",
+            "mails/fsync",
+            "spool rows",
+        ],
+        [
+            (
+                f.clients,
+                f.run,
+                f.kind,
+                f.rate,
+                f.accepted,
+                f.errors,
+                f"{f.gen_cpu_pct:.0f}",
+                f"{f.server_cpu_pct:.0f}",
+                f"{f.peak_mib:.0f}",
+                fmt(f.backlog_s) if not f.backlog_note.startswith("timeout") else "timeout",
+                fmt(f.mails_per_fsync),
+                "-" if f.spool_rows is None else f.spool_rows,
+            )
+            for f in results
+        ],
+        title="Per run (interleaved in the order shown)",
+    )
+    notes = [f"{f.kind} {f.clients}/{f.run}: {f.backlog_note}" for f in results if f.backlog_note]
+    summary = []
+    for clients in args.clients:
+        a = [f.rate for f in results if f.clients == clients and f.kind == "A"]
+        b = [f.rate for f in results if f.clients == clients and f.kind == "B"]
+        pairs = [fb / fa for fa, fb in zip(a, b, strict=False) if fa > 0]
+        ma, mb = common.median(a), common.median(b)
+        ratio = mb / ma if ma > 0 else float("nan")
+        target = 0.8 if clients <= 8 else 0.7
+        backlog = [
+            f.backlog_s for f in results if f.clients == clients and f.kind == "B" and f.backlog_s
+        ]
+        per_fsync = [
+            f.mails_per_fsync for f in results if f.clients == clients and f.mails_per_fsync
+        ]
+        summary.append(
+            (
+                clients,
+                f"{ma:.0f}",
+                f"{mb:.0f}",
+                f"{ratio:.2f}x",
+                f"{common.median(pairs):.2f}x",
+                f">= {target}x",
+                "met" if ratio >= target else "NOT met",
+                fmt(common.median(backlog) if backlog else None),
+                fmt(common.median(per_fsync) if per_fsync else None),
+            )
+        )
+    common.print_table(
+        [
+            "clients",
+            "A median/s",
+            "B median/s",
+            "B/A (medians)",
+            "B/A (median of pairs)",
+            "target",
+            "",
+            "backlog s (median)",
+            "mails/fsync (median)",
+        ],
+        summary,
+        title=f"Summary: medians of {args.runs} interleaved runs",
+    )
+    print(
+        "\nbacklog s = after the last 250, seconds until the worker had ticketed every accepted"
+        " mail"
+        " (the daemon's ticketed counter, then /_sim/tickets checked to hold exactly that many)."
+        "\nmails/fsync = accepted mails / fsync+fdatasync calls of the daemon during the load"
+        " (perf stat; '-' = perf unavailable); the worker's transactions share the same commits."
+        "\nCPU% = % of one core during the load (2 cores = 200 %). Noise between runs is 10-30 %:"
+        " compare only within one run."
+    )
+    for n in notes:
+        print(f"note: {n}")
+    print(f"work dir (logs, spools): {root}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--count", type=int, default=3000, help="mails per run (default 3000)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds per run instead of --count"
+    )
+    p.add_argument("--backlog-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--ack-envelope-from",
+        default="",
+        help='[ack] envelope_from for the daemon (default "": the null sender, as in quick start)',
+    )
+    args = p.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
