@@ -234,7 +234,7 @@ async def test_ticket_list_pages_and_status(soap: zeep.Client, http: httpx.Async
     for n in range(5):
         body = {"system": "interserver", "title": f"T{n}", "requester": "c@example.org"}
         assert (await http.post("/_sim/tickets", json=body)).status_code == 201
-    await http.post("/_sim/tickets/interserver/1001/close")
+    await http.post("/_sim/tickets/interserver/30001/close")
     sid = await login(soap)
     page1 = await call(soap, "api_getTicketList", sid, 1, 2, "")
     page3 = await call(soap, "api_getTicketList", sid, 3, 2, "")
@@ -242,13 +242,13 @@ async def test_ticket_list_pages_and_status(soap: zeep.Client, http: httpx.Async
     assert len(page1["tickets"]["item"]) == 2
     assert len(page3["tickets"]["item"]) == 1
     closed = await call(soap, "api_getTicketList", sid, 1, 10, "closed")
-    assert [t["ticket_reference_id"] for t in closed["tickets"]["item"]] == ["1001"]
+    assert [t["ticket_reference_id"] for t in closed["tickets"]["item"]] == ["30001"]
     assert closed["tickets"]["item"][0]["statustitle"] == "Closed"
     opened = await call(soap, "api_getTicketList", sid, 1, 10, "open")
     assert len(opened["tickets"]["item"]) == 4
     # a reply reopens a closed ticket
-    await call(soap, "api_ticketPost", sid, "1001", "any news?")
-    viewed = await call(soap, "api_viewTicket", sid, "1001")
+    await call(soap, "api_ticketPost", sid, "30001", "any news?")
+    viewed = await call(soap, "api_viewTicket", sid, "30001")
     assert viewed["result"]["statustitle"] == "Open"
 
 
