@@ -8,7 +8,7 @@ Covered (issue 8, "Lifecycle" and "Pipe mode"):
 - SIGTERM drains: new SMTP sessions get 421, in-flight work finishes, exit code 0; work cut short
   by the drain timeout stays in the spool and is done after the restart; a second signal forces;
 - the systemd notify protocol (READY=1, STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1) on a real
-  NOTIFY_SOCKET, and socket activation (LISTEN_FDS, fd 3);
+  NOTIFY_SOCKET, socket activation (LISTEN_FDS, fd 3), and MemoryDenyWriteExecute (PR_SET_MDWE);
 - `gateway deliver` exit codes 0 / 65 / 75.
 
 Every wait polls a condition with a generous deadline; nothing asserts how fast anything is.
@@ -95,6 +95,19 @@ ACTIVATE = (
     " os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1');"
     " os.execv(sys.argv[2], sys.argv[2:])"
 )
+
+
+# MemoryDenyWriteExecute=yes (the unit) without systemd: the kernel's own switch, PR_SET_MDWE
+# (Linux 6.3+), inherited across fork and exec. Exits 2 when the kernel lacks it.
+MDWE = (
+    "import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True);"
+    " ok = libc.prctl(65, 1, 0, 0, 0) == 0 and libc.prctl(66, 0, 0, 0, 0) == 1;"
+    " ok or sys.exit(2); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def kernel_has_mdwe() -> bool:
+    return subprocess.run([sys.executable, "-c", MDWE, "/bin/true"], timeout=30).returncode == 0
 
 
 def free_port() -> int:
@@ -818,6 +831,32 @@ async def test_socket_activation_serves_the_passed_socket(
     with pytest.raises(OSError):  # the configured port stays unbound
         socket.create_connection((HOST, gw.smtp_port), timeout=5).close()
     await settle(gw, sim, {token})
+
+
+async def test_daemon_works_under_memory_deny_write_execute(
+    sim: Sim, make_gateway: Callable[..., Gateway]
+) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes: the daemon, its parser processes and every
+    backend library must work without writable+executable memory."""
+    if not kernel_has_mdwe():
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    gw = make_gateway()
+    gw.start_ready(wrap=[sys.executable, "-c", MDWE])
+    tokens = Tokens()
+    sent = {}
+    for rcpt, system in (
+        ("support@example.com", "superoffice-soap"),
+        ("sales@example.com", "superoffice-rest"),
+        ("hosting@example.com", "interserver"),
+        ("billing@example.com", "whmcs"),
+    ):
+        token = tokens.next()
+        assert (await send_one(gw.smtp_port, token, rcpt)).accepted
+        sent[token] = system
+    found = await settle(gw, sim, set(sent))
+    assert {t: [x["system"] for x in found[t]] for t in sent} == {t: [s] for t, s in sent.items()}
+    gw.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.wait_exit) == 0, gw.log_tail()
 
 
 # -- gateway deliver ---------------------------------------------------------------------------------------
