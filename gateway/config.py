@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.registry import BACKEND_TYPES, config_model
+from gateway.classify import compile_token_pattern
 from gateway.errors import ConfigError, Problem
 from gateway.intake.imap import ImapConfig
 from gateway.tomlpos import load_toml, pydantic_problems
@@ -44,6 +45,7 @@ class GatewaySection(_Model):
     followup_sender: Literal["any", "address", "domain"] = "any"  # who may follow up a ticket
     log_format: Literal["kv", "json"] = "kv"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str = ""  # "" = stderr (journald under systemd); else a file, reopened on SIGHUP
     drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
 
 
@@ -96,7 +98,7 @@ class AckSection(_Model):
     relay: str = "127.0.0.1:2526"  # SMTP relay for acknowledgements
     relay_tls: Literal["none", "starttls", "tls"] = "none"
     relay_username: str | None = None
-    relay_password: str | None = None
+    relay_password: SecretStr | None = None
     relay_password_file: str | None = None
     relay_password_env: str | None = None
     from_address: str = ""  # "" = the support address the mail was sent to
@@ -108,6 +110,20 @@ class AckSection(_Model):
     _relay = field_validator("relay")(classmethod(lambda cls, v: _hostport(v)))
 
 
+class RetentionSection(_Model):
+    """How long the spool keeps what (days; see gateway.spool.retention)."""
+
+    enabled: bool = True  # run the background purge in the daemon
+    done_raw_days: float = Field(30.0, gt=0)  # raw bytes of ticketed mail (row and maps stay)
+    suppressed_raw_days: float = Field(7.0, gt=0)  # raw bytes of suppressed (automatic, loop) mail
+    duplicate_raw_days: float = Field(7.0, gt=0)  # raw bytes of duplicates (the original is kept)
+    dead_days: float = Field(90.0, gt=0)  # dead/quarantined mail not handled in this time goes
+    maps_days: float = Field(365.0, gt=0)  # rows of finished mail, ticket and Message-ID maps
+    outbox_days: float = Field(7.0, ge=1 / 24)  # sent/failed acks (>= the rate-limit hour)
+    batch: int = Field(500, ge=1, le=100_000)  # rows per writer job
+    interval: float = Field(3600.0, gt=0)  # seconds between purges
+
+
 class Config(_Model):
     gateway: GatewaySection = GatewaySection()
     spool: SpoolSection = SpoolSection()
@@ -116,6 +132,7 @@ class Config(_Model):
     rules: RulesSection = RulesSection()
     retry: RetrySection = RetrySection()
     ack: AckSection = AckSection()
+    retention: RetentionSection = RetentionSection()
     imap: list[ImapConfig] = []
     backends: dict[str, BackendConfigBase] = {}
 
@@ -141,6 +158,10 @@ class Config(_Model):
     @property
     def templates_dir(self) -> Path:
         return self.resolve(self.ack.templates_dir)
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.resolve(self.gateway.log_file) if self.gateway.log_file else None
 
     def own_addresses(self) -> set[str]:
         """DESIGN: recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
@@ -191,6 +212,17 @@ def load_config(path: Path) -> Config:
             backends[name] = config_model(btype).model_validate(raw)
         except ValidationError as exc:
             problems.extend(pydantic_problems(exc, fname, lines, prefix=loc))
+            continue
+        try:
+            compile_token_pattern(backends[name].subject_token)
+        except ValueError as exc:
+            problems.append(
+                Problem(
+                    fname,
+                    lines.line_of((*loc, "subject_token")),
+                    f"backends.{name}.subject_token: {exc}",
+                )
+            )
     if cfg is not None:
         names = [i.name for i in cfg.imap]
         for idx, n in enumerate(names):
