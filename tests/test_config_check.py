@@ -1,0 +1,98 @@
+"""`gateway check` and `gateway run` refuse a bad config with `file:line: what is wrong`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_config(tmp_path: Path, edit: tuple[str, str] | None = None, append: str = "") -> Path:
+    text = (ROOT / "config.example.toml").read_text()
+    if edit:
+        assert edit[0] in text
+        text = text.replace(edit[0], edit[1], 1)
+    path = tmp_path / "config.toml"
+    path.write_text(text + append)
+    path.chmod(0o640)
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    return path
+
+
+def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def line_of(path: Path, needle: str) -> int:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if needle in line:
+            return n
+    raise AssertionError(needle)
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    cfg = setup_config(tmp_path)
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "edit,needle,message",
+    [
+        (("workers = 16", "workers = 16\nwrokers = 3"), "wrokers = 3", "unknown key"),
+        (("max_size = 26214400", 'max_size = "big"'), 'max_size = "big"', "max_size"),
+        (('type = "whmcs"', 'type = "zendesk"'), 'type = "zendesk"', "unknown backend type"),
+        (
+            ('listen = "127.0.0.1:2525"', 'listen = "localhost"'),
+            'listen = "localhost"',
+            "HOST:PORT",
+        ),
+        (('timezone = "Europe/Berlin"', 'timezone = "Mars/Olympus"'), None, "time zone"),
+    ],
+)
+def test_each_problem_is_reported_at_its_line(
+    tmp_path: Path, edit: tuple[str, str], needle: str | None, message: str
+) -> None:
+    cfg = setup_config(tmp_path, edit)
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 1
+    assert message.lower() in out.stderr.lower(), out.stderr
+    if needle is not None:
+        assert f"{cfg}:{line_of(cfg, needle)}:" in out.stderr, out.stderr
+    run = gateway("run", "-c", str(cfg))
+    assert run.returncode == 1
+    assert message.lower() in run.stderr.lower()
+
+
+def test_toml_syntax_error_has_its_line(tmp_path: Path) -> None:
+    cfg = setup_config(tmp_path, ("hostname = ", "hostname = = "))
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 1
+    assert f"{cfg}:{line_of(cfg, 'hostname = = ')}:" in out.stderr
+
+
+def test_broken_rule_file_is_reported_with_its_file_and_line(tmp_path: Path) -> None:
+    cfg = setup_config(tmp_path)
+    bad = tmp_path / "rules" / "50-bad.toml"
+    bad.write_text(
+        '[[rule]]\nname = "x"\nbackend = "nope"\n[rule.match]\nrecipient = "a@example.com"\n'
+    )
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 1
+    assert f"{bad}:3:" in out.stderr, out.stderr
+
+
+def test_world_readable_config_with_inline_secrets_is_warned_about(tmp_path: Path) -> None:
+    cfg = setup_config(tmp_path)
+    cfg.chmod(0o644)
+    out = gateway("check", "-c", str(cfg))
+    assert "world-readable" in out.stderr
+    assert "demo-password" not in out.stderr + out.stdout
