@@ -10,6 +10,9 @@ and never wait for the writer (WAL).
 Crash recovery (`recover`, at start-up): messages left `processing` are put back to `queued`; the
 ones whose backend create call was begun but not recorded done (`inflight`) are flagged
 `uncertain`, so the worker looks for the ticket before creating it again.
+
+The schema, its version and the migrations of an older spool live in `gateway.spool.migrations`
+(run when the spool is opened); retention, statistics and erasure in `gateway.spool.retention`.
 """
 
 from __future__ import annotations
@@ -29,80 +32,15 @@ from typing import Any, TypeVar
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
+from gateway.spool import migrations
 from gateway.spool.base import FINAL_STATES, AckRow, MessageRow, Outcome, PutResult, State
+from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "SqliteSpool", "is_final"]
 
 log = logging.getLogger("gateway.spool")
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    state TEXT NOT NULL,
-    intake TEXT NOT NULL,
-    mail_from TEXT NOT NULL,
-    rcpt_tos TEXT NOT NULL,            -- JSON list
-    peer TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL,
-    size INTEGER NOT NULL,
-    raw BLOB,                           -- NULL once purged by retention
-    source_key TEXT UNIQUE,             -- e.g. imap:<mailbox>:<uidvalidity>:<uid>
-    message_id TEXT NOT NULL DEFAULT '',
-    digest TEXT NOT NULL DEFAULT '',
-    subject TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    first_attempt_at REAL,
-    last_error TEXT NOT NULL DEFAULT '',
-    backend TEXT NOT NULL DEFAULT '',
-    rule TEXT NOT NULL DEFAULT '',
-    action TEXT NOT NULL DEFAULT '',
-    ticket_ref TEXT NOT NULL DEFAULT '',
-    ticket_id TEXT NOT NULL DEFAULT '',
-    progress TEXT NOT NULL DEFAULT '{}', -- JSON: completed backend steps and what they returned
-    inflight TEXT NOT NULL DEFAULT '',  -- a backend step begun and not yet recorded done
-    uncertain INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS messages_msgid ON messages (message_id);
-CREATE INDEX IF NOT EXISTS messages_digest ON messages (digest);
-CREATE TABLE IF NOT EXISTS tickets (        -- every ticket the gateway made: ref -> (backend, id)
-    backend TEXT NOT NULL,
-    ref TEXT NOT NULL,
-    system TEXT NOT NULL,
-    ticket_id TEXT NOT NULL,
-    requester TEXT NOT NULL DEFAULT '',
-    subject TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    PRIMARY KEY (backend, ref)
-);
-CREATE INDEX IF NOT EXISTS tickets_ref ON tickets (ref);
-CREATE TABLE IF NOT EXISTS threads (        -- Message-ID (incoming mails and our acks) -> ticket
-    message_id TEXT PRIMARY KEY,
-    backend TEXT NOT NULL,
-    ref TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
-    message_id INTEGER NOT NULL,
-    rcpt TEXT NOT NULL,
-    mail_from TEXT NOT NULL,
-    data BLOB NOT NULL,
-    state TEXT NOT NULL,                -- pending | sent | failed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    sent_at REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_rcpt ON outbox (rcpt, created_at);
-"""
 
 _MSG_COLUMNS = (
     "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
@@ -170,21 +108,15 @@ class SqliteSpool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect()
-            self._wconn.executescript(SCHEMA)
-            cur = self._wconn.execute("SELECT value FROM meta WHERE key='schema_version'")
-            row = cur.fetchone()
-            if row is None:
-                self._wconn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
-                raise SpoolError(
-                    f"{self.path}: spool schema version {row[0]} is newer than this gateway "
-                    f"understands ({SCHEMA_VERSION}); upgrade the gateway"
-                )
-            self._wconn.commit()
         except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot open spool: {exc}") from exc
+        try:
+            # create a new spool, or migrate an older one after a backup copy (see migrations)
+            self.opened_version = migrations.prepare(self._wconn, self.path)
+        except (sqlite3.Error, SpoolError) as exc:
+            self._wconn.close()
+            if isinstance(exc, SpoolError):
+                raise
             raise SpoolError(f"{self.path}: cannot open spool: {exc}") from exc
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
@@ -260,6 +192,8 @@ class SqliteSpool:
                     job.future.set_exception(err)
             return
         for job, ok, value in results:
+            if job.future.cancelled():  # the caller gave up waiting; the write stands
+                continue
             if ok:
                 job.future.set_result(value)
             elif isinstance(value, sqlite3.Error):
@@ -273,6 +207,13 @@ class SqliteSpool:
         job = _Job(fn)
         self._jobs.put(job)
         return await asyncio.wrap_future(job.future)  # type: ignore[no-any-return, unused-ignore]
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the writer's next group commit (maintenance: retention, erasure).
+
+        Keep `fn` short (one small batch): intake waits for the batch it shares.
+        """
+        return await self._write(fn)
 
     def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Blocking variant of a write, for the CLI (no event loop)."""
