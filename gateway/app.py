@@ -1,8 +1,11 @@
 """Builds the daemon from config and runs its lifecycle: startup, main loop, reload, shutdown.
 
 Only this module (and the CLI) reads config; stages get plain values. Signal handlers only record
-what was asked (STYLE 9); the main loop acts: SIGHUP reloads rules and templates (an invalid new
-set leaves the old one in force and /healthz says why), SIGTERM/SIGINT drain (new SMTP sessions
+what was asked (STYLE 9); the main loop acts: SIGHUP reloads config, rules and templates (an
+invalid new set leaves the old one in force and /healthz says why), reopens the log file, and
+rebuilds each backend whose config or secrets (re-read from their files and variables) changed:
+new calls use the new client, calls in flight finish on the old one, which is closed after them.
+Adding or removing a backend needs a restart. SIGTERM/SIGINT drain (new SMTP sessions
 get 421, in-flight work may finish within `drain_timeout`, the rest stays queued), a second
 SIGINT/SIGTERM forces the stop. systemd: READY=1 once the spool is open and intakes listen,
 STATUS= with a live summary, WATCHDOG=1 from the main loop.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -31,9 +35,11 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError
 from gateway.health import HealthServer
 from gateway.intake.smtp import IntakeHandler, SmtpListener
+from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.rules import RuleSet, load_rules
-from gateway.secrets import resolve_secret
+from gateway.secrets import SecretError, resolve_secret
+from gateway.spool.retention import RetentionPolicy, RetentionTask
 from gateway.spool.sqlite import SqliteSpool
 from gateway.status import StatusBoard
 from gateway.worker import Worker, WorkerSettings
@@ -83,6 +89,60 @@ def _problem(file: str, message: str) -> Any:
     return Problem(file, 0, message)
 
 
+def retention_policy(cfg: Config) -> RetentionPolicy:
+    r = cfg.retention
+    return RetentionPolicy(
+        done_raw_days=r.done_raw_days,
+        suppressed_raw_days=r.suppressed_raw_days,
+        duplicate_raw_days=r.duplicate_raw_days,
+        dead_days=r.dead_days,
+        maps_days=r.maps_days,
+        outbox_days=r.outbox_days,
+        batch=r.batch,
+    )
+
+
+def relay_password(cfg: Config) -> str | None:
+    secret = resolve_secret(
+        cfg.ack.relay_password,
+        cfg.ack.relay_password_file,
+        cfg.ack.relay_password_env,
+        what="ack.relay_password",
+        base_dir=cfg.base_dir,
+        required=False,
+    )
+    return secret.get_secret_value() if secret is not None else None
+
+
+def backend_key(cfg: Config, name: str) -> tuple[Any, ...]:
+    """What a backend was built from: its config and a digest of each secret it reads now.
+
+    A secret given as *_file or *_env is read again, so a rotated credential file counts as a
+    change on SIGHUP. Only digests are kept, never the values.
+    """
+    bcfg = cfg.backends[name]
+    fields = type(bcfg).model_fields
+    digests: list[str] = []
+    for key in sorted(fields):
+        if f"{key}_file" not in fields or f"{key}_env" not in fields:
+            continue
+        try:
+            value = resolve_secret(
+                getattr(bcfg, key),
+                getattr(bcfg, f"{key}_file"),
+                getattr(bcfg, f"{key}_env"),
+                what=f"backends.{name}.{key}",
+                base_dir=cfg.base_dir,
+                required=False,
+            )
+        except SecretError:
+            digests.append(f"{key}:unreadable")
+            continue
+        text = value.get_secret_value() if value is not None else ""
+        digests.append(f"{key}:{hashlib.sha256(text.encode()).hexdigest()}")
+    return (bcfg.model_dump_json(), tuple(digests))
+
+
 def worker_settings(cfg: Config) -> WorkerSettings:
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
@@ -118,6 +178,9 @@ class Daemon:
         self.ack_sender: AckSender | None = None
         self.imaps: list[Any] = []
         self.tasks: list[asyncio.Task[Any]] = []
+        self.retention: RetentionTask | None = None
+        self._backend_keys: dict[str, tuple[Any, ...]] = {}
+        self._retiring: dict[Backend, asyncio.Task[None]] = {}  # replaced on reload, closing
         self.executor: ProcessPoolExecutor | None = None
         self.should_exit = False
         self.force_exit = False
@@ -154,6 +217,7 @@ class Daemon:
             log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
         spool_status.set_ok(str(cfg.spool_path.name))
         for name, bcfg in cfg.backends.items():
+            self._backend_keys[name] = backend_key(cfg, name)
             self.backends[name] = make_backend(name, bcfg, base_dir=cfg.base_dir)
         self.executor = ProcessPoolExecutor(
             max_workers=cfg.gateway.parse_processes,
@@ -174,14 +238,6 @@ class Daemon:
         outbox_status = self.status.register("outbox", "outbox")
         if cfg.ack.enabled:
             host, _, port = cfg.ack.relay.rpartition(":")
-            password = resolve_secret(
-                None if cfg.ack.relay_password is None else _secret(cfg.ack.relay_password),
-                cfg.ack.relay_password_file,
-                cfg.ack.relay_password_env,
-                what="ack.relay_password",
-                base_dir=cfg.base_dir,
-                required=False,
-            )
             self.ack_sender = AckSender(
                 self.spool,
                 host,
@@ -189,7 +245,7 @@ class Daemon:
                 status=outbox_status,
                 relay_tls=cfg.ack.relay_tls,
                 username=cfg.ack.relay_username,
-                password=password.get_secret_value() if password else None,
+                password=relay_password(cfg),
             )
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
@@ -234,6 +290,11 @@ class Daemon:
             self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
         for intake in self.imaps:
             self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
+        if cfg.retention.enabled:
+            self.retention = RetentionTask(
+                self.spool, retention_policy(cfg), interval=cfg.retention.interval
+            )
+            self.tasks.append(asyncio.create_task(self.retention.run(), name="retention"))
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
@@ -265,11 +326,21 @@ class Daemon:
 
     # -- reload ---------------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Re-read config, rules and templates; keep the old ones when anything is invalid."""
+    async def reload(self) -> None:
+        """Re-read config, rules, templates and secrets; keep the old ones when anything is
+        invalid. Backends whose config or secrets changed are rebuilt (see the module docstring).
+        """
         try:
             new_cfg = load_config(self.cfg.path)
             rules, templates = load_rule_set(new_cfg)
+            if set(new_cfg.backends) != set(self.cfg.backends):
+                raise GatewayError(
+                    "backends were added or removed"
+                    f" ({', '.join(sorted(set(new_cfg.backends) ^ set(self.cfg.backends)))}):"
+                    " that needs a restart"
+                )
+            ack_password = relay_password(new_cfg) if self.ack_sender is not None else None
+            rebuilt = self._build_changed_backends(new_cfg)
         except (ConfigError, GatewayError) as exc:
             self.rules_status.set_down(
                 f"reload refused, old rules in force: {exc}".replace("\n", "; ")
@@ -277,6 +348,29 @@ class Daemon:
             log.error("event=reload_refused problems=%r", str(exc))
             return
         assert self.worker is not None
+        for name, (backend, key) in rebuilt.items():
+            old = self.backends[name]
+            self.backends[name] = backend  # the worker's dict: new calls use the new client
+            self._backend_keys[name] = key
+            self.worker.paused.pop(name, None)  # new credentials are tried at once
+            self._retire(old)
+            log.info("event=backend_rebuilt backend=%s", name)
+        if self.ack_sender is not None:
+            host, _, port = new_cfg.ack.relay.rpartition(":")
+            self.ack_sender.host, self.ack_sender.port = host, int(port)
+            self.ack_sender.relay_tls = new_cfg.ack.relay_tls
+            self.ack_sender.username = new_cfg.ack.relay_username
+            self.ack_sender.password = ack_password
+        if self.retention is not None:
+            self.retention.policy = retention_policy(new_cfg)
+            self.retention.interval = new_cfg.retention.interval
+        try:
+            setup_logging(
+                new_cfg.gateway.log_level, new_cfg.gateway.log_format, new_cfg.log_file
+            )  # also reopens the log file after logrotate moved it
+        except OSError as exc:
+            log.error("event=log_reopen_failed error=%r", str(exc))
+        self.cfg = new_cfg
         # One assignment each: a mail is routed by the old set or the new set, never a mix.
         self.worker.rules = rules
         self.worker.templates = templates
@@ -286,6 +380,35 @@ class Daemon:
         self.rules, self.templates = rules, templates
         self.rules_status.set_ok(f"{len(rules.rule_names)} rules (reloaded)")
         log.info("event=reloaded rules=%d", len(rules.rule_names))
+
+    def _build_changed_backends(
+        self, new_cfg: Config
+    ) -> dict[str, tuple[Backend, tuple[Any, ...]]]:
+        """Build a new backend for each one whose config or secrets changed; all or none."""
+        built: dict[str, tuple[Backend, tuple[Any, ...]]] = {}
+        try:
+            for name, bcfg in new_cfg.backends.items():
+                key = backend_key(new_cfg, name)
+                if key != self._backend_keys.get(name):
+                    built[name] = (make_backend(name, bcfg, base_dir=new_cfg.base_dir), key)
+        except GatewayError:
+            for backend, _ in built.values():
+                self._retire(backend, wait=False)
+            raise
+        return built
+
+    def _retire(self, backend: Backend, *, wait: bool = True) -> None:
+        """Close a replaced backend once the messages in flight now (which may use it) are done."""
+        inflight = set(self.worker._inflight) if (wait and self.worker is not None) else set()
+
+        async def close() -> None:
+            if inflight:
+                await asyncio.wait(inflight)
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+            self._retiring.pop(backend, None)
+
+        self._retiring[backend] = asyncio.create_task(close(), name="backend-retire")
 
     # -- main loop --------------------------------------------------------------------------------
 
@@ -301,7 +424,7 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 sd_notify("RELOADING=1")
-                self.reload()
+                await self.reload()
                 sd_notify("READY=1")
             for task in self.tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
@@ -346,12 +469,16 @@ class Daemon:
             await self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
         if self.ack_sender is not None:
             self.ack_sender.stop()
+        if self.retention is not None:
+            self.retention.stop()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for backend in self.backends.values():
             with contextlib.suppress(Exception):
                 await backend.aclose()
+        if self._retiring:  # in-flight work is drained or cancelled by now
+            await asyncio.wait(set(self._retiring.values()), timeout=5)
         if self.health is not None:
             await self.health.stop()
         if self.executor is not None:
@@ -377,12 +504,6 @@ class Daemon:
         finally:
             await self.shutdown()
         return EXIT_FAILED if self.failed else EXIT_OK
-
-
-def _secret(value: str) -> Any:
-    from pydantic import SecretStr
-
-    return SecretStr(value)
 
 
 class _CountingSpool:

@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, route, deliver, queue, simulate (DESIGN, "CLI")."""
+"""The `gateway` command: run, check, route, deliver, queue, spool, erase, simulate (DESIGN, "CLI")."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _print_problems(exc: ConfigError) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.app import EXIT_CONFIG, Daemon
+    from gateway.app import EXIT_CONFIG, EXIT_STARTUP, Daemon
 
     try:
         cfg = _load(args)
@@ -40,7 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format)
+    try:
+        setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
+    except OSError as exc:
+        print(f"gateway: cannot open the log file {cfg.log_file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_STARTUP
     sock = _activation_socket()
     try:
         return asyncio.run(Daemon(cfg, smtp_sock=sock).serve())
@@ -91,6 +95,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             await backend.aclose()
 
     asyncio.run(build())
+    from gateway.app import relay_password
+    from gateway.secrets import resolve_secret
+
+    try:
+        relay_password(cfg)
+    except GatewayError as exc:
+        problems.append(f"{cfg.path}:0: {exc}")
+    for icfg in cfg.imap:
+        if icfg.auth == "password":
+            try:
+                resolve_secret(
+                    icfg.password,
+                    icfg.password_file,
+                    icfg.password_env,
+                    what=f"imap {icfg.name} password",
+                    base_dir=cfg.base_dir,
+                )
+            except GatewayError as exc:
+                problems.append(f"{cfg.path}:0: {exc}")
     _warn_permissions(cfg)
     if problems:
         for p in problems:
@@ -103,22 +126,89 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inline_secrets(cfg: Config) -> list[str]:
+    """Dotted names of the secrets written into the config file itself (never their values)."""
+    from pydantic import BaseModel, SecretStr
+
+    found: list[str] = []
+
+    def walk(model: BaseModel, where: str) -> None:
+        for key in type(model).model_fields:
+            value = getattr(model, key)
+            name = f"{where}.{key}" if where else key
+            if isinstance(value, SecretStr):
+                found.append(name)
+            elif isinstance(value, BaseModel):
+                walk(value, name)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, BaseModel):
+                        walk(item, f"{name}[{i}]")
+
+    walk(cfg, "")
+    for bname, bcfg in cfg.backends.items():
+        walk(bcfg, f"backends.{bname}")
+    return found
+
+
+def _secret_files(cfg: Config) -> list[tuple[str, Path]]:
+    """(dotted key, path) of every secret read from a file."""
+    import os
+
+    from pydantic import BaseModel
+
+    out: list[tuple[str, Path]] = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+
+    def walk(model: BaseModel, where: str) -> None:
+        fields = type(model).model_fields
+        for key in fields:
+            base = key.removesuffix("_file")
+            value = getattr(model, key)
+            if key.endswith("_file") and f"{base}_env" in fields and isinstance(value, str):
+                path = Path(value)
+                if not path.is_absolute():
+                    if creds and "/" not in value and (Path(creds) / value).exists():
+                        path = Path(creds) / value
+                    else:
+                        path = cfg.base_dir / path
+                out.append((f"{where}.{key}" if where else key, path))
+            elif isinstance(value, BaseModel):
+                walk(value, f"{where}.{key}" if where else key)
+
+    walk(cfg.ack, "ack")
+    for i, icfg in enumerate(cfg.imap):
+        walk(icfg, f"imap[{i}]")
+    for bname, bcfg in cfg.backends.items():
+        walk(bcfg, f"backends.{bname}")
+    return out
+
+
 def _warn_permissions(cfg: Config) -> None:
+    """Warn (never fail) about secrets that other users of the machine can read."""
     try:
         mode = cfg.path.stat().st_mode
     except OSError:
         return
-    text = cfg.path.read_text(encoding="utf-8", errors="replace")
-    inline = any(
-        line.strip().startswith(("password =", "secret =", "token =", "password=", "secret="))
-        for line in text.splitlines()
-    )
+    inline = _inline_secrets(cfg)
     if inline and mode & 0o004:
         print(
-            f"{cfg.path}:0: warning: the file is world-readable and holds inline secrets;"
-            " chmod 640 it or move the secrets to *_file / *_env / systemd credentials",
+            f"{cfg.path}:0: warning: the file is world-readable and holds inline secrets"
+            f" ({', '.join(inline)}); chmod 640 it or move the secrets to *_file / *_env /"
+            " systemd credentials",
             file=sys.stderr,
         )
+    for key, path in _secret_files(cfg):
+        try:
+            fmode = path.stat().st_mode
+        except OSError:
+            continue  # unreadable sources are reported as problems
+        if fmode & 0o004:
+            print(
+                f"{cfg.path}:0: warning: {key}: the secret file {path} is world-readable;"
+                " chmod 600 it",
+                file=sys.stderr,
+            )
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -314,15 +404,107 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"dropped {n}")
             return 0 if n else 1
         if args.qcmd == "stats":
-            counts = spool.counts_sync()
+            from gateway.spool.retention import stats
+
+            out: dict[str, Any] = dict(spool.counts_sync())  # per state, flat (scripts use it)
             oldest = spool.oldest_pending_sync()
-            counts["oldest_waiting_age_s"] = int(time.time() - oldest) if oldest else 0
-            counts["spool_bytes"] = cfg.spool_path.stat().st_size if cfg.spool_path.exists() else 0
-            print(json.dumps(counts, indent=2))
+            out["oldest_waiting_age_s"] = int(time.time() - oldest) if oldest else 0
+            out["spool_bytes"] = cfg.spool_path.stat().st_size if cfg.spool_path.exists() else 0
+            out.update(spool.read_sync(lambda conn: stats(conn, time.time(), cfg.spool_path)))
+            print(json.dumps(out, indent=2))
             return 0
     finally:
         spool.close_sync()
     return 2
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    """`gateway spool backup DEST`: a consistent copy while the daemon runs."""
+    import sqlite3
+
+    from gateway.spool.migrations import online_backup
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    src_path = cfg.spool_path
+    if not src_path.exists():
+        print(f"gateway: no spool at {src_path}", file=sys.stderr)
+        return 1
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{src_path.stem}-{time.strftime('%Y%m%dT%H%M%S')}.sqlite"
+    # A connection of its own that only reads: no migration, no writes to the live spool. The
+    # daemon keeps writing meanwhile (WAL); the copy is the spool as of one commit.
+    try:
+        src = sqlite3.connect(src_path, timeout=30.0, isolation_level=None)
+        try:
+            src.execute("PRAGMA busy_timeout = 30000")
+            size = online_backup(src, dest, mode_of=src_path)
+        finally:
+            src.close()
+    except (OSError, sqlite3.Error) as exc:
+        print(f"gateway: backup of {src_path} to {dest} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {src_path} to {dest} ({size} bytes, checked)")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    """`gateway erase --address ADDR [--dry-run]`: every stored mail and map entry of ADDR."""
+    from gateway.spool.migrations import backup_path
+    from gateway.spool.retention import compact, erase_job, find_erasure
+    from gateway.spool.sqlite import SqliteSpool
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return 1
+    address = args.address.strip().lower()
+    if "@" not in address:
+        print(f"gateway: {args.address!r} is not an e-mail address", file=sys.stderr)
+        return 1
+    if not cfg.spool_path.exists():
+        print(f"gateway: no spool at {cfg.spool_path}", file=sys.stderr)
+        return 1
+    spool = SqliteSpool(cfg.spool_path)
+    try:
+        found = spool.read_sync(lambda conn: find_erasure(conn, address))
+        er = found if args.dry_run else spool.write_sync(erase_job(address, found))
+    finally:
+        spool.close_sync()
+    head = "would remove (dry run, nothing changed)" if args.dry_run else "removed"
+    print(f"erase {address}: {head}")
+    print(f"  messages {er.messages:>6}  ({er.raw_bytes} bytes of mail)")
+    print(f"  tickets  {er.tickets:>6}  (ticket map entries with this requester)")
+    print(f"  threads  {er.threads:>6}  (Message-ID map entries)")
+    print(f"  outbox   {er.outbox:>6}  (acknowledgements)")
+    rc = 0
+    if er.busy:
+        print(
+            f"  skipped  {len(er.busy):>6}  message(s) being processed right now"
+            f" ({', '.join(map(str, er.busy))}): run the command again in a minute",
+            file=sys.stderr,
+        )
+        rc = 1
+    if not args.dry_run:
+        if compact(cfg.spool_path):
+            print("  compacted the spool file (VACUUM) and truncated its WAL")
+        else:
+            print(
+                "  warning: the WAL could not be truncated (the daemon held a read); its old"
+                " pages are overwritten at the next checkpoint: run the command again",
+                file=sys.stderr,
+            )
+            rc = 1
+    backups = sorted(p for v in range(1, 100) if (p := backup_path(cfg.spool_path, v)).exists())
+    for p in backups:
+        print(f"  note: {p} (a copy taken before a schema upgrade) is not changed", file=sys.stderr)
+    print("  note: tickets already in the ticket systems are outside the gateway: erase them there")
+    return rc
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -382,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     for q in qs.choices.values():
         q.add_argument("-c", "--config", default=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_queue)
+    sp = with_config(sub.add_parser("spool", help="spool maintenance: backup"))
+    ss = sp.add_subparsers(dest="scmd", required=True)
+    q = ss.add_parser("backup", help="consistent copy of the spool while the daemon runs")
+    q.add_argument("dest", help="file to write (replaced atomically), or a directory")
+    for q in ss.choices.values():
+        q.add_argument("-c", "--config", default=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_spool)
+    sp = with_config(
+        sub.add_parser("erase", help="remove every stored mail and map entry of one address")
+    )
+    sp.add_argument("--address", required=True)
+    sp.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
+    sp.set_defaults(func=cmd_erase)
     sp = sub.add_parser("simulate", help="run the ticket-system simulators and the SMTP sink")
     sp.add_argument("--listen", default="127.0.0.1:8900")
     sp.add_argument("--smtp", default="127.0.0.1:2526")

@@ -2,12 +2,17 @@
 
 Under systemd (JOURNAL_STREAM set) lines carry a `<N>` syslog priority prefix so journald keeps
 the level; elsewhere a timestamp leads. Messages are already `event=... key=value` strings.
+
+With `[gateway] log_file` the lines go to that file instead (always with timestamps). The file is
+reopened when it was moved or deleted (checked before each line, `WatchedFileHandler`) and on
+SIGHUP (`reopen_logs`), so logrotate can simply rename it: no `copytruncate` (which loses lines).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -72,13 +77,39 @@ def _split_kv(msg: str) -> list[str]:
     return out
 
 
-def setup_logging(level: str = "info", fmt: str = "kv") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
+class ReopeningFileHandler(logging.handlers.WatchedFileHandler):
+    """A log file that follows logrotate's rename, and reopens on demand (SIGHUP)."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.flush()
+                self.stream.close()
+            self.stream = self._open()  # the file at the path now (created if it was removed)
+            self._statstream()
+        finally:
+            self.release()
+
+
+def setup_logging(
+    level: str = "info", fmt: str = "kv", log_file: os.PathLike[str] | None = None
+) -> None:
+    """Send the root logger to stderr, or to `log_file`; raises OSError when it cannot be opened
+    (the old handlers then stay in place)."""
+    handler: logging.Handler
+    if log_file is not None:
+        handler = ReopeningFileHandler(os.fspath(log_file), encoding="utf-8")
+        journald = False
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        journald = bool(os.environ.get("JOURNAL_STREAM"))
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter(journald))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        if isinstance(h, logging.FileHandler):
+            h.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in (
@@ -92,3 +123,10 @@ def setup_logging(level: str = "info", fmt: str = "kv") -> None:
         "mailparser",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def reopen_logs() -> None:
+    """Reopen the log file (SIGHUP): after logrotate moved it, lines go to the new file."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, ReopeningFileHandler):
+            h.reopen()
