@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -32,7 +33,7 @@ from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
 from gateway.backends.registry import make_backend
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, Problem
 from gateway.health import HealthServer
 from gateway.intake.smtp import IntakeHandler, SmtpListener
 from gateway.logs import setup_logging
@@ -43,6 +44,7 @@ from gateway.spool.retention import RetentionPolicy, RetentionTask
 from gateway.spool.sqlite import SqliteSpool
 from gateway.status import StatusBoard
 from gateway.worker import Worker, WorkerSettings
+from gateway.workerproc import EventMetrics, WorkerSupervisor, lower_priority, read_wakeups
 
 log = logging.getLogger("gateway.app")
 
@@ -72,7 +74,7 @@ def load_rule_set(cfg: Config) -> tuple[RuleSet, dict[str, Template]]:
     try:
         templates = load_templates(cfg.templates_dir)
     except ValueError as exc:
-        raise ConfigError([_problem(str(cfg.templates_dir), str(exc))]) from exc
+        raise ConfigError([Problem(str(cfg.templates_dir), 0, str(exc))]) from exc
     rules = load_rules(
         cfg.rules_dir,
         {name: b.type for name, b in cfg.backends.items()},
@@ -81,12 +83,6 @@ def load_rule_set(cfg: Config) -> tuple[RuleSet, dict[str, Template]]:
         intakes={"smtp", "pipe", *(i.name for i in cfg.imap)},
     )
     return rules, templates
-
-
-def _problem(file: str, message: str) -> Any:
-    from gateway.errors import Problem
-
-    return Problem(file, 0, message)
 
 
 def retention_policy(cfg: Config) -> RetentionPolicy:
@@ -164,10 +160,24 @@ def worker_settings(cfg: Config) -> WorkerSettings:
     )
 
 
+Role = str  # "all": one process; "intake": SMTP/IMAP/health + supervisor; "worker": the child
+
+
 class Daemon:
-    def __init__(self, cfg: Config, *, smtp_sock: socket.socket | None = None) -> None:
+    """The daemon in one of three roles (see `gateway.workerproc`): `all` runs everything in one
+    process; `intake` (the default `gateway run`) accepts and stores mail, serves /healthz and
+    /metrics and supervises the worker process; `worker` (`gateway _worker`) runs the pipeline
+    and the acknowledgement sender and reports to its parent over stdout.
+    """
+
+    def __init__(
+        self, cfg: Config, *, smtp_sock: socket.socket | None = None, role: Role = "all"
+    ) -> None:
         self.cfg = cfg
+        self.role = role
         self.smtp_sock = smtp_sock
+        self.supervisor: WorkerSupervisor | None = None
+        self.events: EventMetrics | None = None
         self.status = StatusBoard()
         self.metrics = Metrics()
         self.spool: SqliteSpool | None = None
@@ -212,17 +222,34 @@ class Daemon:
         self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
         spool_status = self.status.register("spool", "spool")
         self.spool = SqliteSpool(cfg.spool_path)
-        requeued, uncertain = self.spool.recover_sync()
-        if requeued:
-            log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
+        if self.role != "worker":  # the intake process owns recovery; the worker starts after it
+            requeued, uncertain = self.spool.recover_sync()
+            if requeued:
+                log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
         spool_status.set_ok(str(cfg.spool_path.name))
+        if self.role != "intake":
+            self._start_pipeline()
+        if self.role == "worker":
+            await self._start_worker_role()
+            return
+        await self._start_intakes()
+
+    def _start_pipeline(self) -> None:
+        """Backends, the worker and the acknowledgement sender (roles `all` and `worker`)."""
+        cfg = self.cfg
+        assert self.spool is not None
+        metrics: Any = self.metrics
+        if self.role == "worker":
+            self.events = EventMetrics(sys.stdout)
+            metrics = self.events
         for name, bcfg in cfg.backends.items():
             self._backend_keys[name] = backend_key(cfg, name)
             self.backends[name] = make_backend(name, bcfg, base_dir=cfg.base_dir)
-        self.executor = ProcessPoolExecutor(
-            max_workers=cfg.gateway.parse_processes,
-            mp_context=multiprocessing.get_context("forkserver"),
-        )
+        if cfg.gateway.parse_processes > 0:
+            self.executor = ProcessPoolExecutor(
+                max_workers=cfg.gateway.parse_processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+            )
         self.worker = Worker(
             self.spool,
             self.backends,
@@ -232,7 +259,7 @@ class Daemon:
             tokens={name: b.subject_token for name, b in cfg.backends.items()},
             executor=self.executor,
             status=self.status,
-            metrics=self.metrics,
+            metrics=metrics,
             on_ack=self._wake_acks,
         )
         outbox_status = self.status.register("outbox", "outbox")
@@ -247,6 +274,41 @@ class Daemon:
                 username=cfg.ack.relay_username,
                 password=relay_password(cfg),
             )
+        self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        if self.ack_sender is not None:
+            self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
+
+    async def _start_worker_role(self) -> None:
+        """The child: lower priority, wake-ups from stdin, status lines to stdout."""
+        lower_priority(self.cfg.gateway.worker_nice)
+        assert self.worker is not None
+        worker = self.worker
+
+        def parent_gone() -> None:
+            log.warning("event=parent_gone")
+            self.should_exit = True
+            self._wakeup.set()
+
+        self.tasks.append(
+            asyncio.create_task(read_wakeups(worker.notify, parent_gone), name="wakeups")
+        )
+        self.tasks.append(asyncio.create_task(self._report_status(), name="status-report"))
+
+    async def _report_status(self) -> None:
+        assert self.events is not None
+        while True:
+            self.events.status(self.status, skip=("rules", "spool"))
+            await asyncio.sleep(1.0)
+
+    async def _start_intakes(self) -> None:
+        """SMTP, IMAP, /healthz, retention, and the worker process (roles `all` and `intake`)."""
+        cfg = self.cfg
+        assert self.spool is not None
+        if self.role == "intake":
+            self.supervisor = WorkerSupervisor(
+                cfg.path, self.status, self.metrics, recover=self.spool.recover_sync
+            )
+            await self.supervisor.start()
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
             handler = IntakeHandler(
@@ -285,9 +347,6 @@ class Daemon:
         )
         self.metrics.on_scrape(self._refresh_gauges)
         await self.health.start()
-        self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
-        if self.ack_sender is not None:
-            self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
         for intake in self.imaps:
             self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
         if cfg.retention.enabled:
@@ -298,8 +357,13 @@ class Daemon:
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
+        self.wake_worker(msg_id)
+
+    def wake_worker(self, msg_id: int) -> None:
         if self.worker is not None:
             self.worker.notify(msg_id)
+        elif self.supervisor is not None:
+            self.supervisor.wake()
 
     def _wake_acks(self) -> None:
         if self.ack_sender is not None:
@@ -340,15 +404,17 @@ class Daemon:
                     " that needs a restart"
                 )
             ack_password = relay_password(new_cfg) if self.ack_sender is not None else None
-            rebuilt = self._build_changed_backends(new_cfg)
+            rebuilt = self._build_changed_backends(new_cfg) if self.role != "intake" else {}
         except (ConfigError, GatewayError) as exc:
             self.rules_status.set_down(
                 f"reload refused, old rules in force: {exc}".replace("\n", "; ")
             )
             log.error("event=reload_refused problems=%r", str(exc))
             return
-        assert self.worker is not None
+        if self.supervisor is not None:
+            self.supervisor.reload()  # the worker re-reads the same, now validated, files
         for name, (backend, key) in rebuilt.items():
+            assert self.worker is not None
             old = self.backends[name]
             self.backends[name] = backend  # the worker's dict: new calls use the new client
             self._backend_keys[name] = key
@@ -371,10 +437,11 @@ class Daemon:
         except OSError as exc:
             log.error("event=log_reopen_failed error=%r", str(exc))
         self.cfg = new_cfg
-        # One assignment each: a mail is routed by the old set or the new set, never a mix.
-        self.worker.rules = rules
-        self.worker.templates = templates
-        self.worker.s = worker_settings(new_cfg)
+        if self.worker is not None:
+            # One assignment each: a mail is routed by the old set or the new set, never a mix.
+            self.worker.rules = rules
+            self.worker.templates = templates
+            self.worker.s = worker_settings(new_cfg)
         if self.smtp is not None:
             self.smtp.handler.recipients = {r.lower() for r in new_cfg.smtp.recipients}
         self.rules, self.templates = rules, templates
@@ -450,6 +517,14 @@ class Daemon:
         for intake in self.imaps:
             await intake.stop()
         cut = 0
+        if self.supervisor is not None:
+            stopping = asyncio.ensure_future(self.supervisor.stop(grace, force=self.force_exit))
+            forced = asyncio.ensure_future(self._forced.wait())
+            await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():  # a second signal: the worker cuts its drain short too
+                self.supervisor.forward_signal(signal.SIGTERM)
+                await stopping
+            forced.cancel()
         if self.worker is not None:
             # The grace is fixed when the drain starts, so a second signal during it must
             # interrupt the wait: then what is still in flight is cut now (it stays queued).
@@ -517,8 +592,7 @@ class _CountingSpool:
         result = await self._spool.put(raw, envelope, source_key=source_key)
         if not result.duplicate:
             self._daemon.metrics.received.labels(intake=envelope.intake).inc()
-            if self._daemon.worker is not None:
-                self._daemon.worker.notify(result.id)
+            self._daemon.wake_worker(result.id)
         return result
 
     async def has_source_key(self, source_key: str) -> bool:

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.config import Config, config_path, load_config
 from gateway.errors import ConfigError, GatewayError, ParseError
+from gateway.limits import raise_open_files
 from gateway.logs import setup_logging
 
 
@@ -46,11 +47,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"gateway: cannot open the log file {cfg.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_STARTUP
     sock = _activation_socket()
+    raise_open_files()
+    role = "intake" if cfg.gateway.worker_process else "all"
     try:
-        return asyncio.run(Daemon(cfg, smtp_sock=sock).serve())
+        return asyncio.run(Daemon(cfg, smtp_sock=sock, role=role).serve())
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The worker process that `gateway run` starts (see gateway.workerproc); not for users."""
+    from gateway.app import EXIT_CONFIG, Daemon
+
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_CONFIG
+    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
+    return asyncio.run(Daemon(cfg, role="worker").serve())
 
 
 def _activation_socket() -> Any:
@@ -532,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("run", help="run the daemon"))
     sp.set_defaults(func=cmd_run)
+    sp = with_config(sub.add_parser("_worker", help=argparse.SUPPRESS))
+    sp.set_defaults(func=cmd_worker)
     sp = with_config(sub.add_parser("check", help="validate config and rules"))
     sp.set_defaults(func=cmd_check)
     sp = with_config(sub.add_parser("route", help="dry run: classify and route one message"))

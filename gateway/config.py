@@ -39,7 +39,11 @@ class GatewaySection(_Model):
     own_addresses: list[str] = []  # more addresses whose mail is a loop (besides recipients etc.)
     hostname: str = "ticket-gateway.localdomain"  # right side of our Message-IDs; SMTP banner
     workers: int = Field(8, ge=1, le=512)  # messages processed concurrently
-    parse_processes: int = Field(1, ge=1, le=16)  # processes parsing mail off the event loop
+    # The worker (parse, route, backends, acknowledgements) runs in a child process of its own at
+    # a lower CPU priority, so that accepting mail never waits behind ticket creation.
+    worker_process: bool = True
+    worker_nice: int = Field(5, ge=0, le=19)  # niceness of the worker process above the intake
+    parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
     followup_sender: Literal["any", "address", "domain"] = "any"  # who may follow up a ticket

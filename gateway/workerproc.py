@@ -1,0 +1,241 @@
+"""The worker runs in a process of its own, supervised by the intake process.
+
+Why: on a small machine, parsing and the SOAP/HTTP work of the backends (zeep, httpx) cost far more
+CPU than accepting mail. In one process they share one event loop and one GIL with the SMTP
+intake, and every SMTP step waits behind them. Split, the operating system schedules the two, and
+the worker runs `worker_nice` steps below the intake, so that accepting (and durably storing)
+mail comes first and ticket creation catches up right after a burst.
+
+The channel between the two is the child's standard streams:
+- parent -> child stdin: one byte per wake-up ("mail stored"); EOF means the parent is gone and
+  the worker stops.
+- child -> parent stdout: JSON lines, `{"t": "status", ...}` (component states for /healthz) and
+  `{"t": "outcome" | "latency", ...}` (metrics). Logs go to the shared stderr.
+Signals: SIGHUP reloads (the child re-reads config, rules, templates, secrets), SIGTERM drains.
+The spool (SQLite in WAL mode) is shared; both processes open it, each with its own writer.
+If the worker dies, the supervisor requeues what it held and starts it again with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.metrics import Metrics
+from gateway.status import StatusBoard
+
+log = logging.getLogger("gateway.workerproc")
+
+WAKE = b"w"
+
+
+class EventMetrics:
+    """The worker's side of `Metrics`: each observation becomes a JSON line for the parent."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self.out.flush()
+        except (OSError, ValueError):  # parent gone: nothing left to tell
+            pass
+
+    def outcome(self, name: str, intake: str, rule: str, backend: str) -> None:
+        self._emit(
+            {"t": "outcome", "name": name, "intake": intake, "rule": rule, "backend": backend}
+        )
+
+    def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
+        self._emit({"t": "latency", "backend": backend, "seconds": seconds, "ok": ok})
+
+    def status(self, board: StatusBoard, skip: tuple[str, ...] = ()) -> None:
+        for comp in board.components.values():
+            if comp.name in skip:
+                continue
+            self._emit(
+                {
+                    "t": "status",
+                    "name": comp.name,
+                    "kind": comp.kind,
+                    "ok": comp.ok,
+                    "detail": comp.detail,
+                    "since": comp.since,
+                    "extra": comp.extra,
+                }
+            )
+
+
+def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) -> None:
+    """Parent side: fold one event line of the worker into /healthz and /metrics."""
+    kind = event.get("t")
+    if kind == "outcome":
+        metrics.outcome(
+            str(event.get("name", "")),
+            str(event.get("intake", "")),
+            str(event.get("rule", "")),
+            str(event.get("backend", "")),
+        )
+    elif kind == "latency":
+        metrics.backend_latency(
+            str(event.get("backend", "")), float(event.get("seconds", 0.0)), bool(event.get("ok"))
+        )
+    elif kind == "status":
+        comp = status.register(str(event["name"]), str(event.get("kind", "worker")))
+        comp.ok = bool(event.get("ok"))
+        comp.detail = str(event.get("detail", ""))
+        comp.since = float(event.get("since", time.time()))
+        comp.extra = dict(event.get("extra") or {})
+
+
+class WorkerSupervisor:
+    """Starts the worker process, wakes it, reads its events, restarts it when it dies."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        status: StatusBoard,
+        metrics: Metrics,
+        *,
+        recover: Any,
+        python: str = sys.executable,
+    ) -> None:
+        self.config_path = config_path
+        self.status = status
+        self.metrics = metrics
+        self.recover = recover  # callable: requeue what a dead worker held
+        self.python = python
+        self.proc: asyncio.subprocess.Process | None = None
+        self.component = status.register("worker", "worker")
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._reported = asyncio.Event()
+        self.restarts = 0
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the worker; return once it has reported its components (or after `timeout`)."""
+        self._task = asyncio.create_task(self._supervise(), name="worker-supervisor")
+        try:
+            await asyncio.wait_for(self._reported.wait(), timeout)
+        except TimeoutError:
+            log.warning("event=worker_slow_start timeout=%.0f", timeout)
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "gateway",
+            "_worker",
+            "-c",
+            str(self.config_path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # the worker logs to the same stream as the intake
+            limit=1 << 20,
+            # its own session: a Ctrl-C in a terminal reaches only the intake, which then
+            # drains the worker with SIGTERM; if the intake dies, stdin EOF stops the worker
+            start_new_session=True,
+        )
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            started = time.monotonic()
+            self.proc = await self._spawn()
+            self.component.set_ok(f"pid {self.proc.pid}")
+            self.wake()  # whatever was queued before it started
+            await self._read_events(self.proc)
+            rc = await self.proc.wait()
+            if self._stopping:
+                break
+            self.restarts += 1
+            self.component.set_down(f"worker exited with {rc}; restarting")
+            log.error("event=worker_died rc=%s restarts=%d", rc, self.restarts)
+            with contextlib.suppress(Exception):
+                self.recover()
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _read_events(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                return
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                apply_event(event, self.status, self.metrics)
+                if event.get("t") == "status":
+                    self._reported.set()
+
+    def wake(self) -> None:
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        transport = proc.stdin.transport
+        # one byte per stored mail is plenty; never let the pipe's buffer grow without bound
+        if transport.get_write_buffer_size() < 64:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                proc.stdin.write(WAKE)
+
+    def reload(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
+
+    async def stop(self, grace: float, *, force: bool = False) -> None:
+        self._stopping = True
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            if force:
+                proc.send_signal(signal.SIGTERM)  # a second one: the worker stops at once
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=grace + 10)
+            except TimeoutError:
+                log.error("event=worker_kill reason=drain_timeout")
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def forward_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+
+async def read_wakeups(notify: Any, on_eof: Any) -> None:
+    """Child side: call `notify()` per wake-up byte on stdin; `on_eof()` when the parent is gone."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        data = await reader.read(4096)
+        if not data:
+            on_eof()
+            return
+        notify()
+
+
+def lower_priority(steps: int) -> None:
+    if steps > 0:
+        with contextlib.suppress(OSError):
+            os.nice(steps)
