@@ -221,7 +221,9 @@ class Daemon:
         self.rules_status = self.status.register("rules", "rules")
         self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
         spool_status = self.status.register("spool", "spool")
-        self.spool = SqliteSpool(cfg.spool_path)
+        self.spool = SqliteSpool(
+            cfg.spool_path, synchronous="NORMAL" if self.role == "worker" else "FULL"
+        )
         if self.role != "worker":  # the intake process owns recovery; the worker starts after it
             requeued, uncertain = self.spool.recover_sync()
             if requeued:

@@ -119,6 +119,7 @@ class WorkerSupervisor:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._reported = asyncio.Event()
+        self._wake_scheduled = False
         self.restarts = 0
 
     async def start(self, timeout: float = 60.0) -> None:
@@ -186,6 +187,14 @@ class WorkerSupervisor:
                     self._reported.set()
 
     def wake(self) -> None:
+        """Wake the worker; wake-ups within one turn of the event loop share one byte."""
+        if self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        asyncio.get_running_loop().call_soon(self._write_wake)
+
+    def _write_wake(self) -> None:
+        self._wake_scheduled = False
         proc = self.proc
         if proc is None or proc.stdin is None or proc.returncode is not None:
             return

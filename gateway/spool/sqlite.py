@@ -96,13 +96,25 @@ class SqliteSpool:
         *,
         clock: Callable[[], float] = time.time,
         max_batch: int = 512,
+        synchronous: str = "FULL",
     ) -> None:
+        """`synchronous`: FULL (default) fsyncs every commit: what intake needs before it says
+        yes. The worker process opens the spool with NORMAL: its commits (progress, outcomes)
+        survive a crash of any process (the WAL is in the kernel's cache at commit) and reach
+        the disk with the next FULL commit or checkpoint; only a power loss in between can lose
+        them, and then a mail is processed again (a possible duplicate, never a loss: its raw
+        bytes were committed FULL by the intake). It keeps the shared write lock short."""
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.synchronous = synchronous
         self.path = Path(path)
         self.clock = clock
         self.max_batch = max_batch
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._closed = False
+        self._put_queue: list[tuple[Any, asyncio.Future[PutResult]]] = []
+        self._put_inflight = False
         self.commits = 0  # for the benchmarks: how many fsyncs served how many puts
         self.puts = 0
         try:
@@ -129,7 +141,7 @@ class SqliteSpool:
         )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
         return conn
@@ -248,40 +260,105 @@ class SqliteSpool:
     async def put(
         self, raw: bytes, envelope: Envelope, *, source_key: str | None = None
     ) -> PutResult:
+        """See `Spool.put`. Puts that arrive while a batch is being committed wait and go
+        together in the next one: one thread hand-off and one fsync per batch, not per mail."""
+        if self._closed:
+            raise SpoolError("spool is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[PutResult] = loop.create_future()
+        self._put_queue.append((self._insert(raw, envelope, source_key), fut))
+        if not self._put_inflight:
+            self._flush_puts(loop)
+        result = await fut
+        self.puts += 1
+        return result
+
+    def _insert(
+        self, raw: bytes, envelope: Envelope, source_key: str | None
+    ) -> Callable[[sqlite3.Connection], PutResult]:
         now = self.clock()
         received = envelope.received_at or now
+        row = (
+            State.QUEUED.value,
+            envelope.intake,
+            envelope.mail_from,
+            json.dumps(list(envelope.rcpt_tos)),
+            envelope.peer,
+            received,
+            len(raw),
+            raw,
+            source_key,
+            0.0,
+            now,
+        )
 
         def job(conn: sqlite3.Connection) -> PutResult:
             if source_key is not None:
-                row = conn.execute(
+                found = conn.execute(
                     "SELECT id FROM messages WHERE source_key = ?", (source_key,)
                 ).fetchone()
-                if row is not None:
-                    return PutResult(id=row[0], duplicate=True)
+                if found is not None:
+                    return PutResult(id=found[0], duplicate=True)
             cur = conn.execute(
                 "INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at,"
                 " size, raw, source_key, next_attempt_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    State.QUEUED.value,
-                    envelope.intake,
-                    envelope.mail_from,
-                    json.dumps(list(envelope.rcpt_tos)),
-                    envelope.peer,
-                    received,
-                    len(raw),
-                    raw,
-                    source_key,
-                    0.0,
-                    now,
-                ),
+                row,
             )
             assert cur.lastrowid is not None
             return PutResult(id=cur.lastrowid)
 
-        result = await self._write(job)
-        self.puts += 1
-        return result
+        return job
+
+    def _flush_puts(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._put_queue = self._put_queue, []
+        if not batch or self._closed:
+            self._put_inflight = False
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(SpoolError("spool is closed"))
+            return
+        self._put_inflight = True
+
+        def job(conn: sqlite3.Connection) -> list[tuple[bool, Any]]:
+            out: list[tuple[bool, Any]] = []
+            for insert, _ in batch:
+                conn.execute("SAVEPOINT put")
+                try:
+                    out.append((True, insert(conn)))
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO put")
+                    out.append((False, SpoolError(f"spool write failed: {exc}")))
+                conn.execute("RELEASE put")
+            return out
+
+        handle = _Job(job)
+        handle.future.add_done_callback(
+            lambda cf: loop.call_soon_threadsafe(self._puts_done, loop, batch, cf)
+        )
+        self._jobs.put(handle)
+
+    def _puts_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Any, asyncio.Future[PutResult]]],
+        cf: Future[Any],
+    ) -> None:
+        exc = cf.exception()
+        if exc is not None:
+            err = exc if isinstance(exc, SpoolError) else SpoolError(f"spool write failed: {exc}")
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+        else:
+            for (ok, value), (_, fut) in zip(cf.result(), batch, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        self._flush_puts(loop)  # what arrived meanwhile is the next batch
 
     async def has_source_key(self, source_key: str) -> bool:
         def q(conn: sqlite3.Connection) -> bool:
