@@ -484,17 +484,18 @@ class Daemon:
     async def main_loop(self) -> None:
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         interval = max(0.5, watchdog_usec / 2e6) if watchdog_usec else 5.0
-        sd_notify("READY=1\nSTATUS=started")
-        log.info("event=ready")
+        notify = sd_notify if self.role != "worker" else (lambda _msg: None)  # only the main
+        notify("READY=1\nSTATUS=started")
+        log.info("event=%s", "worker_ready" if self.role == "worker" else "ready")
         while not self.should_exit:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=interval)
             if self.reload_requested:
                 self.reload_requested = False
-                sd_notify("RELOADING=1")
+                notify("RELOADING=1")
                 await self.reload()
-                sd_notify("READY=1")
+                notify("READY=1")
             for task in self.tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error(
@@ -503,15 +504,16 @@ class Daemon:
                     self.should_exit = True
                     self.failed = True
             if watchdog_usec:
-                sd_notify("WATCHDOG=1")
+                notify("WATCHDOG=1")
             with contextlib.suppress(Exception):
                 q = self.queue_info()
-                sd_notify(
+                notify(
                     f"STATUS=waiting={q['waiting']} dead={q['dead']} outbox={q['outbox_pending']}"
                 )
 
     async def shutdown(self) -> None:
-        sd_notify("STOPPING=1")
+        if self.role != "worker":
+            sd_notify("STOPPING=1")
         log.info("event=stopping")
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
         if self.smtp is not None:

@@ -90,7 +90,7 @@ class RulesSection(_Model):
 
 
 class RetrySection(_Model):
-    base: float = Field(30.0, gt=0)  # first retry delay, seconds; doubles each attempt
+    base: float = Field(10.0, gt=0)  # first retry delay, seconds; doubles each attempt
     max_delay: float = Field(3600.0, gt=0)  # cap of one delay
     deadline: float = Field(5 * 24 * 3600.0, gt=0)  # give up (dead-letter) after this long
     paused_check: float = Field(60.0, gt=0)  # how often a paused backend is tried again

@@ -113,6 +113,7 @@ class Worker:
         self.on_ack = on_ack
         self.wake = asyncio.Event()
         self.paused: dict[str, float] = {}  # backend -> monotonic time to try again
+        self._failing: dict[str, bool] = {}  # backends with deferred mails after errors
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._sem = asyncio.Semaphore(settings.concurrency)
@@ -419,6 +420,7 @@ class Worker:
                     ref = await backend.open_ticket(decision, mail, progress)
         except TransientError as exc:
             self._observe(backend.name, started, ok=False)
+            self._failing[backend.name] = True
             await self._transient(row, backend.name, str(exc), exc.retry_after, decision)
             return
         except PermanentError as exc:
@@ -450,6 +452,10 @@ class Worker:
             return
         self._observe(backend.name, started, ok=True)
         self._resume(backend.name)
+        if self._failing.pop(backend.name, False):
+            # it answers again: what waits for it need not sit out its backoff
+            released = await self.spool.release_deferred(backend.name)
+            log.info("event=backend_recovered backend=%s released=%d", backend.name, released)
         ack = await self._ack(mail, row, decision, ref, action)
         reasons = [*decision.reasons, *notes]
         await self._finish(
@@ -513,6 +519,7 @@ class Worker:
 
     def _pause(self, backend: str, reason: str) -> None:
         self.paused[backend] = time.monotonic() + self.s.paused_check
+        self._failing[backend] = True
         self._backend_status[backend].set_down(f"paused: {reason}")
         log.warning("event=backend_paused backend=%s reason=%r", backend, reason)
 

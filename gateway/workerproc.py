@@ -145,6 +145,20 @@ class WorkerSupervisor:
             # its own session: a Ctrl-C in a terminal reaches only the intake, which then
             # drains the worker with SIGTERM; if the intake dies, stdin EOF stops the worker
             start_new_session=True,
+            # systemd talks to the main process only (NotifyAccess=main, socket activation)
+            env={
+                k: v
+                for k, v in os.environ.items()
+                if k
+                not in (
+                    "NOTIFY_SOCKET",
+                    "WATCHDOG_USEC",
+                    "WATCHDOG_PID",
+                    "LISTEN_FDS",
+                    "LISTEN_PID",
+                    "LISTEN_FDNAMES",
+                )
+            },
         )
 
     async def _supervise(self) -> None:

@@ -46,7 +46,7 @@ def write_config(
     text = text.replace('listen = "127.0.0.1:2525"', f'listen = "127.0.0.1:{smtp_port}"')
     text = text.replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{health_port}"')
     # tests must not wait minutes for a retry
-    text = re.sub(r"^base = 30.0", "base = 0.2", text, flags=re.M)
+    text = re.sub(r"^base = 10.0", "base = 0.2", text, flags=re.M)
     text = re.sub(r"^max_delay = 3600.0", "max_delay = 1.0", text, flags=re.M)
     text = re.sub(r"^paused_check = 60.0", "paused_check = 1.0", text, flags=re.M)
     for old, new in (replace or {}).items():

@@ -527,6 +527,19 @@ class SqliteSpool:
 
         await self._write(job)
 
+    async def release_deferred(self, backend: str) -> int:
+        """Make the deferred mails of `backend` due now (it answered again after failures)."""
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE messages SET next_attempt_at = ? WHERE state = 'deferred'"
+                " AND backend = ? AND next_attempt_at > ?",
+                (now, backend, now),
+            ).rowcount
+
+        return await self._write(job)
+
     async def finish(self, msg_id: int, outcome: Outcome) -> None:
         """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
         now = self.clock()
