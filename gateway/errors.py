@@ -1,14 +1,14 @@
 """The gateway's error tree. Each stage translates its library's errors at one boundary.
 
-    GatewayError
-     ├── ConfigError            config or rule file is wrong (carries file:line problems)
-     ├── SpoolError             the spool could not commit (intake answers 451 / exit 75)
-     ├── ParseError             the mail cannot be read at all (quarantine with the reason)
-     └── BackendError           a ticket system call failed
-          ├── TransientError     try again later (backoff with jitter, up to a deadline)
-          ├── PermanentError     this mail will never succeed here (dead-letter with the reason)
-          └── BackendUnavailable the backend's credentials/configuration are refused: pause the
-                                 backend, keep its mails deferred, show it in /healthz
+GatewayError
+ ├── ConfigError            config or rule file is wrong (carries file:line problems)
+ ├── SpoolError             the spool could not commit (intake answers 451 / exit 75)
+ ├── ParseError             the mail cannot be read at all (quarantine with the reason)
+ └── BackendError           a ticket system call failed
+      ├── TransientError     try again later (backoff with jitter, up to a deadline)
+      ├── PermanentError     this mail will never succeed here (dead-letter with the reason)
+      └── BackendUnavailable the backend's credentials/configuration are refused: pause the
+                             backend, keep its mails deferred, show it in /healthz
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ class ParsedMail:
     html: str = ""  # the HTML body, "" when none
     attachments: tuple[Attachment, ...] = ()
     content_type: str = "text/plain"  # top-level MIME type
-    report_type: str = ""  # multipart/report report-type parameter (delivery-status, disposition-notification)
+    report_type: str = (
+        ""  # multipart/report report-type parameter (delivery-status, disposition-notification)
+    )
     size: int = 0
     defects: tuple[str, ...] = ()  # what the parser had to repair
 

@@ -11,7 +11,9 @@ from collections.abc import Iterable
 from gateway.models import Attachment, ParsedMail
 
 DEFAULT_HEADER_FIELDS = ("From", "To", "Cc", "Date")
-TRUNCATION_MARKER = "\n\n[... message truncated by ticket-gateway: {dropped} characters not shown ...]"
+TRUNCATION_MARKER = (
+    "\n\n[... message truncated by ticket-gateway: {dropped} characters not shown ...]"
+)
 
 
 def sender_display(mail: ParsedMail) -> str:
