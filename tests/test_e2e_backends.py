@@ -207,7 +207,10 @@ def test_token_of_an_unknown_ticket_makes_a_new_ticket_never_appends(
     subject = f"Re: [Ticket #987654] lost ticket {uuid.uuid4().hex[:6]}"
     # a sender of its own: the others here have used up the hourly acknowledgement limit
     sender = f"lost-{uuid.uuid4().hex[:6]}@example.org"
-    send(daemon.smtp_port, mail(subject, to="support@example.com", body="about an old ticket", sender=sender))
+    send(
+        daemon.smtp_port,
+        mail(subject, to="support@example.com", body="about an old ticket", sender=sender),
+    )
     t = wait_for(lambda: ticket(sim, subject), timeout=30)
     assert t and len(t["messages"]) == 1
     assert wait_for(lambda: acks_for(sim, f"[Ticket #{t['ref']}]"), timeout=30)

@@ -28,22 +28,6 @@ Make = Callable[..., InterServerBackend]
 
 
 @pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
-async def http(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sims.base_url, timeout=5) as client:
-        yield client
-
-
-@pytest.fixture
 async def make(sims: Simulators, tmp_path: Path) -> AsyncIterator[Make]:
     made: list[InterServerBackend] = []
 

@@ -30,16 +30,6 @@ SYSTEM = "superoffice-rest"
 
 
 @pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
 async def sim(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
     """A plain client for the /_sim inspection API."""
     async with httpx.AsyncClient(base_url=sims.base_url, timeout=5) as c:

@@ -31,16 +31,6 @@ MakeBackend = Callable[..., SuperOfficeSoapBackend]
 
 
 @pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
 async def sim_api(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=sims.base_url, timeout=10) as c:
         yield c

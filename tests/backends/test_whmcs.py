@@ -28,16 +28,6 @@ MakeBackend = Callable[..., WhmcsBackend]
 
 
 @pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
 async def make(sims: Simulators, tmp_path: Path) -> AsyncIterator[MakeBackend]:
     made: list[WhmcsBackend] = []
 

@@ -4,7 +4,7 @@ hand-written XML (rpc/encoded with xsi:type, positional SOAP::Lite parameters)."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,22 +18,6 @@ from gateway.simulators.server import Simulators
 from gateway.simulators.state import ACCOUNT_EMAIL, PASSWORD
 
 ENV = "http://schemas.xmlsoap.org/soap/envelope/"
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
-async def http(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sims.base_url, timeout=5) as client:
-        yield client
 
 
 @pytest.fixture

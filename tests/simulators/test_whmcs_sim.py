@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,22 +14,6 @@ from gateway.simulators import whmcs as sim
 from gateway.simulators.server import Simulators
 
 AUTH = {"identifier": sim.IDENTIFIER, "secret": sim.SECRET, "responsetype": "json"}
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Simulators]:
-    s = Simulators(listen="127.0.0.1:0", smtp="127.0.0.1:0")
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
-
-
-@pytest.fixture
-async def http(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sims.base_url, timeout=5) as client:
-        yield client
 
 
 async def api(http: httpx.AsyncClient, action: str, **params: Any) -> httpx.Response:
