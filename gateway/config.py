@@ -42,7 +42,7 @@ class GatewaySection(_Model):
     # The worker (parse, route, backends, acknowledgements) runs in a child process of its own at
     # a lower CPU priority, so that accepting mail never waits behind ticket creation.
     worker_process: bool = True
-    worker_nice: int = Field(5, ge=0, le=19)  # niceness of the worker process above the intake
+    worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket

@@ -130,6 +130,7 @@ class SqliteSpool:
             if isinstance(exc, SpoolError):
                 raise
             raise SpoolError(f"{self.path}: cannot open spool: {exc}") from exc
+        self._wconn.execute("PRAGMA busy_timeout=0")  # the writer waits in _begin instead
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
 
@@ -177,10 +178,32 @@ class SqliteSpool:
                 break
         conn.close()
 
+    @staticmethod
+    def _begin(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+        """BEGIN IMMEDIATE, waiting for the other process's write lock in short steps.
+
+        The intake and the worker process share the file. SQLite's own busy handler sleeps in
+        steps of 1 to 100 ms, far longer than the other side holds the lock (well under a
+        millisecond), and every such sleep would be added to an SMTP client's wait for `250`.
+        """
+        deadline = time.monotonic() + timeout
+        pause = 0.0001
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         results: list[tuple[_Job, bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             for job in batch:
                 conn.execute("SAVEPOINT job")
                 try:
