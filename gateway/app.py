@@ -44,7 +44,13 @@ from gateway.spool.retention import RetentionPolicy, RetentionTask
 from gateway.spool.sqlite import SqliteSpool
 from gateway.status import StatusBoard
 from gateway.worker import Worker, WorkerSettings
-from gateway.workerproc import EventMetrics, WorkerSupervisor, lower_priority, read_wakeups
+from gateway.workerproc import (
+    EventMetrics,
+    WorkerSupervisor,
+    acquire_pipeline_lock,
+    lower_priority,
+    read_wakeups,
+)
 
 log = logging.getLogger("gateway.app")
 
@@ -153,6 +159,8 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         followup_sender=cfg.gateway.followup_sender,
         ack_enabled=cfg.ack.enabled,
         ack_rate_limit=cfg.ack.rate_limit,
+        ack_global_limit=cfg.ack.global_rate_limit,
+        ack_never_to=tuple(cfg.ack.never_to),
         ack_from_address=cfg.ack.from_address,
         ack_from_name=cfg.ack.from_name,
         ack_envelope_from=cfg.ack.envelope_from,
@@ -177,6 +185,8 @@ class Daemon:
         self.role = role
         self.smtp_sock = smtp_sock
         self.supervisor: WorkerSupervisor | None = None
+        self._pipeline_lock: int | None = None  # held by the process that runs the pipeline
+        self._files_sig: tuple[tuple[str, int, int], ...] = ()
         self.events: EventMetrics | None = None
         self.status = StatusBoard()
         self.metrics = Metrics()
@@ -217,6 +227,7 @@ class Daemon:
 
     async def startup(self) -> None:
         cfg = self.cfg
+        self._files_sig = self._files_signature()  # what this start read; the watcher compares
         self.rules, self.templates = load_rule_set(cfg)
         self.rules_status = self.status.register("rules", "rules")
         self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
@@ -224,7 +235,11 @@ class Daemon:
         self.spool = SqliteSpool(
             cfg.spool_path, synchronous="NORMAL" if self.role == "worker" else "FULL"
         )
-        if self.role != "worker":  # the intake process owns recovery; the worker starts after it
+        if self.role != "intake":
+            # Only one pipeline may work on a spool at a time: after a crash of the intake, the
+            # old worker may still be draining; the new one waits for it, then puts back what
+            # was left `processing` (and only then, or it would take mails still in flight).
+            self._pipeline_lock = await asyncio.to_thread(acquire_pipeline_lock, cfg.spool_path)
             requeued, uncertain = self.spool.recover_sync()
             if requeued:
                 log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
@@ -302,15 +317,43 @@ class Daemon:
             self.events.status(self.status, skip=("rules", "spool"))
             await asyncio.sleep(1.0)
 
+    def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
+        """Names, sizes and modification times of what a reload reads."""
+        cfg = self.cfg
+        paths = [cfg.path]
+        for d, pattern in ((cfg.rules_dir, "*.toml"), (cfg.templates_dir, "*.txt")):
+            with contextlib.suppress(OSError):
+                paths.extend(sorted(d.glob(pattern)))
+        sig = []
+        for p in paths:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            sig.append((str(p), st.st_size, st.st_mtime_ns))
+        return tuple(sig)
+
+    async def _watch_files(self) -> None:
+        """Reload, as on SIGHUP, when an admin saves a rule file, a template or the config."""
+        last = self._files_sig
+        while True:
+            await asyncio.sleep(self.cfg.rules.watch_interval)
+            if not self.cfg.rules.watch:
+                continue
+            now = await asyncio.to_thread(self._files_signature)
+            if now != last:
+                last = now
+                log.info("event=files_changed action=reload")
+                self.reload_requested = True
+                self._wakeup.set()
+
     async def _start_intakes(self) -> None:
         """SMTP, IMAP, /healthz, retention, and the worker process (roles `all` and `intake`)."""
         cfg = self.cfg
         assert self.spool is not None
         if self.role == "intake":
-            self.supervisor = WorkerSupervisor(
-                cfg.path, self.status, self.metrics, recover=self.spool.recover_sync
-            )
-            await self.supervisor.start()
+            self.supervisor = WorkerSupervisor(cfg.path, self.status, self.metrics)
+            self.supervisor.start()
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
             handler = IntakeHandler(
@@ -351,6 +394,10 @@ class Daemon:
         await self.health.start()
         for intake in self.imaps:
             self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
+        if self.supervisor is not None:
+            await self.supervisor.ready()  # its components are on /healthz before READY=1
+        self.health.started = True
+        self.tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
         if cfg.retention.enabled:
             self.retention = RetentionTask(
                 self.spool, retention_policy(cfg), interval=cfg.retention.interval

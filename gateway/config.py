@@ -87,6 +87,8 @@ class HealthSection(_Model):
 
 class RulesSection(_Model):
     dir: str = "rules"
+    watch: bool = True  # reload when a rule file, template or the config changes (as on SIGHUP)
+    watch_interval: float = Field(2.0, gt=0)  # seconds between looks at the files
 
 
 class RetrySection(_Model):
@@ -110,6 +112,23 @@ class AckSection(_Model):
     envelope_from: str = ""  # "" = the null sender <>, so a bounce of an ack cannot loop
     templates_dir: str = "templates"
     rate_limit: int = Field(5, ge=0)  # acknowledgements per sender per hour
+    global_rate_limit: int = Field(1000, ge=0)  # acknowledgements per hour in all; 0 = no limit
+    never_to: list[str] = [  # no acknowledgement to these (globs, case-insensitive)
+        "noreply@*",
+        "no-reply@*",
+        "no_reply@*",
+        "*-noreply@*",
+        "*.noreply@*",
+        "donotreply@*",
+        "do-not-reply@*",
+        "do_not_reply@*",
+        "mailer-daemon@*",
+        "postmaster@*",
+        "bounce@*",
+        "bounces@*",
+        "bounce-*@*",
+        "bounces+*@*",
+    ]
 
     _relay = field_validator("relay")(classmethod(lambda cls, v: _hostport(v)))
 

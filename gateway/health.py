@@ -38,10 +38,13 @@ class HealthServer:
         self.oldest_queued_max = oldest_queued_max
         self.backend_down_max = backend_down_max
         self._runner: web.AppRunner | None = None
+        self.started = False  # set once every component (the worker's too) has reported
 
     def report(self) -> tuple[int, dict[str, Any]]:
         now = time.time()
         problems: list[str] = []
+        if not self.started:
+            problems.append("starting: not every component has reported yet")
         components: dict[str, Any] = {}
         for name, comp in self.status.components.items():
             components[name] = comp.to_json()
@@ -64,7 +67,7 @@ class HealthServer:
                 f"queue: oldest waiting message is {int(oldest)} s old (threshold {int(self.oldest_queued_max)} s)"
             )
         body: dict[str, Any] = {
-            "status": "ok" if not problems else "fail",
+            "status": "ok" if not problems else ("starting" if not self.started else "fail"),
             "components": components,
             "queue": queue,
         }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import random
 import time
@@ -77,6 +78,8 @@ class WorkerSettings:
     followup_sender: str = "any"
     ack_enabled: bool = True
     ack_rate_limit: int = 5
+    ack_global_limit: int = 1000
+    ack_never_to: tuple[str, ...] = ()
     ack_from_address: str = ""
     ack_from_name: str = "Support"
     ack_envelope_from: str = ""
@@ -281,6 +284,8 @@ class Worker:
         if f_note and f_note != "wait":
             decision = dataclasses.replace(decision, reasons=(*decision.reasons, f_note))
         if decision.action == "suppress":
+            notice_name = self.rules.notice_for(decision)
+            notice = await self._reply(mail, row, notice_name, None) if notice_name else None
             await self._finish(
                 row,
                 Outcome(
@@ -289,9 +294,12 @@ class Worker:
                     rule=decision.rule,
                     action="suppress",
                     message_id=mail.message_id,
+                    ack=notice,
                 ),
                 decision=decision,
             )
+            if notice is not None and self.on_ack is not None:
+                self.on_ack()
             return
         backend = self.backends.get(decision.backend)
         if backend is None:
@@ -538,41 +546,59 @@ class Worker:
     async def _ack(
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
     ) -> tuple[str, str, bytes, str] | None:
-        s = self.s
         ack_name = decision.ack
         if ack_name is None and decision.action == "followup" and action == "new":
             # the follow-up's ticket was unknown or closed: it became a new ticket, which the
             # sender must learn the reference of
             ack_name = "default"
-        if not s.ack_enabled or ack_name is None or decision.automatic:
+        if ack_name is None or decision.automatic:
+            return None
+        return await self._reply(mail, row, ack_name, ref)
+
+    async def _reply(
+        self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
+    ) -> tuple[str, str, bytes, str] | None:
+        """Render an acknowledgement (or a suppress rule's notice) if nothing forbids it:
+        RFC 3834 (never to a null sender, our own addresses or no-reply addresses), the
+        per-sender and the global hourly limits."""
+        s = self.s
+        if not s.ack_enabled:
             return None
         rcpt = (mail.reply_to or mail.from_addr or row.envelope.mail_from).lower()
         if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, set(s.own_addresses)):
             return None
         if not row.envelope.mail_from and row.envelope.intake == "smtp":
             return None  # null envelope sender: never answer (RFC 3834)
-        template = self.templates.get(ack_name) or self.templates.get("default")
+        if any(fnmatch.fnmatchcase(rcpt, p.lower()) for p in s.ack_never_to):
+            log.info("event=ack_skipped id=%d reason=no-reply-address", row.id)
+            return None
+        template = self.templates.get(template_name) or self.templates.get("default")
         if template is None:
             return None
-        if s.ack_rate_limit <= 0 or (
-            await self.spool.acks_since(rcpt, self.clock() - 3600) >= s.ack_rate_limit
-        ):
-            log.info("event=ack_rate_limited id=%d", row.id)
+        hour_ago = self.clock() - 3600
+        if s.ack_rate_limit <= 0 or await self.spool.acks_since(rcpt, hour_ago) >= s.ack_rate_limit:
+            log.info("event=ack_rate_limited id=%d limit=per-sender", row.id)
+            return None
+        if s.ack_global_limit and await self.spool.acks_since(None, hour_ago) >= s.ack_global_limit:
+            log.warning("event=ack_rate_limited id=%d limit=global", row.id)
             return None
         from_address = (
             s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
         )
-        token = self.tokens.get(ref.backend, "[Ticket #{ref}]").replace("{ref}", ref.ref)
+        if ref is not None:
+            token = self.tokens.get(ref.backend, "[Ticket #{ref}]").replace("{ref}", ref.ref)
+        else:
+            token = ""
         data, ack_id = build_ack(
             template,
             mail,
             rcpt=rcpt,
-            ref=ref.ref,
+            ref=ref.ref if ref else "",
             token=token,
             from_address=from_address,
             from_name=s.ack_from_name,
             hostname=s.hostname,
-            backend=ref.backend,
+            backend=ref.backend if ref else "",
         )
         return rcpt, s.ack_envelope_from, data, ack_id
 

@@ -13,7 +13,9 @@ The channel between the two is the child's standard streams:
   `{"t": "outcome" | "latency", ...}` (metrics). Logs go to the shared stderr.
 Signals: SIGHUP reloads (the child re-reads config, rules, templates, secrets), SIGTERM drains.
 The spool (SQLite in WAL mode) is shared; both processes open it, each with its own writer.
-If the worker dies, the supervisor requeues what it held and starts it again with backoff.
+If the worker dies, the supervisor starts it again with backoff; a worker starts by taking the
+pipeline lock (`<spool>.worker.lock`, so that a worker left draining by a crashed intake finishes
+first) and putting back what was left `processing`.
 """
 
 from __future__ import annotations
@@ -106,13 +108,11 @@ class WorkerSupervisor:
         status: StatusBoard,
         metrics: Metrics,
         *,
-        recover: Any,
         python: str = sys.executable,
     ) -> None:
         self.config_path = config_path
         self.status = status
         self.metrics = metrics
-        self.recover = recover  # callable: requeue what a dead worker held
         self.python = python
         self.proc: asyncio.subprocess.Process | None = None
         self.component = status.register("worker", "worker")
@@ -122,9 +122,12 @@ class WorkerSupervisor:
         self._wake_scheduled = False
         self.restarts = 0
 
-    async def start(self, timeout: float = 60.0) -> None:
-        """Start the worker; return once it has reported its components (or after `timeout`)."""
+    def start(self) -> None:
+        """Start the worker (and restart it whenever it dies)."""
         self._task = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait until the worker has reported its components (or `timeout`)."""
         try:
             await asyncio.wait_for(self._reported.wait(), timeout)
         except TimeoutError:
@@ -175,8 +178,7 @@ class WorkerSupervisor:
             self.restarts += 1
             self.component.set_down(f"worker exited with {rc}; restarting")
             log.error("event=worker_died rc=%s restarts=%d", rc, self.restarts)
-            with contextlib.suppress(Exception):
-                self.recover()
+            # the next worker puts back what this one left `processing` (see Daemon.startup)
             if time.monotonic() - started > 60:
                 backoff = 1.0
             await asyncio.sleep(backoff)
@@ -262,3 +264,19 @@ def lower_priority(steps: int) -> None:
     if steps > 0:
         with contextlib.suppress(OSError):
             os.nice(steps)
+
+
+def acquire_pipeline_lock(spool_path: Path) -> int:
+    """Block until this process holds the spool's pipeline lock; returns the file descriptor.
+
+    The lock lives as long as the process (the kernel drops it when the process dies).
+    """
+    import fcntl
+
+    fd = os.open(f"{spool_path}.worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("event=waiting_for_pipeline_lock path=%s", spool_path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd

@@ -6,6 +6,7 @@ run them, so tests can wait synchronously without starving either server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,7 +99,7 @@ class DaemonProcess:
                 )
             try:
                 r = httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1)
-                if r.status_code in (200, 503):
+                if r.status_code in (200, 503) and r.json().get("status") != "starting":
                     return
             except httpx.HTTPError:
                 pass
@@ -120,8 +121,13 @@ class DaemonProcess:
             return self.proc.wait(5)
 
     def kill9(self) -> None:
+        """SIGKILL the daemon and its worker process at once, as a crash or OOM kill would."""
         assert self.proc is not None
+        children = child_pids(self.proc.pid)
         self.proc.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def gateway(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -132,6 +138,21 @@ class DaemonProcess:
             timeout=60,
             cwd=self.config.parent,
         )
+
+
+def child_pids(parent: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == parent:
+            out.append(int(entry.name))
+    return out
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):  # type: ignore[no-untyped-def]

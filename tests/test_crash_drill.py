@@ -36,6 +36,7 @@ def _sender(
                 with smtplib.SMTP("127.0.0.1", port_ref[0], timeout=10) as s:
                     s.send_message(msg)
                 accepted.append(subject)
+                time.sleep(0.02)  # a steady stream, so the kill lands while the worker is busy
                 break
             except (OSError, smtplib.SMTPException):
                 time.sleep(0.05)  # no 250: the mail is still the sender's
@@ -56,7 +57,16 @@ def test_kill9_during_200_mails_loses_nothing(tmp_path: Path) -> None:
         threads = [threading.Thread(target=_sender, args=(port, c, accepted, stop)) for c in chunks]
         for t in threads:
             t.start()
-        wait_for(lambda: len(accepted) >= 60, timeout=60, interval=0.01)
+        # kill the intake and the worker together while mails arrive and tickets are being made
+        wait_for(
+            lambda: (
+                len(accepted) >= 60
+                and len([t for t in sim.get("/_sim/tickets") if t["title"].startswith("drill ")])
+                >= 10
+            ),
+            timeout=60,
+            interval=0.01,
+        )
         daemon.kill9()
         time.sleep(0.3)
         daemon.start()  # same port: senders resume

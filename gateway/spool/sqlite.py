@@ -678,12 +678,19 @@ class SqliteSpool:
 
     # -- outbox -----------------------------------------------------------------------------------
 
-    async def acks_since(self, rcpt: str, since: float) -> int:
+    async def acks_since(self, rcpt: str | None, since: float) -> int:
+        """Acknowledgements queued since `since` to `rcpt` (None: to anyone)."""
+
         def q(conn: sqlite3.Connection) -> int:
-            r = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE rcpt = ? AND created_at >= ?",
-                (rcpt.lower(), since),
-            ).fetchone()
+            if rcpt is None:
+                r = conn.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE created_at >= ?", (since,)
+                ).fetchone()
+            else:
+                r = conn.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE rcpt = ? AND created_at >= ?",
+                    (rcpt.lower(), since),
+                ).fetchone()
             return int(r[0])
 
         return await self._read(q)
