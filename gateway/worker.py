@@ -117,6 +117,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.paused: dict[str, float] = {}  # backend -> monotonic time to try again
         self._failing: dict[str, bool] = {}  # backends with deferred mails after errors
+        self._probe: dict[str, int] = {}  # backend -> the mail that retries it at a short interval
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._sem = asyncio.Semaphore(settings.concurrency)
@@ -460,6 +461,7 @@ class Worker:
             return
         self._observe(backend.name, started, ok=True)
         self._resume(backend.name)
+        self._probe.pop(backend.name, None)
         if self._failing.pop(backend.name, False):
             # it answers again: what waits for it need not sit out its backoff
             released = await self.spool.release_deferred(backend.name)
@@ -498,6 +500,8 @@ class Worker:
         now = self.clock()
         first = row.first_attempt_at or now
         if now - first > self.s.retry_deadline:
+            if self._probe.get(backend) == row.id:
+                del self._probe[backend]
             await self._finish(
                 row,
                 Outcome(
@@ -510,6 +514,10 @@ class Worker:
             )
             return
         delay = min(self.s.retry_max_delay, self.s.retry_base * 2 ** max(0, row.attempts - 1))
+        # One mail per failing backend is its probe: it keeps trying every `retry_base` seconds
+        # while the others back off; the probe's success releases them all (see _deliver).
+        if self._probe.setdefault(backend, row.id) == row.id:
+            delay = min(delay, self.s.retry_base)
         delay *= random.uniform(0.5, 1.0)  # full-ish jitter: spread a thundering herd
         if retry_after is not None:
             delay = max(delay, retry_after)
@@ -606,6 +614,9 @@ class Worker:
         self, row: MessageRow, outcome: Outcome, decision: Decision | None = None
     ) -> None:
         await self.spool.finish(row.id, outcome)
+        for name, probe in list(self._probe.items()):
+            if probe == row.id:  # a probe that ended (dead, ...) hands the role to the next
+                del self._probe[name]
         rule = outcome.rule or (decision.rule if decision else "")
         log.info(
             "event=outcome id=%d intake=%s state=%s rule=%s backend=%s action=%s ref=%s reason=%r",
