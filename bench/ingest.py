@@ -111,7 +111,9 @@ async def run_b(
 ) -> RunFigures:
     ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
     workdir = root / f"gw-{clients}-{run}"  # a fresh spool per run
-    config = common.write_config(workdir, ports, {"ack": {"envelope_from": args.ack_envelope_from}})
+    config = common.write_config(
+        workdir, ports, {"ack": {"envelope_from": args.ack_envelope_from, "global_rate_limit": 0}}
+    )
     await sim.reset()
     gw = common.start_gateway(config, ports)
     tag = f"b{clients}-{run}"

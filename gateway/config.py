@@ -112,7 +112,7 @@ class AckSection(_Model):
     envelope_from: str = ""  # "" = the null sender <>, so a bounce of an ack cannot loop
     templates_dir: str = "templates"
     rate_limit: int = Field(5, ge=0)  # acknowledgements per sender per hour
-    global_rate_limit: int = Field(1000, ge=0)  # acknowledgements per hour in all; 0 = no limit
+    global_rate_limit: int = Field(5000, ge=0)  # acknowledgements per hour in all; 0 = no limit
     never_to: list[str] = [  # no acknowledgement to these (globs, case-insensitive)
         "noreply@*",
         "no-reply@*",

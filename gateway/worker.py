@@ -78,7 +78,7 @@ class WorkerSettings:
     followup_sender: str = "any"
     ack_enabled: bool = True
     ack_rate_limit: int = 5
-    ack_global_limit: int = 1000
+    ack_global_limit: int = 5000
     ack_never_to: tuple[str, ...] = ()
     ack_from_address: str = ""
     ack_from_name: str = "Support"
