@@ -138,6 +138,7 @@ class AckSender:
         password: str | None = None,
         timeout: float = 30.0,
         max_attempts: int = 50,
+        parallel: int = 8,
         clock: Any = time.time,
     ) -> None:
         self.spool = spool
@@ -147,6 +148,7 @@ class AckSender:
         self.username, self.password = username, password
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.parallel = parallel  # connections to the relay at once
         self.wake = asyncio.Event()
         self.sent = 0
         self.failed = 0
@@ -160,10 +162,16 @@ class AckSender:
             except Exception as exc:
                 log.error("event=outbox_read_failed error=%r", str(exc))
                 due = []
-            for ack in due:
-                if self._stopping:
-                    break
-                await self._send_one(ack)
+            if due and not self._stopping:
+                # several at once: one slow relay round trip must not hold up the rest
+                sem = asyncio.Semaphore(self.parallel)
+
+                async def send(ack: Any, sem: asyncio.Semaphore = sem) -> None:
+                    async with sem:
+                        if not self._stopping:
+                            await self._send_one(ack)
+
+                await asyncio.gather(*(send(a) for a in due))
             if not due or len(due) < 50:
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=2.0)
