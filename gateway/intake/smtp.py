@@ -18,6 +18,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
+from gateway.spool.base import Spool
 
 log = logging.getLogger("gateway.intake.smtp")
 
@@ -32,18 +33,12 @@ ERR_553_SYNTAX = "553 5.1.3 Bad recipient address syntax"
 ERR_554_NO_RCPT = "554 5.5.1 No valid recipients"
 
 
-class PutSpool:
-    """What the SMTP intake needs of the spool (see `gateway.spool.base.Spool.put`)."""
-
-    async def put(self, raw: bytes, envelope: Envelope) -> Any: ...
-
-
 class IntakeHandler:
     """aiosmtpd handler: see the module docstring."""
 
     def __init__(
         self,
-        spool: Any,
+        spool: Spool,
         recipients: set[str],
         *,
         max_recipients: int = 100,

@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 from gateway.errors import SpoolError
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import FINAL_STATES, AckRow, MessageRow, Outcome, PutResult, State
+from gateway.spool.base import AckRow, MessageRow, Outcome, PutResult, State
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "SqliteSpool", "is_final"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
 
 log = logging.getLogger("gateway.spool")
 
@@ -826,7 +826,3 @@ class SqliteSpool:
             ).rowcount
 
         return self.write_sync(job)
-
-
-def is_final(state: str) -> bool:
-    return state in {s.value for s in FINAL_STATES}
