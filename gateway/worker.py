@@ -214,13 +214,14 @@ class Worker:
         if row.raw is None:
             await self._finish(row, Outcome(state=State.DEAD, reason="raw message was purged"))
             return
-        if (
-            row.attempts > self.s.max_crashes
-            and row.uncertain is False
-            and row.last_error.startswith("crash")
-        ):
+        if row.crashes >= self.s.max_crashes:
+            # it was being processed each time the worker died: set it aside, keep the bytes
             await self._finish(
-                row, Outcome(state=State.DEAD, reason="quarantined: kept crashing the worker")
+                row,
+                Outcome(
+                    state=State.DEAD,
+                    reason=f"quarantined: its processing was cut by {row.crashes} crashes",
+                ),
             )
             return
         try:

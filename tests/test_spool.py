@@ -13,6 +13,7 @@ from gateway.models import Envelope
 from gateway.spool.base import Outcome, State
 from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
 
+ROOT = Path(__file__).resolve().parent.parent
 ENV = Envelope(mail_from="a@example.org", rcpt_tos=("support@example.com",), peer="127.0.0.1")
 
 
@@ -128,3 +129,36 @@ async def test_put_after_close_fails_cleanly(tmp_path: Path) -> None:
     s.close_sync()
     with pytest.raises(SpoolError):
         await s.put(b"Subject: a\r\n\r\n", ENV)
+
+
+async def test_a_mail_that_keeps_crashing_the_worker_is_set_aside(tmp_path: Path) -> None:
+    from gateway.ack import load_templates
+    from gateway.rules import load_rules
+    from gateway.worker import Worker, WorkerSettings
+
+    root = ROOT
+    s = SqliteSpool(tmp_path / "s.sqlite")
+    r = await s.put(b"Subject: poison\r\n\r\nbody", ENV)
+    for _ in range(5):  # each time the worker died while the mail was `processing`
+        assert await s.claim_due(1) == [r.id]
+        s.recover_sync()
+    row = s.get_sync(r.id)
+    assert row is not None and row.crashes == 5 and row.state == "queued"
+    rules = load_rules(
+        root / "rules",
+        {
+            "superoffice-soap": "superoffice-soap",
+            "superoffice-rest": "superoffice-rest",
+            "interserver": "interserver",
+            "whmcs": "whmcs",
+        },
+    )
+    worker = Worker(
+        s, {}, rules, load_templates(root / "templates"), WorkerSettings(max_crashes=5), tokens={}
+    )
+    assert await s.claim_due(1) == [r.id]
+    await worker.process(r.id)
+    row = s.get_sync(r.id, with_raw=True)
+    assert row is not None and row.state == "dead"
+    assert "crashes" in row.last_error and row.raw == b"Subject: poison\r\n\r\nbody"
+    s.close_sync()

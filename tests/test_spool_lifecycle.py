@@ -103,7 +103,7 @@ def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) -> None:
     old.executescript(migrations.SCHEMA_V1)
     old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     assert migrations.prepare(old, tmp_path / "old.sqlite") == 1
-    assert migrations.read_version(old) == SCHEMA_VERSION == 2
+    assert migrations.read_version(old) == SCHEMA_VERSION == 3
     assert _schema(old) == _schema(sqlite3.connect(tmp_path / "fresh.sqlite"))
 
 
@@ -167,13 +167,19 @@ def test_a_failing_migration_leaves_the_old_spool(
     shutil.copy(FIXTURE, path)
 
     def broken(conn: sqlite3.Connection) -> None:
-        conn.execute("ALTER TABLE messages ADD COLUMN purged_at REAL")  # this part works
+        conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER")  # this part works
         conn.execute("CREATE INDEX oops ON no_such_table (x)")  # and this fails
 
-    monkeypatch.setattr(
-        migrations, "MIGRATIONS", (migrations.Migration(2, "broken on purpose", broken),)
+    # the last step breaks after the earlier ones worked: all of them are rolled back together
+    steps = (
+        *migrations.MIGRATIONS[:-1],
+        migrations.Migration(migrations.SCHEMA_VERSION, "broken on purpose", broken),
     )
-    with pytest.raises(SpoolError, match=r"from schema 1 to 2 failed.*nothing was changed"):
+    monkeypatch.setattr(migrations, "MIGRATIONS", steps)
+    with pytest.raises(
+        SpoolError,
+        match=rf"from schema 1 to {migrations.SCHEMA_VERSION} failed.*nothing was changed",
+    ):
         SqliteSpool(path)
     conn = sqlite3.connect(path)
     assert migrations.read_version(conn) == 1

@@ -54,6 +54,7 @@ class MessageRow:
     progress: dict[str, Any] = field(default_factory=dict)
     uncertain: bool = False
     updated_at: float = 0.0
+    crashes: int = 0  # times a crash (of the worker) interrupted its processing
     raw: bytes | None = None  # loaded only where asked for
 
 

@@ -127,7 +127,8 @@ SCHEMA = (
     SCHEMA_V1.replace(
         "    uncertain INTEGER NOT NULL DEFAULT 0,\n    updated_at REAL NOT NULL\n",
         "    uncertain INTEGER NOT NULL DEFAULT 0,\n    updated_at REAL NOT NULL,\n"
-        "    purged_at REAL                      -- when retention removed the raw bytes (v2)\n",
+        "    purged_at REAL,                     -- when retention removed the raw bytes (v2)\n"
+        "    crashes INTEGER NOT NULL DEFAULT 0  -- times a crash interrupted its processing (v3)\n",
     )
     + _V2_INDEXES
 )
@@ -149,8 +150,13 @@ def _v2(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "messages.purged_at; indexes for retention and erasure", _v2),
+    Migration(3, "messages.crashes: set aside a mail that keeps killing the worker", _v3),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1

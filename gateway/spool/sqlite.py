@@ -45,7 +45,7 @@ T = TypeVar("T")
 _MSG_COLUMNS = (
     "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
     " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
-    " subject, progress, uncertain, updated_at"
+    " subject, progress, uncertain, updated_at, crashes"
 )
 
 
@@ -74,6 +74,7 @@ def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
         subject=r["subject"],
         progress=json.loads(r["progress"] or "{}"),
         uncertain=bool(r["uncertain"]),
+        crashes=r["crashes"],
         updated_at=r["updated_at"],
         raw=raw,
     )
@@ -406,7 +407,7 @@ class SqliteSpool:
             ).rowcount
             n = conn.execute(
                 "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
-                " updated_at = ? WHERE state = 'processing'",
+                " crashes = crashes + 1, updated_at = ? WHERE state = 'processing'",
                 (now, now),
             ).rowcount
             return n, unc
