@@ -50,6 +50,7 @@ from zeep.transports import AsyncTransport
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
+from gateway.backends.http import make_client
 from gateway.backends.text import ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Decision, ParsedMail, TicketRef
@@ -265,10 +266,7 @@ class InterServerBackend:
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._login_lock = asyncio.Lock()
         self._sid: str | None = None
-        self._http = httpx.AsyncClient(
-            timeout=cfg.timeout,
-            limits=httpx.Limits(max_connections=cfg.concurrency),
-        )
+        self._http = make_client(timeout=cfg.timeout, concurrency=cfg.concurrency)
         wsdl_http = httpx.Client(timeout=cfg.timeout)  # only for imports; ours has none
         try:
             transport = _QuietTransport(client=self._http, wsdl_client=wsdl_http)

@@ -51,6 +51,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
+from gateway.backends.http import make_client
 from gateway.backends.text import header_block, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
@@ -264,8 +265,9 @@ class SuperOfficeRestBackend:
         self._auth_lock = asyncio.Lock()
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._persons: dict[str, tuple[int | None, float]] = {}  # email -> (PersonId, expiry)
-        self._http = httpx.AsyncClient(
+        self._http = make_client(
             timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
             headers={"Accept": "application/json", "User-Agent": "ticket-gateway"},
         )
 

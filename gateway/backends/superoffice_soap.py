@@ -62,6 +62,7 @@ from zeep.wsdl.utils import etree_to_string
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
+from gateway.backends.http import make_client
 from gateway.backends.text import select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
@@ -313,10 +314,8 @@ class SuperOfficeSoapBackend:
         )
         assert password is not None  # required=True
         self._password = password
-        self._http = httpx.AsyncClient(
-            timeout=cfg.timeout,
-            limits=httpx.Limits(max_connections=cfg.concurrency),
-            follow_redirects=False,
+        self._http = make_client(
+            timeout=cfg.timeout, concurrency=cfg.concurrency, follow_redirects=False
         )
         wsdl_http = httpx.Client(timeout=cfg.timeout)
         try:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
+from gateway.backends.http import make_client
 from gateway.backends.text import select_attachments, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
@@ -211,7 +212,9 @@ class WhmcsBackend:
             required=False,
         )
         self._sem = asyncio.Semaphore(cfg.concurrency)
-        self._client = httpx.AsyncClient(timeout=cfg.timeout, follow_redirects=False)
+        self._client = make_client(
+            timeout=cfg.timeout, concurrency=cfg.concurrency, follow_redirects=False
+        )
         self._clients: dict[str, tuple[float, str | None]] = {}  # e-mail → (expiry, client id)
 
     # -- the one boundary where WHMCS's and httpx's errors become ours ---------------------------
