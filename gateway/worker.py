@@ -119,6 +119,7 @@ class Worker:
         self._failing: dict[str, bool] = {}  # backends with deferred mails after errors
         self._probe: dict[str, int] = {}  # backend -> the mail that retries it at a short interval
         self._inflight: set[asyncio.Task[None]] = set()
+        self._task_ids: dict[asyncio.Task[None], int] = {}  # in-flight task -> spool message id
         self._stopping = False
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._backend_status = {
@@ -146,6 +147,7 @@ class Worker:
                 for msg_id in ids:
                     task = asyncio.create_task(self._process_guarded(msg_id))
                     self._inflight.add(task)
+                    self._task_ids[task] = msg_id
                     task.add_done_callback(self._task_done)
             if ids and len(ids) == free:
                 await asyncio.sleep(0)  # more may be due: claim again once a slot frees
@@ -156,6 +158,7 @@ class Worker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        self._task_ids.pop(task, None)
         self.wake.set()
 
     async def _idle_timeout(self) -> float:
@@ -178,10 +181,14 @@ class Worker:
         if not self._inflight:
             return 0
         _done, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+        cut = [self._task_ids[t] for t in pending if t in self._task_ids]
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+            # back in the queue now, as a clean stop (not counted as a crash)
+            with contextlib.suppress(SpoolError):
+                await self.spool.release(cut)
         return len(pending)
 
     # -- one message --------------------------------------------------------------------------------

@@ -396,23 +396,37 @@ class SqliteSpool:
     # -- recovery and the worker's queue ---------------------------------------------------------
 
     def recover_sync(self) -> tuple[int, int]:
-        """Put back messages a crash left `processing`; returns (requeued, uncertain)."""
+        """Put back messages a crash left `processing`; returns (requeued, uncertain).
 
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
-            now = self.clock()
-            unc = conn.execute(
-                "UPDATE messages SET uncertain = 1, last_error = ?"
-                " WHERE state = 'processing' AND inflight != ''",
-                ("crash during a backend call: the ticket system may already have it",),
-            ).rowcount
-            n = conn.execute(
-                "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
-                " crashes = crashes + 1, updated_at = ? WHERE state = 'processing'",
-                (now, now),
-            ).rowcount
-            return n, unc
+        Each counts one crash: a mail that keeps being in hand when the worker dies is set
+        aside by the worker after `max_crashes` (see `Worker.process`)."""
+        return self.write_sync(lambda conn: self._requeue(conn, None, crashed=True))
 
-        return self.write_sync(job)
+    async def release(self, ids: list[int]) -> tuple[int, int]:
+        """Put back mails a clean shutdown cut short (not a crash: no crash is counted)."""
+        return await self._write(lambda conn: self._requeue(conn, ids, crashed=False))
+
+    def _requeue(
+        self, conn: sqlite3.Connection, ids: list[int] | None, *, crashed: bool
+    ) -> tuple[int, int]:
+        now = self.clock()
+        where = "state = 'processing'"
+        params: list[Any] = []
+        if ids is not None:
+            if not ids:
+                return 0, 0
+            where += f" AND id IN ({','.join('?' * len(ids))})"
+            params = list(ids)
+        unc = conn.execute(
+            f"UPDATE messages SET uncertain = 1, last_error = ? WHERE {where} AND inflight != ''",
+            ("interrupted during a backend call: the ticket system may already have it", *params),
+        ).rowcount
+        n = conn.execute(
+            "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
+            f" crashes = crashes + ?, updated_at = ? WHERE {where}",
+            (now, 1 if crashed else 0, now, *params),
+        ).rowcount
+        return n, unc
 
     async def claim_due(self, limit: int, *, exclude_backends: Iterable[str] = ()) -> list[int]:
         """Mark up to `limit` due messages `processing` (oldest first) and return their ids."""
