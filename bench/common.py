@@ -42,38 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 MAIL_SIZE = 8 * 1024
 
-# Used when the repo has no rules/*.toml yet: the documented demo routing (DESIGN, quick start).
-MINIMAL_RULES = """\
-[[rule]]
-name = "support"
-backend = "superoffice-soap"
-[rule.match]
-recipient = ["support@example.com"]
-
-[[rule]]
-name = "sales"
-backend = "superoffice-rest"
-[rule.match]
-recipient = ["sales@example.com"]
-
-[[rule]]
-name = "hosting"
-backend = "interserver"
-[rule.match]
-recipient = ["hosting@example.com"]
-
-[[rule]]
-name = "billing"
-backend = "whmcs"
-[rule.match]
-recipient = ["billing@example.com"]
-
-[[rule]]
-name = "catch-all"
-backend = "superoffice-soap"
-"""
-
-
 # ---------------------------------------------------------------------------------- small utils
 
 
@@ -242,27 +210,15 @@ def write_config(directory: Path, ports: Ports, overrides: dict[str, Any] | None
     rules_dir = directory / "rules"
     if rules_dir.exists():
         shutil.rmtree(rules_dir)
-    repo_rules = sorted((REPO / "rules").glob("*.toml"))
-    if repo_rules:
-        shutil.copytree(REPO / "rules", rules_dir)
-    else:
-        rules_dir.mkdir()
-        (rules_dir / "50-demo.toml").write_text(MINIMAL_RULES, encoding="utf-8")
+    shutil.copytree(REPO / "rules", rules_dir)  # the quick start's rules and templates
     tmpl = directory / "templates"
     if tmpl.exists():
         shutil.rmtree(tmpl)
-    if (REPO / "templates").is_dir():
-        shutil.copytree(REPO / "templates", tmpl)
-    else:
-        tmpl.mkdir()
+    shutil.copytree(REPO / "templates", tmpl)
     path = directory / "config.toml"
     path.write_text(dump_toml(cfg), encoding="utf-8")
     path.chmod(0o600)
     return path
-
-
-def rules_source() -> str:
-    return "rules/ of the repo" if any((REPO / "rules").glob("*.toml")) else "minimal demo rules"
 
 
 # ---------------------------------------------------------------------------------- processes

@@ -299,7 +299,7 @@ def finish_bounds(cells: list[Cell], latency_ms: float, rest_calls: float | None
 async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     bench = Bench(args, root)
-    common.log(f"work dir {root}; rules: {common.rules_source()}")
+    common.log(f"work dir {root}; rules: rules/ of the repo")
     simulator = common.start_simulator(root, bench.sim_ports)
     cells: list[Cell] = []
     try:

@@ -566,7 +566,7 @@ def main() -> int:
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
-    common.log(f"work directory {root}; rules: {common.rules_source()}")
+    common.log(f"work directory {root}; rules: rules/ of the repo")
     results: list[tuple[Phase, Phase]] = []
     ok = False
     try:

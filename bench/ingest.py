@@ -206,7 +206,7 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     sim_ports = common.Ports.pick()
-    common.log(f"work dir {root}; rules: {common.rules_source()}")
+    common.log(f"work dir {root}; rules: rules/ of the repo")
     simulator = common.start_simulator(root, sim_ports)
     sim = common.SimClient(sim_ports.sim_http)
     results: list[RunFigures] = []

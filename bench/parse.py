@@ -408,7 +408,7 @@ def main() -> int:
 
     if not args.skip_memory:
         root = Path(tempfile.mkdtemp(prefix="bench-parse-"))
-        common.log(f"work directory {root}; rules: {common.rules_source()}")
+        common.log(f"work directory {root}; rules: rules/ of the repo")
         done = False
         try:
             memory_part(root, args.mail_mib, args.timeout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Collection, Iterable
 
 from gateway.models import Envelope, ParsedMail
 
@@ -175,7 +176,7 @@ def _normalise_address(addr: str) -> str:
     return f"{base or local}@{domain}"
 
 
-def is_own_address(addr: str, own: set[str]) -> bool:
+def is_own_address(addr: str, own: Collection[str]) -> bool:
     """True when `addr` is one of `own` (case-insensitive; "+tag" in the local part ignored)."""
     if not addr or not own:
         return False
@@ -298,3 +299,20 @@ def content_digest(raw: bytes) -> str:
         body = body[blank.end() :]
     digest.update(_LINE_END.sub(b"\n", body).rstrip())
     return digest.hexdigest()
+
+
+# Subject tokens the ticket systems write themselves (recognised besides each backend's own).
+SYSTEM_TOKENS = ("[Ticket ID: {ref}]",)  # WHMCS
+
+
+def token_formats(backend_tokens: Iterable[str]) -> list[str]:
+    """Every subject-token format to look for: the backends' own and the systems' (WHMCS)."""
+    return sorted({*backend_tokens, *SYSTEM_TOKENS})
+
+
+def loop_reason(mail: ParsedMail, envelope: Envelope, own: Collection[str]) -> str | None:
+    """Why this mail is a loop (it comes from one of our own addresses), or None."""
+    for addr in (mail.from_addr, envelope.mail_from):
+        if addr and is_own_address(addr, own):
+            return f"loop: mail from our own address {addr}"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -266,21 +267,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     now = datetime.fromisoformat(args.at) if args.at else datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=tz)
-    own = cfg.own_addresses()
-    loop_reason = None
-    for addr in (mail.from_addr, env.mail_from):
-        if addr and classify.is_own_address(addr, own):
-            loop_reason = f"loop: mail from our own address {addr}"
-            break
-    f_ref, f_backend = _followup_from_spool(cfg, mail)
     ctx = RouteContext(
         now=now.astimezone(tz),
         auto_reason=classify.auto_reason(mail, env),
-        loop_reason=loop_reason,
-        followup_ref=f_ref,
-        followup_backend=f_backend,
+        loop_reason=classify.loop_reason(mail, env, cfg.own_addresses()),
     )
-    decision = rules.route(mail, env, ctx)
+    # as the worker does: a token's ref is looked up preferring the backend the rules pick
+    plain = rules.route(mail, env, ctx)
+    f_ref, f_backend = _followup_from_spool(cfg, mail, plain.backend or None)
+    decision = rules.route(
+        mail, env, dataclasses.replace(ctx, followup_ref=f_ref, followup_backend=f_backend)
+    )
     if args.json:
         print(json.dumps(decision.to_json(), ensure_ascii=False))
     else:
@@ -295,13 +292,16 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-def _followup_from_spool(cfg: Config, mail: Any) -> tuple[str | None, str | None]:
+def _followup_from_spool(
+    cfg: Config, mail: Any, prefer_backend: str | None
+) -> tuple[str | None, str | None]:
     """Read-only look-up of the spool's ticket and thread maps (the dry run calls nothing)."""
     import sqlite3
 
     from gateway import classify
+    from gateway.spool.sqlite import thread_lookup, ticket_by_ref
 
-    tokens = sorted({b.subject_token for b in cfg.backends.values()} | {"[Ticket ID: {ref}]"})
+    tokens = classify.token_formats(b.subject_token for b in cfg.backends.values())
     ref = classify.find_subject_token(mail.subject, tokens)
     path = cfg.spool_path
     if not path.exists():
@@ -312,14 +312,11 @@ def _followup_from_spool(cfg: Config, mail: Any) -> tuple[str | None, str | None
         return ref, None
     try:
         if ref is not None:
-            row = conn.execute("SELECT backend FROM tickets WHERE ref = ?", (ref,)).fetchone()
-            return ref, row[0] if row else None
-        for mid in classify.thread_ids(mail):
-            row = conn.execute(
-                "SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)
-            ).fetchone()
-            if row:
-                return row[1], row[0]
+            known = ticket_by_ref(conn, ref, prefer_backend)
+            return ref, known[0] if known else None
+        hit = thread_lookup(conn, classify.thread_ids(mail))
+        if hit is not None:
+            return hit[1], hit[0]
     except sqlite3.Error:
         pass
     finally:

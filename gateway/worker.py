@@ -45,8 +45,6 @@ from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.worker")
 
-WHMCS_TOKEN = "[Ticket ID: {ref}]"
-
 
 class SpoolProgress:
     """`Progress` backed by the spool: every step is durable before the next call. See `Progress`."""
@@ -125,7 +123,7 @@ class Worker:
         self._backend_status = {
             name: self.status.register(f"backend:{name}", "backend") for name in backends
         }
-        self._token_formats = sorted({*tokens.values(), WHMCS_TOKEN})
+        self._token_formats = classify.token_formats(tokens.values())
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -272,7 +270,7 @@ class Worker:
 
         # -- classify ---------------------------------------------------------------------------
         auto = classify.auto_reason(mail, env)
-        loop_reason = self._loop_reason(mail, env)
+        loop_reason = classify.loop_reason(mail, env, self.s.own_addresses)
         f_ref, f_backend, f_note = await self._find_followup(mail, row, auto, loop_reason)
         if f_note == "wait":
             await self.spool.defer(
@@ -344,13 +342,6 @@ class Worker:
         if env.peer:
             headers = (*headers, ("X-Gateway-Peer", env.peer))
         return dataclasses.replace(mail, headers=headers)
-
-    def _loop_reason(self, mail: ParsedMail, env: Envelope) -> str | None:
-        own = self.s.own_addresses
-        for addr in (mail.from_addr, env.mail_from):
-            if addr and classify.is_own_address(addr, set(own)):
-                return f"loop: mail from our own address {addr}"
-        return None
 
     async def _find_followup(
         self, mail: ParsedMail, row: MessageRow, auto: str | None, loop_reason: str | None
@@ -581,7 +572,7 @@ class Worker:
         if not s.ack_enabled:
             return None
         rcpt = (mail.reply_to or mail.from_addr or row.envelope.mail_from).lower()
-        if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, set(s.own_addresses)):
+        if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, s.own_addresses):
             return None
         if not row.envelope.mail_from and row.envelope.intake == "smtp":
             return None  # null envelope sender: never answer (RFC 3834)

@@ -50,31 +50,6 @@ SETTLE_TIMEOUT = 240.0  # until a burst of mail is all ticketed
 SENDER = "customer@example.org"
 TOKEN_RE = re.compile(r"LC-[0-9a-f]{8}-\d{5}")
 
-# Minimal rules in the documented syntax, used only when the repository's rules/ is missing.
-FALLBACK_RULES = """\
-[[rule]]
-name = "sales"
-backend = "superoffice-rest"
-[rule.match]
-recipient = ["sales@example.com"]
-
-[[rule]]
-name = "hosting"
-backend = "interserver"
-[rule.match]
-recipient = ["hosting@example.com"]
-
-[[rule]]
-name = "billing"
-backend = "whmcs"
-[rule.match]
-recipient = ["billing@example.com"]
-
-[[rule]]
-name = "default"
-backend = "superoffice-soap"
-"""
-
 # Sorts before 10-demo.toml, so it decides for support@ once loaded.
 RELOADED_RULES = """\
 [[rule]]
@@ -438,14 +413,9 @@ def write_config(
 
 
 def install_rules(rules_dir: Path) -> None:
-    src = REPO / "rules"
     rules_dir.mkdir(parents=True, exist_ok=True)
-    files = sorted(src.glob("*.toml")) if src.is_dir() else []
-    if files:
-        for f in files:
-            shutil.copy(f, rules_dir / f.name)
-    else:
-        (rules_dir / "50-minimal.toml").write_text(FALLBACK_RULES, encoding="utf-8")
+    for f in sorted((REPO / "rules").glob("*.toml")):
+        shutil.copy(f, rules_dir / f.name)
 
 
 @pytest.fixture

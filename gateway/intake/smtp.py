@@ -48,9 +48,6 @@ class IntakeHandler:
         self.recipients = {r.lower() for r in recipients}
         self.max_recipients = max_recipients
         self.on_stored = on_stored  # callback(msg_id) so the worker wakes at once
-        self.accepted = 0
-        self.refused_rcpt = 0
-        self.spool_failures = 0
 
     async def handle_RCPT(
         self,
@@ -64,7 +61,6 @@ class IntakeHandler:
         if "@" not in addr:
             return ERR_553_SYNTAX
         if addr not in self.recipients:
-            self.refused_rcpt += 1
             log.info("event=rcpt_refused peer=%s", _peer_ip(session))
             return ERR_550_RCPT.format(addr=address)
         if len(envelope.rcpt_tos) >= self.max_recipients:
@@ -88,10 +84,8 @@ class IntakeHandler:
         try:
             result = await self.spool.put(raw, env)
         except SpoolError as exc:
-            self.spool_failures += 1
             log.error("event=spool_put_failed intake=smtp error=%r", str(exc))
             return ERR_451_SPOOL
-        self.accepted += 1
         if self.on_stored is not None:
             self.on_stored(result.id)
         log.debug("event=accepted intake=smtp id=%d size=%d", result.id, len(raw))

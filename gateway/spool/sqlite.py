@@ -25,7 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -428,24 +428,17 @@ class SqliteSpool:
         ).rowcount
         return n, unc
 
-    async def claim_due(self, limit: int, *, exclude_backends: Iterable[str] = ()) -> list[int]:
+    async def claim_due(self, limit: int) -> list[int]:
         """Mark up to `limit` due messages `processing` (oldest first) and return their ids."""
         now = self.clock()
-        excluded = sorted(set(exclude_backends))
 
         def job(conn: sqlite3.Connection) -> list[int]:
-            params: list[Any] = [now]
-            extra = ""
-            if excluded:
-                extra = f" AND backend NOT IN ({','.join('?' * len(excluded))})"
-                params.extend(excluded)
-            params.append(limit)
             ids = [
                 r[0]
                 for r in conn.execute(
                     "SELECT id FROM messages WHERE state IN ('queued', 'deferred')"
-                    f" AND next_attempt_at <= ?{extra} ORDER BY next_attempt_at, id LIMIT ?",
-                    params,
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+                    (now, limit),
                 )
             ]
             if ids:
@@ -646,34 +639,13 @@ class SqliteSpool:
         one the rules would choose for this mail, else the most recent wins.
         """
 
-        def q(conn: sqlite3.Connection) -> tuple[str, str, str, str] | None:
-            rows = conn.execute(
-                "SELECT backend, system, ticket_id, requester FROM tickets WHERE ref = ?"
-                " ORDER BY created_at DESC",
-                (ref,),
-            ).fetchall()
-            for r in rows:
-                if prefer_backend is None or r[0] == prefer_backend:
-                    return (r[0], r[1], r[2], r[3])
-            return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
-
-        return await self._read(q)
+        return await self._read(lambda conn: ticket_by_ref(conn, ref, prefer_backend))
 
     async def thread_lookup(self, message_ids: list[str]) -> tuple[str, str] | None:
         """(backend, ref) of the ticket a Message-ID among `message_ids` belongs to (first wins)."""
         if not message_ids:
             return None
-
-        def q(conn: sqlite3.Connection) -> tuple[str, str] | None:
-            for mid in message_ids:
-                r = conn.execute(
-                    "SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)
-                ).fetchone()
-                if r:
-                    return r[0], r[1]
-            return None
-
-        return await self._read(q)
+        return await self._read(lambda conn: thread_lookup(conn, message_ids))
 
     async def pending_original(self, message_ids: list[str], before_id: int) -> int | None:
         """An earlier message, still waiting for its ticket, whose Message-ID is in the list."""
@@ -841,3 +813,30 @@ class SqliteSpool:
             ).rowcount
 
         return self.write_sync(job)
+
+
+# -- the map look-ups, on any connection: the daemon's and the dry run's read-only one ---------------
+
+
+def ticket_by_ref(
+    conn: sqlite3.Connection, ref: str, prefer_backend: str | None = None
+) -> tuple[str, str, str, str] | None:
+    """See `SqliteSpool.ticket_by_ref`."""
+    rows = conn.execute(
+        "SELECT backend, system, ticket_id, requester FROM tickets WHERE ref = ?"
+        " ORDER BY created_at DESC",
+        (ref,),
+    ).fetchall()
+    for r in rows:
+        if prefer_backend is None or r[0] == prefer_backend:
+            return (r[0], r[1], r[2], r[3])
+    return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
+
+
+def thread_lookup(conn: sqlite3.Connection, message_ids: list[str]) -> tuple[str, str] | None:
+    """See `SqliteSpool.thread_lookup`."""
+    for mid in message_ids:
+        r = conn.execute("SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)).fetchone()
+        if r:
+            return r[0], r[1]
+    return None
