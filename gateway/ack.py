@@ -123,6 +123,63 @@ def _header(text: str) -> str:
     return Header(text, "utf-8").encode()
 
 
+RELAY_IDLE = 10.0  # seconds a relay connection may stay open without a message
+RELAY_REUSE = 100  # messages per relay connection, then a new one (as MTAs limit it)
+
+
+class _RelayConnection:
+    """One connection to the relay, kept open for the next message (no connect, EHLO and QUIT
+    per acknowledgement); replaced after an error, a reload, RELAY_REUSE messages or RELAY_IDLE."""
+
+    def __init__(self) -> None:
+        self.client: aiosmtplib.SMTP | None = None
+        self.key: tuple[Any, ...] = ()
+        self.count = 0
+        self.last_used = 0.0
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def ready(self, key: tuple[Any, ...], make: Any) -> bool:
+        """Connect unless open to the same relay; True if an open connection is reused."""
+        client = self.client
+        if client is not None and (
+            key != self.key or not client.is_connected or self.count >= RELAY_REUSE
+        ):
+            await self.close()
+            client = None
+        if client is not None:
+            return True
+        client = make()
+        self.client, self.key, self.count = client, key, 0
+        try:
+            await client.connect()
+        except BaseException:
+            self.client = None
+            raise
+        return False
+
+    async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> None:
+        assert self.client is not None
+        self.last_used = time.monotonic()
+        await self.client.sendmail(mail_from, rcpts, data)
+        self.count += 1
+        self.last_used = time.monotonic()
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            if client.is_connected:
+                await asyncio.wait_for(client.quit(), 5.0)
+        except Exception:  # QUIT is a courtesy; the socket goes either way
+            client.close()
+
+    def close_soon(self) -> None:
+        task = asyncio.ensure_future(self.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
 class AckSender:
     """Delivers the outbox through the relay, with retries; one task, woken by the worker."""
 
@@ -153,33 +210,47 @@ class AckSender:
         self.sent = 0
         self.failed = 0
         self._stopping = False
+        self._lanes = [_RelayConnection() for _ in range(max(1, parallel))]
 
     async def run(self) -> None:
-        while not self._stopping:
-            self.wake.clear()  # before reading: a wake-up during the read is not lost
-            try:
-                due = await self.spool.due_acks()
-            except Exception as exc:
-                log.error("event=outbox_read_failed error=%r", str(exc))
-                due = []
-            if due and not self._stopping:
-                # several at once: one slow relay round trip must not hold up the rest
-                sem = asyncio.Semaphore(self.parallel)
-
-                async def send(ack: Any, sem: asyncio.Semaphore = sem) -> None:
-                    async with sem:
-                        if not self._stopping:
-                            await self._send_one(ack)
-
-                await asyncio.gather(*(send(a) for a in due))
-            if not due or len(due) < 50:
+        try:
+            while not self._stopping:
+                self.wake.clear()  # before reading: a wake-up during the read is not lost
                 try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=2.0)
-                except TimeoutError:
-                    pass
+                    due = await self.spool.due_acks()
+                except Exception as exc:
+                    log.error("event=outbox_read_failed error=%r", str(exc))
+                    due = []
+                if due and not self._stopping:
+                    # several connections at once: one slow relay round trip must not hold up
+                    # the rest; each connection carries one message after another
+                    todo = list(reversed(due))
+                    lanes = self._lanes[: max(1, min(self.parallel, len(due)))]
+                    await asyncio.gather(*(self._drain(lane, todo) for lane in lanes))
+                if not due or len(due) < 50:
+                    self._close_idle(time.monotonic() - RELAY_IDLE)
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), timeout=2.0)
+                    except TimeoutError:
+                        pass
+        finally:
+            for lane in self._lanes:
+                await lane.close()
 
-    async def _send_one(self, ack: Any) -> None:
-        client = aiosmtplib.SMTP(
+    async def _drain(self, lane: _RelayConnection, todo: list[Any]) -> None:
+        while todo and not self._stopping:
+            await self._send_one(todo.pop(), lane)
+
+    def _close_idle(self, before: float) -> None:
+        for lane in self._lanes:
+            if lane.client is not None and lane.last_used < before:
+                lane.close_soon()
+
+    def _relay_key(self) -> tuple[Any, ...]:
+        return (self.host, self.port, self.relay_tls, self.username, self.password)
+
+    def _client(self) -> aiosmtplib.SMTP:
+        return aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
             timeout=self.timeout,
@@ -188,23 +259,38 @@ class AckSender:
             username=self.username,
             password=self.password,
         )
+
+    async def _send_one(self, ack: Any, lane: _RelayConnection | None = None) -> None:
+        lane = lane or _RelayConnection()
         try:
-            async with client:
-                # sendmail, not send: "" must go out as the null sender MAIL FROM:<>
-                await client.sendmail(ack.mail_from, [ack.rcpt], ack.data)
+            for attempt in (1, 2):
+                reused = await lane.ready(self._relay_key(), self._client)
+                try:
+                    # sendmail, not send: "" must go out as the null sender MAIL FROM:<>
+                    await lane.send(ack.mail_from, [ack.rcpt], ack.data)
+                    break
+                except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                    await lane.close()
+                    # a connection the relay closed while it waited: once more on a new one
+                    if not reused or attempt == 2:
+                        raise
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            await lane.close()
             codes = [e.code for e in exc.recipients]
             permanent = all(500 <= c < 600 for c in codes)
             await self._failed(ack, f"relay refused the recipient: {codes}", permanent)
             return
         except aiosmtplib.SMTPResponseException as exc:
+            await lane.close()
             permanent = 500 <= exc.code < 600
             await self._failed(ack, f"relay said {exc.code} {exc.message}", permanent)
             return
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await lane.close()
             await self._failed(ack, f"relay unreachable: {exc}", False)
             return
         except Exception as exc:  # never let one acknowledgement stop the sender
+            await lane.close()
             log.exception("event=ack_error ack=%d", ack.id)
             await self._failed(ack, f"internal error: {type(exc).__name__}: {exc}", False)
             return
