@@ -149,8 +149,28 @@ class _Transport(AsyncTransport):
     """zeep's async transport without its debug log of whole envelopes (password, mail text),
     and with HTTP statuses that carry no SOAP turned into `_HttpStatus` right away."""
 
+    _urls: dict[str, httpx.URL]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._urls = {}
+
     async def post(self, address: str, message: bytes, headers: dict[str, str]) -> httpx.Response:
-        return await self.client.post(address, content=message, headers=headers)
+        # the request is built here, not by client.post: httpx's request building (URL merging,
+        # header merging) cost as much CPU as the exchange itself; the URL is parsed once
+        url = self._urls.get(address)
+        if url is None:
+            url = self._urls[address] = httpx.URL(address)
+        merged = self.client.headers.copy()
+        merged.update(headers)
+        request = httpx.Request(
+            "POST",
+            url,
+            headers=merged,
+            content=message,
+            extensions={"timeout": self.client.timeout.as_dict()},
+        )
+        return await self.client.send(request)
 
     async def post_xml(self, address: str, envelope: Any, headers: dict[str, str]) -> Any:
         response = await self.post(address, etree_to_string(envelope), headers)
