@@ -84,7 +84,7 @@ def build_app(state: SimState) -> web.Application:
         return _json(client, status=201)
 
     async def outbox(request: web.Request) -> web.Response:
-        return _json(state.outbox)
+        return _json([r.record() if hasattr(r, "record") else r for r in state.outbox])
 
     async def autoreply(request: web.Request) -> web.Response:
         body = await _body(request)

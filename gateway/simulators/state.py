@@ -9,9 +9,10 @@ shape (DESIGN, "Simulators"). A system module asks `gate()` before serving a cal
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -50,12 +51,25 @@ class SimTicket:
     created_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["messages"] = [
-            {"body": m.body, "author": m.author, "attachments": list(m.attachments), "html": m.html}
-            for m in self.messages
-        ]
-        return d
+        return {
+            "system": self.system,
+            "id": self.id,
+            "ref": self.ref,
+            "title": self.title,
+            "requester": self.requester,
+            "fields": copy.deepcopy(self.fields),
+            "messages": [
+                {
+                    "body": m.body,
+                    "author": m.author,
+                    "attachments": list(m.attachments),
+                    "html": m.html,
+                }
+                for m in self.messages
+            ],
+            "status": self.status,
+            "created_at": self.created_at,
+        }
 
 
 @dataclass
@@ -74,9 +88,10 @@ class SimState:
 
     def reset(self) -> None:
         self.tickets: list[SimTicket] = []
+        self._by_key: dict[tuple[str, str], SimTicket] = {}  # (system, id or ref) -> ticket
         self.clients: list[dict[str, Any]] = []  # {system, email, id, name}
         self.faults: dict[str, Fault] = {}
-        self.outbox: list[dict[str, Any]] = []
+        self.outbox: list[Any] = []  # dicts, or the sink's StoredMail (parsed when read)
         self.calls: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
         self.session_epoch = 0  # bumped by /_sim/sessions/expire: every older session is invalid
         self.autoreply: dict[str, Any] = {"mode": "off", "smtp": ""}
@@ -89,11 +104,17 @@ class SimState:
 
     def add_ticket(self, ticket: SimTicket) -> SimTicket:
         self.tickets.append(ticket)
+        self._by_key.setdefault((ticket.system, ticket.id), ticket)
+        self._by_key.setdefault((ticket.system, ticket.ref), ticket)
         return ticket
 
     def find(self, system: str, ticket_id: str) -> SimTicket | None:
-        for t in self.tickets:
-            if t.system == system and (t.id == str(ticket_id) or t.ref == str(ticket_id)):
+        key = str(ticket_id)
+        t = self._by_key.get((system, key))
+        if t is not None and (t.id == key or t.ref == key):
+            return t
+        for t in self.tickets:  # a ticket appended without add_ticket, or renumbered
+            if t.system == system and (t.id == key or t.ref == key):
                 return t
         return None
 
