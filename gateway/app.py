@@ -307,7 +307,9 @@ class Daemon:
             self._wakeup.set()
 
         self.tasks.append(
-            asyncio.create_task(read_wakeups(worker.notify, parent_gone), name="wakeups")
+            asyncio.create_task(
+                read_wakeups(worker.notify, parent_gone, worker.yield_to_intake), name="wakeups"
+            )
         )
         self.tasks.append(asyncio.create_task(self._report_status(), name="status-report"))
 
@@ -353,6 +355,7 @@ class Daemon:
         assert self.spool is not None
         if self.role == "intake":
             self.supervisor = WorkerSupervisor(cfg.path, self.status, self.metrics)
+            self.supervisor.yield_rate = cfg.gateway.worker_yield_rate
             self.supervisor.start()
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
@@ -406,7 +409,10 @@ class Daemon:
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
-        self.wake_worker(msg_id)
+        if self.worker is None and self.supervisor is not None:
+            self.supervisor.wake(smtp=True)
+        else:
+            self.wake_worker(msg_id)
 
     def wake_worker(self, msg_id: int) -> None:
         if self.worker is not None:

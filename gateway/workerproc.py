@@ -37,6 +37,8 @@ from gateway.status import StatusBoard
 log = logging.getLogger("gateway.workerproc")
 
 WAKE = b"w"
+BURST = b"b"  # a wake-up that also says: the SMTP intake is taking a burst, yield to it
+BURST_WINDOW = 0.25  # seconds over which the SMTP intake's rate is counted
 
 
 class EventMetrics:
@@ -121,6 +123,10 @@ class WorkerSupervisor:
         self._reported = asyncio.Event()
         self._wake_scheduled = False
         self.restarts = 0
+        self.yield_rate = 0  # SMTP mails/s that make a burst (0: never tell the worker)
+        self._window_start = 0.0
+        self._window_count = 0
+        self._burst = False
 
     def start(self) -> None:
         """Start the worker (and restart it whenever it dies)."""
@@ -202,8 +208,23 @@ class WorkerSupervisor:
                 if event.get("t") == "status":
                     self._reported.set()
 
-    def wake(self) -> None:
-        """Wake the worker; wake-ups within one turn of the event loop share one byte."""
+    def wake(self, *, smtp: bool = False) -> None:
+        """Wake the worker; wake-ups within one turn of the event loop share one byte.
+
+        `smtp`: a mail the SMTP intake just stored. Above `yield_rate` such mails per second the
+        byte says BURST, and the worker steps back (see `Worker.yield_to_intake`): while clients
+        wait for their `250`, the spool's write lock and the CPU are theirs first.
+        """
+        if smtp and self.yield_rate > 0:
+            now = time.monotonic()
+            if now - self._window_start >= BURST_WINDOW:
+                elapsed = now - self._window_start
+                full = self._window_count >= self.yield_rate * BURST_WINDOW
+                self._burst = full and elapsed < 2 * BURST_WINDOW  # a stale window says nothing
+                self._window_start, self._window_count = now, 0
+            self._window_count += 1
+            if self._window_count >= self.yield_rate * BURST_WINDOW:
+                self._burst = True
         if self._wake_scheduled:
             return
         self._wake_scheduled = True
@@ -218,7 +239,7 @@ class WorkerSupervisor:
         # one byte per stored mail is plenty; never let the pipe's buffer grow without bound
         if transport.get_write_buffer_size() < 64:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                proc.stdin.write(WAKE)
+                proc.stdin.write(BURST if self._burst else WAKE)
 
     def reload(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -247,8 +268,9 @@ class WorkerSupervisor:
             self.proc.send_signal(sig)
 
 
-async def read_wakeups(notify: Any, on_eof: Any) -> None:
-    """Child side: call `notify()` per wake-up byte on stdin; `on_eof()` when the parent is gone."""
+async def read_wakeups(notify: Any, on_eof: Any, on_burst: Any = None) -> None:
+    """Child side: call `notify()` per read of wake-up bytes on stdin, `on_burst()` as well when
+    one of them says BURST; `on_eof()` when the parent is gone."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -257,6 +279,8 @@ async def read_wakeups(notify: Any, on_eof: Any) -> None:
         if not data:
             on_eof()
             return
+        if on_burst is not None and BURST in data:
+            on_burst()
         notify()
 
 

@@ -134,3 +134,173 @@ async def test_per_ip_connection_limit(intake: tuple[SmtpListener, SqliteSpool])
     assert exc.value.code == 421
     for c in clients:
         await c.quit()
+
+
+async def _send_raw_data(port: int, data: bytes, *, after: bytes = b"") -> list[bytes]:
+    """EHLO, MAIL, RCPT, DATA, then `data` (already dot-stuffed, with its end marker) and
+    `after` in the same write; returns the reply lines from DATA's 354 on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out: list[bytes] = []
+
+    async def reply() -> bytes:
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            if line[3:4] != b"-":
+                return line
+
+    await reply()
+    for cmd in (b"EHLO c.test", b"MAIL FROM:<c@example.org>", b"RCPT TO:<support@example.com>"):
+        writer.write(cmd + b"\r\n")
+        assert (await reply()).startswith(b"250")
+    writer.write(b"DATA\r\n")
+    out.append(await reply())
+    writer.write(data + after)
+    await writer.drain()
+    out.append(await reply())
+    if after:
+        out.append(await reply())
+    writer.close()
+    return out
+
+
+def _queued_id(reply: bytes) -> int:
+    assert reply.startswith(b"250 "), reply
+    return int(reply.rsplit(b" ", 1)[1])
+
+
+async def test_dot_stuffed_lines_come_back_unstuffed(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    body = b"Subject: dots\r\n\r\n.NET is here\r\n..double\r\n.\r\nnot the end\r\nlast"
+    stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in body.split(b"\r\n"))
+    replies = await _send_raw_data(listener.port, stuffed + b"\r\n.\r\n")
+    assert replies[0].startswith(b"354")
+    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    assert row is not None and row.raw == body + b"\r\n"
+
+
+async def test_first_line_starting_with_a_dot_and_an_empty_mail(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    replies = await _send_raw_data(listener.port, b"..first\r\nsecond\r\n.\r\n")
+    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    assert row is not None and row.raw == b".first\r\nsecond\r\n"
+    replies = await _send_raw_data(listener.port, b".\r\n")
+    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    assert row is not None and row.raw == b""
+
+
+async def test_large_mail_in_many_packets_arrives_byte_for_byte(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    lines = [b"Subject: big", b""] + [
+        (b"." if i % 7 == 0 else b"") + b"line %05d " % i + b"x" * (i % 90) for i in range(700)
+    ]
+    body = b"\r\n".join(lines) + b"\r\n"
+    assert len(body) < 64 * 1024
+    _errors, response = await aiosmtplib.send(
+        body,
+        sender="c@example.org",
+        recipients=["support@example.com"],
+        hostname="127.0.0.1",
+        port=listener.port,
+    )
+    row = spool.get_sync(int(response.rsplit(" ", 1)[1]), with_raw=True)
+    assert row is not None and row.raw == body
+
+
+async def test_line_longer_than_1000_octets_is_kept_not_refused(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    body = b"Subject: long\r\n\r\n<html>" + b"a" * 5000 + b"</html>\r\n"
+    replies = await _send_raw_data(listener.port, body + b".\r\n")
+    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    assert row is not None and row.raw == body
+
+
+async def test_data_over_the_size_limit_gets_552_and_the_session_goes_on(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    big = b"Subject: huge\r\n\r\n" + (b"y" * 998 + b"\r\n") * 100  # ~100 KiB > 64 KiB
+    replies = await _send_raw_data(listener.port, big + b".\r\n", after=b"NOOP\r\n")
+    assert replies[1].startswith(b"552")
+    assert replies[2].startswith(b"250")  # NOOP: still in step with the client
+    assert spool.list_sync() == []
+
+
+async def test_commands_pipelined_after_the_end_marker_are_answered(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, spool = intake
+    replies = await _send_raw_data(
+        listener.port, b"Subject: p\r\n\r\nbody\r\n.\r\n", after=b"QUIT\r\n"
+    )
+    assert replies[1].startswith(b"250 ")
+    assert replies[2].startswith(b"221")
+    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    assert row is not None and row.raw == b"Subject: p\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<>",
+        "<> SIZE=100",
+        "<a@b.c>",
+        "<a@b.c> SIZE=5 BODY=8BITMIME",
+        "<First.Last+tag@Example.ORG>",
+        "<a@[127.0.0.1]>",
+        '<"q u"@b.c>',
+        "<a..b@c>",
+        "<a@b>x",
+        "a@b.c",
+        "<@relay.example:a@b.c>",
+        "<ü@example.org>",
+        "<a@b",
+        "",
+    ],
+)
+async def test_fast_address_reading_agrees_with_aiosmtpd(
+    intake: tuple[SmtpListener, SqliteSpool], arg: str
+) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    listener, _ = intake
+    proto = listener._factory()
+    fast = proto._getaddr(arg)
+    full = SMTP._getaddr(proto, arg)
+    assert fast[0] == full[0]
+    assert (fast[1] or "").split() == (full[1] or "").split()
+
+
+async def test_cloned_connection_matches_a_constructed_one(
+    intake: tuple[SmtpListener, SqliteSpool],
+) -> None:
+    listener, _ = intake
+    first = listener._factory()
+    if listener._template is None:
+        pytest.skip("this aiosmtpd version is constructed for every connection")
+    clone = listener._factory()
+    built = listener._construct()
+    assert set(vars(clone)) == set(vars(built))
+    assert clone._smtp_methods.keys() == built._smtp_methods.keys()
+    assert all(m.__self__ is clone for m in clone._smtp_methods.values())
+    assert {k: a.is_builtin for k, a in clone._auth_methods.items()} == {
+        k: a.is_builtin for k, a in built._auth_methods.items()
+    }
+    for a in clone._auth_methods.values():
+        if a.is_builtin:
+            assert a.method.__self__ is clone
+    assert clone._stream_reader_wr() is not first._stream_reader_wr()
+    assert clone._closed is not first._closed
+    per_connection = {"_stream_reader_wr", "_strong_reader", "_closed", "_drain_waiters"}
+    for key, value in vars(built).items():
+        if key in per_connection or key in ("_smtp_methods", "_auth_methods", "_handle_hooks"):
+            continue
+        if isinstance(value, int | str | bool | float | type(None)):
+            assert vars(clone)[key] == value, key
