@@ -216,6 +216,7 @@ class WorkerSupervisor:
         wait for their `250`, the spool's write lock and the CPU are theirs first.
         """
         if smtp and self.yield_rate > 0:
+            was_burst = self._burst
             now = time.monotonic()
             if now - self._window_start >= BURST_WINDOW:
                 elapsed = now - self._window_start
@@ -225,6 +226,9 @@ class WorkerSupervisor:
             self._window_count += 1
             if self._window_count >= self.yield_rate * BURST_WINDOW:
                 self._burst = True
+            if self._burst and not was_burst:
+                self.metrics.intake_bursts.inc()
+                log.info("event=intake_burst worker=yielding")
         if self._wake_scheduled:
             return
         self._wake_scheduled = True

@@ -138,3 +138,39 @@ def test_health_reports_components(stack: tuple[SimProcess, DaemonProcess]) -> N
     body = r.json()
     assert body["status"] == "ok"
     assert {"spool", "rules", "intake:smtp", "backend:superoffice-soap"} <= set(body["components"])
+
+
+def test_smtp_burst_makes_the_worker_step_back_then_every_mail_is_ticketed(
+    tmp_path: Path,
+) -> None:
+    import concurrent.futures
+
+    sim = SimProcess(tmp_path)
+    sim.start()
+    # a low threshold, so that a test-sized burst counts as one (2 mails per 0.25 s window)
+    cfg = write_config(
+        tmp_path / "gw",
+        sim_http=sim.http_port,
+        sim_smtp=sim.smtp_port,
+        replace={"worker_yield_rate = 200": "worker_yield_rate = 8"},
+    )
+    daemon = DaemonProcess(cfg)
+    daemon.start()
+    try:
+        tag = uuid.uuid4().hex[:8]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: send(daemon.smtp_port, f"burst {tag} {i}"), range(60)))
+        metrics = httpx.get(f"http://127.0.0.1:{daemon.health_port}/metrics", timeout=5).text
+        bursts = [ln for ln in metrics.splitlines() if ln.startswith("gateway_intake_bursts_total")]
+        assert bursts and float(bursts[0].split()[1]) >= 1
+
+        def all_ticketed() -> bool:
+            titles = [t["title"] for t in sim.get("/_sim/tickets")]
+            return sum(1 for t in titles if t.startswith(f"burst {tag} ")) >= 60
+
+        assert wait_for(all_ticketed, 60)
+        titles = [t["title"] for t in sim.get("/_sim/tickets") if t["title"].startswith("burst")]
+        assert sorted(titles) == sorted(f"burst {tag} {i}" for i in range(60))  # once each
+    finally:
+        daemon.stop()
+        sim.stop()
