@@ -269,6 +269,8 @@ _LEADING_BLANK = re.compile(rb"(?:\xef\xbb\xbf)?(?:[ \t]*\r?\n)*")
 _HEADER_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.M)
 _WHITE = re.compile(rb"\s+")
 _LINE_END = re.compile(rb"[ \t]*\r?\n")
+_TRAILING_WHITE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.rstrip() removes
+_DIGEST_PIECE = 1 << 18
 
 
 def content_digest(raw: bytes) -> str:
@@ -293,11 +295,25 @@ def content_digest(raw: bytes) -> str:
         for value in fields.get(name.encode("ascii"), []):
             digest.update(name.encode("ascii") + b":" + value + b"\n")
     digest.update(b"\n")
-    body = raw[end:]
-    blank = _LINE_END.match(body)
+    # The body, normalised as `_LINE_END.sub(b"\n", body).rstrip()` would, in pieces cut after a
+    # line end (no match crosses a cut), so that a big mail is not copied whole. Stripping the
+    # trailing white space first gives the same bytes: no line-end match ends in what remains.
+    pos = end
+    blank = _LINE_END.match(raw, pos)
     if blank:
-        body = body[blank.end() :]
-    digest.update(_LINE_END.sub(b"\n", body).rstrip())
+        pos = blank.end()
+    stop = len(raw)
+    while stop > pos and raw[stop - 1] in _TRAILING_WHITE:
+        stop -= 1
+    while pos < stop:
+        cut = min(stop, pos + _DIGEST_PIECE)
+        if cut < stop:
+            nl = raw.rfind(b"\n", pos, cut)
+            if nl < 0:  # one line longer than a piece: up to its end
+                nl = raw.find(b"\n", cut, stop)
+            cut = stop if nl < 0 else nl + 1
+        digest.update(_LINE_END.sub(b"\n", raw[pos:cut]))
+        pos = cut
     return digest.hexdigest()
 
 

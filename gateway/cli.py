@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.config import Config, config_path, load_config
 from gateway.errors import ConfigError, GatewayError, ParseError
-from gateway.limits import raise_open_files
+from gateway.limits import raise_open_files, return_big_buffers
 from gateway.logs import setup_logging
 
 
@@ -49,6 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP
     sock = _activation_socket()
     raise_open_files()
+    return_big_buffers()
     role = "intake" if cfg.gateway.worker_process else "all"
     try:
         return asyncio.run(Daemon(cfg, smtp_sock=sock, role=role).serve())
@@ -67,6 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return EXIT_CONFIG
     setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
+    return_big_buffers()
     return asyncio.run(Daemon(cfg, role="worker").serve())
 
 

@@ -267,6 +267,9 @@ class Worker:
             )
             return
         digest = classify.content_digest(row.raw)
+        # the raw bytes are not needed from here on: a big mail's memory goes back before the
+        # backend calls (which hold the attachments and their encoded copies)
+        row = dataclasses.replace(row, raw=None)
         earlier = await self.spool.set_identity(msg_id, mail.message_id, digest, mail.subject)
         if earlier is not None:
             st = await self.spool.state_of(earlier)

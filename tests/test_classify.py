@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.classify import (
     auto_reason,
@@ -281,3 +283,66 @@ def test_classify_functions_on_every_sample(path: Path) -> None:
     thread_ids(mail)
     is_own_address(mail.from_addr, {"support@example.com"})
     assert len(content_digest(raw)) == 64
+
+
+def _digest_reference(raw: bytes) -> str:
+    """content_digest as first written (whole-body copies): stored digests must stay the same."""
+    import hashlib
+
+    from gateway import classify as c
+
+    start = c._LEADING_BLANK.match(raw)
+    pos = start.end() if start else 0
+    block = c._HEADER_BLOCK.match(raw, pos)
+    end = block.end() if block else pos
+    fields: dict[bytes, list[bytes]] = {}
+    for m in c._HEADER_FIELD.finditer(raw[pos:end]):
+        name = m.group(1).lower()
+        if name.decode("ascii") in c.STABLE_DIGEST_HEADERS:
+            fields.setdefault(name, []).append(c._WHITE.sub(b" ", m.group(2)).strip())
+    digest = hashlib.sha256()
+    for name in c.STABLE_DIGEST_HEADERS:
+        for value in fields.get(name.encode("ascii"), []):
+            digest.update(name.encode("ascii") + b":" + value + b"\n")
+    digest.update(b"\n")
+    body = raw[end:]
+    blank = c._LINE_END.match(body)
+    if blank:
+        body = body[blank.end() :]
+    digest.update(c._LINE_END.sub(b"\n", body).rstrip())
+    return digest.hexdigest()
+
+
+_BODY_BYTES = st.lists(
+    st.sampled_from([b"a", b"b", b" ", b"\t", b"\r", b"\n", b"\r\n", b".", b"\x0b", b"\xc3\xa9"]),
+    max_size=400,
+).map(b"".join)
+
+
+@given(
+    head=st.sampled_from([b"Subject: s\r\nTo: b@x\r\n\r\n", b"From: a\n\n", b"", b"\n\n"]),
+    body=_BODY_BYTES,
+)
+@settings(max_examples=300, deadline=None)
+def test_digest_in_pieces_equals_the_whole_body_digest(head: bytes, body: bytes) -> None:
+    import gateway.classify as c
+
+    raw = head + body
+    old_piece = c._DIGEST_PIECE
+    try:
+        for piece in (3, 7, 64, 1 << 18):
+            c._DIGEST_PIECE = piece
+            assert content_digest(raw) == _digest_reference(raw)
+    finally:
+        c._DIGEST_PIECE = old_piece
+
+
+def test_digest_of_a_big_mail_equals_the_whole_body_digest() -> None:
+    import os
+
+    raw = (
+        b"Subject: big\r\n\r\n"
+        + b"\r\n".join(os.urandom(50).hex().encode() + b" \t" * (i % 3) for i in range(40_000))
+        + b"\r\n  \r\n"
+    )
+    assert content_digest(raw) == _digest_reference(raw)

@@ -162,3 +162,23 @@ async def test_a_mail_that_keeps_crashing_the_worker_is_set_aside(tmp_path: Path
     assert row is not None and row.state == "dead"
     assert "crashes" in row.last_error and row.raw == b"Subject: poison\r\n\r\nbody"
     s.close_sync()
+
+
+async def test_big_mails_go_in_and_come_out_whole_by_blob_io(spool: SqliteSpool) -> None:
+    import os
+
+    small = b"Subject: small\r\n\r\n" + b"s" * 1000
+    big = b"Subject: big\r\n\r\n" + os.urandom(3 * (1 << 20) + 12345)  # above BLOB_STREAM_MIN
+    exact = b"E" * (1 << 20)  # exactly at the limit: bound as before
+    ids = [(await spool.put(bytearray(m), ENV)).id for m in (small, big, exact)]
+    for msg_id, mail in zip(ids, (small, big, exact), strict=True):
+        row = await spool.load(msg_id)
+        assert row is not None and row.raw == mail and isinstance(row.raw, bytes)
+        meta = await spool.load(msg_id, with_raw=False)
+        assert meta is not None and meta.raw is None
+    conn = sqlite3.connect(spool.path)
+    assert conn.execute("SELECT raw FROM messages WHERE id = ?", (ids[1],)).fetchone()[0] == big
+    conn.execute("UPDATE messages SET raw = NULL WHERE id = ?", (ids[1],))  # purged
+    conn.commit()
+    row = await spool.load(ids[1])
+    assert row is not None and row.raw is None

@@ -80,6 +80,10 @@ def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
     )
 
 
+BLOB_STREAM_MIN = 1 << 20  # mails above this size are written and read in pieces
+BLOB_CHUNK = 1 << 18
+
+
 class _Job:
     __slots__ = ("fn", "future")
 
@@ -344,6 +348,7 @@ class SqliteSpool:
     ) -> Callable[[sqlite3.Connection], PutResult]:
         now = self.clock()
         received = envelope.received_at or now
+        big = len(raw) > BLOB_STREAM_MIN
         row = (
             State.QUEUED.value,
             envelope.intake,
@@ -352,7 +357,9 @@ class SqliteSpool:
             envelope.peer,
             received,
             len(raw),
-            raw,
+            # a big mail goes in by incremental blob I/O below: binding it would make SQLite
+            # copy all of it first
+            len(raw) if big else raw,
             source_key,
             0.0,
             now,
@@ -368,10 +375,15 @@ class SqliteSpool:
             cur = conn.execute(
                 "INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at,"
                 " size, raw, source_key, next_attempt_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" VALUES (?, ?, ?, ?, ?, ?, ?, {'zeroblob(?)' if big else '?'}, ?, ?, ?)",
                 row,
             )
             assert cur.lastrowid is not None
+            if big:
+                view = memoryview(raw)
+                with conn.blobopen("messages", "raw", cur.lastrowid) as blob:
+                    for start in range(0, len(view), BLOB_CHUNK):
+                        blob.write(view[start : start + BLOB_CHUNK])
             return PutResult(id=cur.lastrowid)
 
         return job
@@ -505,13 +517,25 @@ class SqliteSpool:
 
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
-            cols = _MSG_COLUMNS + (", raw" if with_raw else "")
-            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            # the length first: a big mail is read in place by incremental blob I/O, not
+            # assembled by SQLite and then copied again into Python
+            cols = _MSG_COLUMNS + (
+                ", length(raw) AS raw_len, CASE WHEN length(raw) <= ? THEN raw END AS raw"
+                if with_raw
+                else ""
+            )
+            args = (BLOB_STREAM_MIN, msg_id) if with_raw else (msg_id,)
+            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", args).fetchone()
             if r is None:
                 return None
-            return _row_to_message(
-                r, bytes(r["raw"]) if with_raw and r["raw"] is not None else None
-            )
+            raw: bytes | None = None
+            if with_raw and r["raw_len"] is not None:
+                if r["raw"] is not None:
+                    raw = bytes(r["raw"])
+                else:
+                    with conn.blobopen("messages", "raw", msg_id, readonly=True) as blob:
+                        raw = blob.read()
+            return _row_to_message(r, raw)
 
         return await self._read(q)
 
