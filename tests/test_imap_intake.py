@@ -155,7 +155,8 @@ def rows(spool: SqliteSpool) -> list[tuple[str, bytes, str, str, str]]:
         (r[0], bytes(r[1]), r[2], r[3], r[4])
         for r in spool.read_sync(
             lambda c: c.execute(
-                "SELECT source_key, raw, intake, mail_from, rcpt_tos FROM messages ORDER BY id"
+                "SELECT source_key, raw, intake, mail_from, rcpt_tos FROM messages"
+                " JOIN bodies USING (id) ORDER BY id"
             ).fetchall()
         )
     ]

@@ -28,7 +28,8 @@ async def test_put_is_durable_and_visible_to_a_new_connection(spool: SqliteSpool
     result = await spool.put(b"Subject: x\r\n\r\nbody", ENV)
     conn = sqlite3.connect(spool.path)
     row = conn.execute(
-        "SELECT state, raw, rcpt_tos FROM messages WHERE id = ?", (result.id,)
+        "SELECT state, raw, rcpt_tos FROM messages JOIN bodies USING (id) WHERE id = ?",
+        (result.id,),
     ).fetchone()
     assert row[0] == "queued"
     assert row[1] == b"Subject: x\r\n\r\nbody"
@@ -177,8 +178,8 @@ async def test_big_mails_go_in_and_come_out_whole_by_blob_io(spool: SqliteSpool)
         meta = await spool.load(msg_id, with_raw=False)
         assert meta is not None and meta.raw is None
     conn = sqlite3.connect(spool.path)
-    assert conn.execute("SELECT raw FROM messages WHERE id = ?", (ids[1],)).fetchone()[0] == big
-    conn.execute("UPDATE messages SET raw = NULL WHERE id = ?", (ids[1],))  # purged
+    assert conn.execute("SELECT raw FROM bodies WHERE id = ?", (ids[1],)).fetchone()[0] == big
+    conn.execute("DELETE FROM bodies WHERE id = ?", (ids[1],))  # purged
     conn.commit()
     row = await spool.load(ids[1])
     assert row is not None and row.raw is None

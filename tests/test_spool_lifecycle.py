@@ -103,7 +103,7 @@ def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) -> None:
     old.executescript(migrations.SCHEMA_V1)
     old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     assert migrations.prepare(old, tmp_path / "old.sqlite") == 1
-    assert migrations.read_version(old) == SCHEMA_VERSION == 3
+    assert migrations.read_version(old) == SCHEMA_VERSION == 4
     assert _schema(old) == _schema(sqlite3.connect(tmp_path / "fresh.sqlite"))
 
 
@@ -124,7 +124,10 @@ async def test_upgrading_the_v1_fixture_loses_nothing(tmp_path: Path) -> None:
         assert sqlite3.connect(bak).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         # the spool itself: new version, every row and value still there
         assert _rows(path, "meta") == [("schema_version", str(SCHEMA_VERSION))]
-        assert _rows(path, "messages", v1_message_columns) == before["messages"]
+        kept = [c for c in v1_message_columns if c != "raw"]  # the bytes moved to `bodies` (v4)
+        assert _rows(path, "messages", kept) == _rows(FIXTURE, "messages", kept)
+        assert "raw" not in _columns(sqlite3.connect(path), "messages")
+        assert _rows(path, "bodies", ["id", "raw"]) == _rows(FIXTURE, "messages", ["id", "raw"])
         for table in ("tickets", "threads", "outbox"):
             assert _rows(path, table) == before[table]
         assert {r[0] for r in _rows(path, "messages", ["purged_at"])} == {None}
@@ -167,7 +170,7 @@ def test_a_failing_migration_leaves_the_old_spool(
     shutil.copy(FIXTURE, path)
 
     def broken(conn: sqlite3.Connection) -> None:
-        conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER")  # this part works
+        conn.execute("CREATE TABLE bodies (id INTEGER PRIMARY KEY, raw BLOB)")  # this part works
         conn.execute("CREATE INDEX oops ON no_such_table (x)")  # and this fails
 
     # the last step breaks after the earlier ones worked: all of them are rolled back together
@@ -183,7 +186,8 @@ def test_a_failing_migration_leaves_the_old_spool(
         SqliteSpool(path)
     conn = sqlite3.connect(path)
     assert migrations.read_version(conn) == 1
-    assert "purged_at" not in _columns(conn, "messages")  # the whole step was rolled back
+    assert "purged_at" not in _columns(conn, "messages")  # every step was rolled back
+    assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'bodies'").fetchone()
     assert {t: _rows(path, t) for t in TABLES} == {t: _rows(FIXTURE, t) for t in TABLES}
     conn.close()
     monkeypatch.undo()
@@ -260,7 +264,9 @@ async def _finish(
 def _state(spool: SqliteSpool, msg_id: int) -> tuple[str, bool, float | None] | None:
     def q(conn: sqlite3.Connection) -> tuple[str, bool, float | None] | None:
         r = conn.execute(
-            "SELECT state, raw IS NOT NULL, purged_at FROM messages WHERE id = ?", (msg_id,)
+            "SELECT state, EXISTS (SELECT 1 FROM bodies WHERE bodies.id = messages.id),"
+            " purged_at FROM messages WHERE id = ?",
+            (msg_id,),
         ).fetchone()
         return None if r is None else (r[0], bool(r[1]), r[2])
 
@@ -349,9 +355,13 @@ async def test_purge_runs_in_small_batches_and_intake_goes_on(
 ) -> None:
     def bulk(conn: sqlite3.Connection) -> None:  # 2000 finished mails, quickly
         conn.executemany(
-            "INSERT INTO messages (state, intake, mail_from, rcpt_tos, received_at, size, raw,"
-            " updated_at) VALUES ('done', 'smtp', 'a@example.org', '[]', ?, 1000, ?, ?)",
-            [(T0, b"x" * 1000, T0) for _ in range(2000)],
+            "INSERT INTO messages (state, intake, mail_from, rcpt_tos, received_at, size,"
+            " updated_at) VALUES ('done', 'smtp', 'a@example.org', '[]', ?, 1000, ?)",
+            [(T0, T0) for _ in range(2000)],
+        )
+        conn.execute(
+            "INSERT INTO bodies (id, raw) SELECT id, zeroblob(1000) FROM messages"
+            " WHERE state = 'done'"
         )
 
     await spool.write(bulk)
@@ -662,3 +672,33 @@ def test_log_file_follows_logrotate(tmp_path: Path, restore_logging: None) -> No
     text = log_file.read_text()
     assert "event=three" in text and "event=two" not in text
     assert text.split(" ")[1] == "level=info"  # timestamps, never journald's <N> prefix
+
+
+def test_v4_moves_the_raw_bytes_to_bodies_and_marks_rows_without_them_purged(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(migrations.SCHEMA_V1)
+    for step in migrations.MIGRATIONS:
+        if step.version <= 3:
+            step.apply(conn)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    insert = (
+        "INSERT INTO messages (id, state, intake, mail_from, rcpt_tos, received_at, size, raw,"
+        " updated_at, purged_at) VALUES (?, 'done', 'smtp', 'a@x', '[]', 1, 3, ?, 5, ?)"
+    )
+    conn.execute(insert, (1, b"abc", None))  # still has its bytes
+    conn.execute(insert, (2, None, 7.0))  # purged by retention
+    conn.execute(insert, (3, None, None))  # bytes gone without a purge mark
+    assert migrations.prepare(conn, path) == 3
+    assert conn.execute("SELECT id, raw FROM bodies").fetchall() == [(1, b"abc")]
+    purged = conn.execute("SELECT id, purged_at FROM messages ORDER BY id").fetchall()
+    assert purged == [(1, None), (2, 7.0), (3, 5.0)]
+    conn.close()
+    spool = SqliteSpool(path)
+    try:
+        assert spool.get_sync(1, with_raw=True).raw == b"abc"  # type: ignore[union-attr]
+        assert spool.get_sync(2, with_raw=True).raw is None  # type: ignore[union-attr]
+    finally:
+        spool.close_sync()

@@ -23,6 +23,8 @@ History:
   2  retention and erasure: `messages.purged_at` (when retention removed the raw bytes; the row
      and its metadata stay) and the indexes the background purge and the erasure walk need
      (final messages by age, maps by age and by ticket, outbox by age and by message).
+  3  `messages.crashes`.
+  4  `bodies`: the raw bytes leave `messages` for a table of their own (see `_V4_BODIES`).
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ CREATE INDEX IF NOT EXISTS outbox_age ON outbox (state, created_at);
 CREATE INDEX IF NOT EXISTS outbox_message ON outbox (message_id);
 """
 
+# -- version 4: the raw bytes in a table of their own ------------------------------------------------
+
+# SQLite rewrites a whole row on every UPDATE, overflow pages included: with the raw bytes in
+# `messages`, each state change of a mail copied all of it (and a 10 MiB mail cost 10 MiB of
+# memory per change). A row of `bodies` is written once and read once.
+_V4_BODIES = """
+CREATE TABLE IF NOT EXISTS bodies (        -- the raw bytes of a message; no row once purged (v4)
+    id INTEGER PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+    raw BLOB NOT NULL
+);
+"""
+_V4_RAW_AGE = (
+    "CREATE INDEX IF NOT EXISTS messages_raw_age ON messages (state, updated_at)"
+    " WHERE purged_at IS NULL;"
+)
+
 # -- the current schema, for a new spool ----------------------------------------------------------
 
 SCHEMA = (
@@ -129,10 +147,16 @@ SCHEMA = (
         "    uncertain INTEGER NOT NULL DEFAULT 0,\n    updated_at REAL NOT NULL,\n"
         "    purged_at REAL,                     -- when retention removed the raw bytes (v2)\n"
         "    crashes INTEGER NOT NULL DEFAULT 0  -- times a crash interrupted its processing (v3)\n",
+    ).replace("    raw BLOB,                           -- NULL once purged by retention\n", "")
+    + _V2_INDEXES.replace(
+        "CREATE INDEX IF NOT EXISTS messages_raw_age ON messages (state, updated_at)"
+        " WHERE raw IS NOT NULL;",
+        _V4_RAW_AGE,
     )
-    + _V2_INDEXES
+    + _V4_BODIES
 )
-assert "purged_at" in SCHEMA  # the replace above must have matched
+assert "purged_at" in SCHEMA and "raw BLOB,  " not in SCHEMA  # the replaces above matched
+assert "WHERE purged_at IS NULL" in SCHEMA
 
 
 @dataclass(frozen=True)
@@ -154,9 +178,23 @@ def _v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE messages ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0")
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    for statement in statements(_V4_BODIES):
+        conn.execute(statement)
+    conn.execute("INSERT INTO bodies (id, raw) SELECT id, raw FROM messages WHERE raw IS NOT NULL")
+    # "has its raw bytes" is now "not purged": a row without them counts as purged
+    conn.execute(
+        "UPDATE messages SET purged_at = COALESCE(purged_at, updated_at) WHERE raw IS NULL"
+    )
+    conn.execute("DROP INDEX IF EXISTS messages_raw_age")
+    conn.execute("ALTER TABLE messages DROP COLUMN raw")
+    conn.execute(_V4_RAW_AGE)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "messages.purged_at; indexes for retention and erasure", _v2),
     Migration(3, "messages.crashes: set aside a mail that keeps killing the worker", _v3),
+    Migration(4, "bodies: the raw bytes apart from the often-updated messages row", _v4),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1

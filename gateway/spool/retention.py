@@ -101,13 +101,13 @@ def _purge_raw(state: str, cutoff: float, now: float) -> _Step:
     def step(conn: sqlite3.Connection, limit: int) -> tuple[int, int]:
         rows = conn.execute(
             "SELECT id, size FROM messages INDEXED BY messages_raw_age"
-            " WHERE state = ? AND updated_at < ? AND raw IS NOT NULL LIMIT ?",
+            " WHERE state = ? AND updated_at < ? AND purged_at IS NULL LIMIT ?",
             (state, cutoff, limit),
         ).fetchall()
         if rows:
+            conn.executemany("DELETE FROM bodies WHERE id = ?", [(r[0],) for r in rows])
             conn.executemany(
-                "UPDATE messages SET raw = NULL, purged_at = ? WHERE id = ?",
-                [(now, r[0]) for r in rows],
+                "UPDATE messages SET purged_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
             )
         return len(rows), sum(r[1] for r in rows)
 
@@ -128,6 +128,7 @@ def _delete_messages(states: tuple[str, ...], cutoff: float) -> _Step:
         outbox = 0
         for i in ids:
             outbox += conn.execute("DELETE FROM outbox WHERE message_id = ?", (i,)).rowcount
+            conn.execute("DELETE FROM bodies WHERE id = ?", (i,))  # (also by ON DELETE CASCADE)
             conn.execute("DELETE FROM messages WHERE id = ?", (i,))
         return len(ids), outbox
 
@@ -293,8 +294,8 @@ def stats(conn: sqlite3.Connection, now: float, path: Path | None = None) -> dic
         }
     for r in conn.execute(
         "SELECT state, COUNT(*), COALESCE(SUM(size), 0),"
-        " COALESCE(SUM(CASE WHEN raw IS NOT NULL THEN size ELSE 0 END), 0),"
-        " SUM(CASE WHEN raw IS NULL THEN 1 ELSE 0 END), MIN(received_at), MIN(updated_at)"
+        " COALESCE(SUM(CASE WHEN purged_at IS NULL THEN size ELSE 0 END), 0),"
+        " SUM(CASE WHEN purged_at IS NULL THEN 0 ELSE 1 END), MIN(received_at), MIN(updated_at)"
         " FROM messages GROUP BY state"
     ):
         states[r[0]] = {
@@ -412,8 +413,9 @@ def _scan(
     last = after
     while True:
         rows = conn.execute(
-            "SELECT id, state, size, mail_from, rcpt_tos, SUBSTR(raw, 1, ?) FROM messages"
-            " WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, state, size, mail_from, rcpt_tos,"
+            " (SELECT SUBSTR(raw, 1, ?) FROM bodies WHERE bodies.id = messages.id)"
+            " FROM messages WHERE id > ? ORDER BY id LIMIT ?",
             (_HEAD_BYTES, last, _SCAN_BATCH),
         ).fetchall()
         if not rows:
@@ -425,7 +427,7 @@ def _scan(
                 and len(head) == _HEAD_BYTES
                 and b"\n\n" not in head.replace(b"\r\n", b"\n")
             ):
-                full = conn.execute("SELECT raw FROM messages WHERE id = ?", (msg_id,)).fetchone()
+                full = conn.execute("SELECT raw FROM bodies WHERE id = ?", (msg_id,)).fetchone()
                 head = bytes(full[0]) if full and full[0] is not None else head
             if _matches(address, mail_from, rcpt_tos, head):
                 found.append((msg_id, state, size))
@@ -511,6 +513,7 @@ def erase_job(address: str, scanned: Erasure) -> Callable[[sqlite3.Connection], 
             for backend, ref in tickets:
                 conn.execute("DELETE FROM tickets WHERE backend = ? AND ref = ?", (backend, ref))
             for msg_id in er.message_ids:
+                conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
                 conn.execute("DELETE FROM messages WHERE id = ?", (msg_id,))
             er.tickets, er.threads, er.outbox = len(tickets), len(threads), len(outbox)
             return er

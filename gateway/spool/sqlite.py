@@ -42,11 +42,29 @@ log = logging.getLogger("gateway.spool")
 
 T = TypeVar("T")
 
+BLOB_STREAM_MIN = 1 << 20  # mails above this size are written and read in pieces
+BLOB_CHUNK = 1 << 18
+
 _MSG_COLUMNS = (
     "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
     " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
     " subject, progress, uncertain, updated_at, crashes"
 )
+
+
+def read_body(conn: sqlite3.Connection, msg_id: int) -> bytes | None:
+    """The raw bytes of a message, None once purged. A big one is read in place by incremental
+    blob I/O, not assembled by SQLite and then copied again into Python."""
+    r = conn.execute(
+        "SELECT length(raw), CASE WHEN length(raw) <= ? THEN raw END FROM bodies WHERE id = ?",
+        (BLOB_STREAM_MIN, msg_id),
+    ).fetchone()
+    if r is None:
+        return None
+    if r[1] is not None:
+        return bytes(r[1])
+    with conn.blobopen("bodies", "raw", msg_id, readonly=True) as blob:
+        return blob.read()
 
 
 def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
@@ -78,10 +96,6 @@ def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
         updated_at=r["updated_at"],
         raw=raw,
     )
-
-
-BLOB_STREAM_MIN = 1 << 20  # mails above this size are written and read in pieces
-BLOB_CHUNK = 1 << 18
 
 
 class _Job:
@@ -357,9 +371,6 @@ class SqliteSpool:
             envelope.peer,
             received,
             len(raw),
-            # a big mail goes in by incremental blob I/O below: binding it would make SQLite
-            # copy all of it first
-            len(raw) if big else raw,
             source_key,
             0.0,
             now,
@@ -374,17 +385,24 @@ class SqliteSpool:
                     return PutResult(id=found[0], duplicate=True)
             cur = conn.execute(
                 "INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at,"
-                " size, raw, source_key, next_attempt_at, updated_at)"
-                f" VALUES (?, ?, ?, ?, ?, ?, ?, {'zeroblob(?)' if big else '?'}, ?, ?, ?)",
+                " size, source_key, next_attempt_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-            assert cur.lastrowid is not None
-            if big:
+            msg_id = cur.lastrowid
+            assert msg_id is not None
+            if not big:
+                conn.execute("INSERT INTO bodies (id, raw) VALUES (?, ?)", (msg_id, raw))
+            else:
+                # in pieces by incremental blob I/O: binding it would make SQLite copy it whole
+                conn.execute(
+                    "INSERT INTO bodies (id, raw) VALUES (?, zeroblob(?))", (msg_id, len(raw))
+                )
                 view = memoryview(raw)
-                with conn.blobopen("messages", "raw", cur.lastrowid) as blob:
+                with conn.blobopen("bodies", "raw", msg_id) as blob:
                     for start in range(0, len(view), BLOB_CHUNK):
                         blob.write(view[start : start + BLOB_CHUNK])
-            return PutResult(id=cur.lastrowid)
+            return PutResult(id=msg_id)
 
         return job
 
@@ -517,25 +535,12 @@ class SqliteSpool:
 
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
-            # the length first: a big mail is read in place by incremental blob I/O, not
-            # assembled by SQLite and then copied again into Python
-            cols = _MSG_COLUMNS + (
-                ", length(raw) AS raw_len, CASE WHEN length(raw) <= ? THEN raw END AS raw"
-                if with_raw
-                else ""
-            )
-            args = (BLOB_STREAM_MIN, msg_id) if with_raw else (msg_id,)
-            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", args).fetchone()
+            r = conn.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?", (msg_id,)
+            ).fetchone()
             if r is None:
                 return None
-            raw: bytes | None = None
-            if with_raw and r["raw_len"] is not None:
-                if r["raw"] is not None:
-                    raw = bytes(r["raw"])
-                else:
-                    with conn.blobopen("messages", "raw", msg_id, readonly=True) as blob:
-                        raw = blob.read()
-            return _row_to_message(r, raw)
+            return _row_to_message(r, read_body(conn, msg_id) if with_raw else None)
 
         return await self._read(q)
 
@@ -842,12 +847,12 @@ class SqliteSpool:
 
     def get_sync(self, msg_id: int, with_raw: bool = False) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
-            cols = _MSG_COLUMNS + (", raw" if with_raw else "")
-            r = conn.execute(f"SELECT {cols} FROM messages WHERE id = ?", (msg_id,)).fetchone()
+            r = conn.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?", (msg_id,)
+            ).fetchone()
             if r is None:
                 return None
-            raw = bytes(r["raw"]) if with_raw and r["raw"] is not None else None
-            return _row_to_message(r, raw)
+            return _row_to_message(r, read_body(conn, msg_id) if with_raw else None)
 
         return self.read_sync(q)
 
@@ -874,9 +879,12 @@ class SqliteSpool:
     def drop_sync(self, msg_id: int) -> int:
         def job(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM outbox WHERE message_id = ? AND state = 'pending'", (msg_id,))
-            return conn.execute(
+            n = conn.execute(
                 "DELETE FROM messages WHERE id = ? AND state != 'processing'", (msg_id,)
             ).rowcount
+            if n:
+                conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
+            return n
 
         return self.write_sync(job)
 
