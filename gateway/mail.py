@@ -539,6 +539,34 @@ class _BoundedParser(BytesFeedParser):
             cur[_FLATTENED_HEADER] = original
 
 
+_B64_TEXT = re.compile(r"[A-Za-z0-9+/=\r\n \t]*")
+_DROP_DECODED_MIN = 64 * 1024
+
+
+def _fast_base64(part: Message) -> bytes | None:
+    """The decoded bytes of a clean base64 part, or None to let the email package decode it.
+
+    The email package joins the payload's lines into a copy and decodes that: for a big
+    attachment, two more copies. Clean base64 (only the alphabet and line breaks, whole groups
+    of four) decodes the same way straight from the text; anything else keeps the email
+    package's lenient handling and its defect notes.
+    """
+    if str(part.get("content-transfer-encoding", "")).strip().lower() != "base64":
+        return None
+    payload = part.get_payload()
+    if not isinstance(payload, str) or len(payload) < _DROP_DECODED_MIN:
+        return None
+    if not payload.isascii() or _B64_TEXT.fullmatch(payload) is None:
+        return None
+    white = payload.count("\n") + payload.count("\r") + payload.count(" ") + payload.count("\t")
+    if (len(payload) - white) % 4:
+        return None
+    try:
+        return binascii.a2b_base64(payload, strict_mode=False)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _parse_bytes(data: bytes | memoryview, base_depth: int) -> Message:
     parser = _BoundedParser(base_depth)
     view = memoryview(data)
@@ -869,6 +897,9 @@ class _Walker:
             if cte not in ("7bit", "8bit", "binary", "base64", "quoted-printable", "x-uuencode",
                            "uuencode", "uue", "x-uue", ""):  # fmt: skip
                 self.note(f"unknown transfer encoding {cte[:40]!r}: payload taken as is", path)
+        fast = _fast_base64(part)
+        if fast is not None:
+            return fast
         try:
             data = part.get_payload(decode=True)
         except Exception as exc:  # keep the bytes whatever the decoder thinks
@@ -1182,6 +1213,11 @@ class _Walker:
             html, _note = decode_bytes(data, part.get_content_charset())
             self.html_seen.append(html)
         self.attachments.append(_Part(name, ctype, data, cid))
+        if len(data) > _DROP_DECODED_MIN and not self.in_forward:
+            # decoded: the encoded text in the tree is not needed any more (a forwarded message
+            # was serialised before its parts were walked), and a big mail's memory shrinks as
+            # its attachments are decoded instead of holding both
+            part.set_payload("")
         return []
 
     def tnef(self, data: bytes, filename: str, ctype: str, path: str) -> list[_Segment]:
