@@ -24,7 +24,7 @@ import hashlib
 import re
 from collections.abc import Collection, Iterable
 
-from gateway.models import Envelope, ParsedMail
+from gateway.models import Envelope, ParsedMail, RawSource
 
 __all__ = [
     "STABLE_DIGEST_HEADERS",
@@ -271,22 +271,45 @@ _WHITE = re.compile(rb"\s+")
 _LINE_END = re.compile(rb"[ \t]*\r?\n")
 _TRAILING_WHITE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.rstrip() removes
 _DIGEST_PIECE = 1 << 18
+_DIGEST_HEAD = 1 << 20
 
 
-def content_digest(raw: bytes) -> str:
+def content_digest(raw: bytes | bytearray | memoryview | RawSource) -> str:
     """SHA-256 (hex) over the stable headers and the body, normalised.
 
     Normalised: header names lower-case, values unfolded with white space collapsed, in the fixed
     order of `STABLE_DIGEST_HEADERS`; body line ends as LF, trailing white space on lines and at
     the end removed. So CRLF versus LF delivery, added trace headers, re-folding or re-ordering
     of headers do not change the digest; any change of text, attachment or stable header does.
+
+    `raw` may be a RawSource (a big mail in the spool): it is read in pieces, never whole.
     """
-    start = _LEADING_BLANK.match(raw)
+    if isinstance(raw, bytes | bytearray | memoryview):
+        data = raw
+        size = len(data)
+
+        def get(a: int, b: int) -> bytes:
+            return bytes(data[a:b])
+
+        head = bytes(data) if size <= _DIGEST_HEAD else get(0, _DIGEST_HEAD)
+    else:
+        source = raw
+        size = source.size
+
+        def get(a: int, b: int) -> bytes:
+            return source.read(a, max(0, b - a))
+
+        head = get(0, min(size, _DIGEST_HEAD))
+    start = _LEADING_BLANK.match(head)
     pos = start.end() if start else 0
-    block = _HEADER_BLOCK.match(raw, pos)
+    block = _HEADER_BLOCK.match(head, pos)
     end = block.end() if block else pos
+    if end >= len(head) and size > len(head):  # a header section longer than the first piece
+        head = get(0, size)
+        block = _HEADER_BLOCK.match(head, pos)
+        end = block.end() if block else pos
     fields: dict[bytes, list[bytes]] = {}
-    for m in _HEADER_FIELD.finditer(raw[pos:end]):
+    for m in _HEADER_FIELD.finditer(head[pos:end]):
         name = m.group(1).lower()
         if name.decode("ascii") in STABLE_DIGEST_HEADERS:
             fields.setdefault(name, []).append(_WHITE.sub(b" ", m.group(2)).strip())
@@ -299,21 +322,29 @@ def content_digest(raw: bytes) -> str:
     # line end (no match crosses a cut), so that a big mail is not copied whole. Stripping the
     # trailing white space first gives the same bytes: no line-end match ends in what remains.
     pos = end
-    blank = _LINE_END.match(raw, pos)
+    blank = _LINE_END.match(head, pos)
     if blank:
         pos = blank.end()
-    stop = len(raw)
-    while stop > pos and raw[stop - 1] in _TRAILING_WHITE:
-        stop -= 1
+    del head
+    stop = size
+    while stop > pos:
+        window = get(max(pos, stop - 4096), stop)
+        kept = window.rstrip()  # the white space bytes.rstrip() removes: _TRAILING_WHITE
+        if kept:
+            stop -= len(window) - len(kept)
+            break
+        stop -= len(window)
     while pos < stop:
-        cut = min(stop, pos + _DIGEST_PIECE)
-        if cut < stop:
-            nl = raw.rfind(b"\n", pos, cut)
-            if nl < 0:  # one line longer than a piece: up to its end
-                nl = raw.find(b"\n", cut, stop)
-            cut = stop if nl < 0 else nl + 1
-        digest.update(_LINE_END.sub(b"\n", raw[pos:cut]))
-        pos = cut
+        piece = get(pos, min(stop, pos + _DIGEST_PIECE))
+        if pos + len(piece) < stop:
+            nl = piece.rfind(b"\n")
+            while nl < 0 and pos + len(piece) < stop:  # one line longer than a piece
+                piece += get(pos + len(piece), min(stop, pos + len(piece) + _DIGEST_PIECE))
+                nl = piece.rfind(b"\n")
+            if nl >= 0 and pos + len(piece) < stop:
+                piece = piece[: nl + 1]
+        digest.update(_LINE_END.sub(b"\n", piece))
+        pos += len(piece)
     return digest.hexdigest()
 
 

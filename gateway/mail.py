@@ -89,7 +89,7 @@ import mimetypes
 import re
 import struct
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from email import errors as email_errors
 from email.feedparser import BytesFeedParser
@@ -103,7 +103,7 @@ from mailparser.utils import get_addresses
 from tnefparse import TNEF
 
 from gateway.errors import ParseError
-from gateway.models import Attachment, ParsedMail
+from gateway.models import Attachment, ParsedMail, RawSource
 
 __all__ = [
     "MAX_DEPTH",
@@ -567,11 +567,15 @@ def _fast_base64(part: Message) -> bytes | None:
         return None
 
 
-def _parse_bytes(data: bytes | memoryview, base_depth: int) -> Message:
+def _parse_bytes(data: bytes | memoryview | Iterable[bytes], base_depth: int) -> Message:
     parser = _BoundedParser(base_depth)
-    view = memoryview(data)
-    for start in range(0, len(view), _FEED_CHUNK):
-        parser.feed(bytes(view[start : start + _FEED_CHUNK]))
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_CHUNK):
+            parser.feed(bytes(view[start : start + _FEED_CHUNK]))
+    else:
+        for chunk in data:
+            parser.feed(chunk)
     msg = parser.close()
     assert isinstance(msg, Message)
     return msg
@@ -1418,31 +1422,121 @@ def _looks_like_other_address(display: str, addr: str) -> bool:
 # Public API
 
 
-def parse(raw: bytes) -> ParsedMail:
+_SOURCE_HEAD = 1 << 20  # what is read first of a RawSource: the header section lives here
+_LINESEP_WINDOW = 4096  # the line ends of the message are judged by its first bytes
+
+
+class _Raw:
+    """The message bytes for `parse`: whole `bytes`, or a RawSource read piece by piece."""
+
+    def __init__(self, data: bytes | None, source: RawSource | None) -> None:
+        self.data, self.source = data, source
+        self.size = len(data) if data is not None else (source.size if source else 0)
+
+    def head(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.source is not None
+        return self.source.read(0, min(self.size, _SOURCE_HEAD))
+
+    def whole(self) -> bytes:
+        if self.data is None:
+            assert self.source is not None
+            self.data = self.source.read(0, self.size)
+        return self.data
+
+    def get(self, a: int, b: int | None = None) -> bytes:
+        b = self.size if b is None else b
+        if self.data is not None:
+            return self.data[a:b]
+        assert self.source is not None
+        return self.source.read(a, max(0, b - a))
+
+    def pieces(self, a: int, b: int | None = None) -> Iterator[bytes]:
+        b = self.size if b is None else b
+        size = _FEED_CHUNK
+        for off in range(a, b, size):
+            yield self.get(off, min(b, off + size))
+
+    def line_pieces(self, a: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) pieces from `a` to the end, each cut after a line end (so that no
+        line-anchored match crosses a cut)."""
+        carry, carry_at = b"", a
+        for off in range(a, self.size, _FEED_CHUNK):
+            chunk = carry + self.get(off, min(self.size, off + _FEED_CHUNK))
+            nl = chunk.rfind(b"\n")
+            if nl < 0 or off + _FEED_CHUNK >= self.size:
+                carry = chunk
+                continue
+            yield carry_at, chunk[: nl + 1]
+            carry_at += nl + 1
+            carry = chunk[nl + 1 :]
+        if carry:
+            yield carry_at, carry
+
+
+def _flood_cut_pieces(raw: _Raw, start: int) -> int | None:
+    """`_flood_cut` over a RawSource, piece by piece."""
+    count = 0
+    # as re's `^` with a start position: no line start at `start` unless a line ends before it
+    skip = start if start and raw.get(start - 1, start) != b"\n" else -1
+    for at, piece in raw.line_pieces(start):
+        for m in _BOUNDARY_LIKE.finditer(piece):
+            if at + m.start() == skip:
+                continue
+            count += 1
+            if count > MAX_BOUNDARY_LINES:
+                return at + m.start()
+    return None
+
+
+def parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
     """Parse raw RFC 5322 bytes into a ParsedMail; repairs go to `defects`.
+
+    `raw` may be a RawSource (the worker passes one for big mails): it is then read in pieces
+    and never held whole, unless a repair needs the whole message.
 
     Raises ParseError only for input that cannot be read as mail at all: empty (or white space
     only), or without a header section and not text either.
     """
-    if not isinstance(raw, bytes):
-        raw = bytes(raw)
+    if isinstance(raw, bytes | bytearray | memoryview):
+        src = _Raw(raw if isinstance(raw, bytes) else bytes(raw), None)
+    else:
+        src = _Raw(None, raw)
+        if src.size <= _SOURCE_HEAD:
+            src.whole()
     defects = _Defects()
-    start = _start_of_message(raw, defects)
-    cut = _flood_cut(raw, start)
+    head = src.head()
+    if src.data is None and (head.isspace() or not head):
+        head = src.whole()  # odd enough to read the whole of it
+    start = _start_of_message(head, defects)
+    if src.data is None and start + _LINESEP_WINDOW > len(head):
+        head = src.whole()  # the message starts beyond the first piece: read it all
+        start = _start_of_message(head, _Defects())
+    if src.data is not None:
+        cut = _flood_cut(src.data, start)
+    else:
+        cut = _flood_cut_pieces(src, start)
     if cut is not None:
         defects.add(f"more than {MAX_BOUNDARY_LINES} boundary lines: the rest is kept unparsed")
-    body_view = memoryview(raw)[start:cut] if (start or cut is not None) else raw
+    body: bytes | memoryview | Iterable[bytes]
+    if src.data is not None:
+        raw_bytes = src.data
+        body = memoryview(raw_bytes)[start:cut] if (start or cut is not None) else raw_bytes
+    else:
+        body = src.pieces(start, cut)
     try:
-        msg = _parse_bytes(body_view, 0)
+        msg = _parse_bytes(body, 0)
     except Exception as exc:  # last resort: headers only, body as text
         defects.add(f"MIME structure unreadable ({type(exc).__name__}): body kept as text")
         try:
-            msg = _parse_headers_only(body_view)
+            msg = _parse_headers_only(src.get(start, cut))
         except Exception as exc2:
             raise ParseError(f"unreadable message: {type(exc2).__name__}: {exc2}") from exc2
         if "content-type" in msg:
             msg.replace_header("content-type", "text/plain")
-    linesep = "\r\n" if b"\r\n" in raw[start : start + 4096] else "\n"
+    linesep = "\r\n" if b"\r\n" in head[start : start + _LINESEP_WINDOW] else "\n"
+    del head
 
     try:
         headers, index = _header_index(msg, defects)
@@ -1500,11 +1594,11 @@ def parse(raw: bytes) -> ParsedMail:
         defects.add(
             f"body not extracted ({type(exc).__name__}: {str(exc)[:80]}); original attached"
         )
-        walker.attachments.append(_Part("original-message.eml", "message/rfc822", raw))
+        walker.attachments.append(_Part("original-message.eml", "message/rfc822", src.whole()))
         text = html = ""
 
     if cut is not None:
-        walker.attachments.append(_Part("unparsed-remainder.txt", "text/plain", raw[cut:]))
+        walker.attachments.append(_Part("unparsed-remainder.txt", "text/plain", src.get(cut)))
     cids = {urllib.parse.unquote(c).lower() for h in walker.html_seen for c in _CID.findall(h)}
     attachments = tuple(
         Attachment(
@@ -1543,7 +1637,7 @@ def parse(raw: bytes) -> ParsedMail:
         attachments=attachments,
         content_type=content_type,
         report_type=walker.report_type,
-        size=len(raw),
+        size=src.size,
         defects=defects.result(),
     )
 

@@ -8,7 +8,7 @@ imports another stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,12 @@ class TicketRef:
     system: str
     id: str
     ref: str
+
+
+class RawSource(Protocol):
+    """A stored message read in pieces (the spool's blob), so that a big mail is never held whole
+    in memory beside its parsed form (see `gateway.mail.parse`, `classify.content_digest`)."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...

@@ -37,10 +37,10 @@ from gateway.errors import (
 )
 from gateway.mail import parse
 from gateway.metrics import Metrics
-from gateway.models import Decision, Envelope, ParsedMail, TicketRef
+from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import MessageRow, Outcome, State
-from gateway.spool.sqlite import SqliteSpool
+from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
 from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.worker")
@@ -85,6 +85,7 @@ class WorkerSettings:
     wait_original: float = 5.0  # a follow-up whose original is still queued waits this long
 
 
+STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
 YIELD_GAP = 0.1  # seconds between the mails it takes meanwhile
 
@@ -226,50 +227,63 @@ class Worker:
                     msg_id, Outcome(state=State.DEAD, reason=f"quarantined: internal error\n{tb}")
                 )
 
-    async def _parse(self, raw: bytes) -> ParsedMail:
+    async def _parse(self, raw: bytes | RawSource) -> ParsedMail:
         if self.executor is None:
             return parse(raw)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, parse, raw)
 
     async def process(self, msg_id: int) -> None:
-        row = await self.spool.load(msg_id)
+        row = await self.spool.load(msg_id, with_raw=False)
         if row is None:
             return
         env = row.envelope
-        if row.raw is None:
-            await self._finish(row, Outcome(state=State.DEAD, reason="raw message was purged"))
-            return
-        if row.crashes >= self.s.max_crashes:
-            # it was being processed each time the worker died: set it aside, keep the bytes
-            await self._finish(
-                row,
-                Outcome(
-                    state=State.DEAD,
-                    reason=f"quarantined: its processing was cut by {row.crashes} crashes",
-                ),
-            )
-            return
+        # A big mail is parsed and digested from the spool in pieces (never held whole beside its
+        # parsed form); a parse process pool needs the bytes themselves.
+        body: BodyReader | None = None
+        raw: bytes | RawSource | None
+        if row.size > STREAM_BODY_MIN and self.executor is None:
+            raw = body = self.spool.open_body(msg_id)
+        else:
+            raw = await self.spool.read_body(msg_id)
         try:
-            mail = await self._parse(row.raw)
-        except ParseError as exc:
-            await self._finish(
-                row, Outcome(state=State.DEAD, reason=f"quarantined: unreadable: {exc}")
-            )
-            return
-        except Exception as exc:  # the parser must never take the worker down
-            await self._finish(
-                row,
-                Outcome(
-                    state=State.DEAD,
-                    reason=f"quarantined: parser failed: {type(exc).__name__}: {exc}",
-                ),
-            )
-            return
-        digest = classify.content_digest(row.raw)
+            if raw is None:
+                await self._finish(row, Outcome(state=State.DEAD, reason="raw message was purged"))
+                return
+            if row.crashes >= self.s.max_crashes:
+                # it was being processed each time the worker died: set it aside, keep the bytes
+                await self._finish(
+                    row,
+                    Outcome(
+                        state=State.DEAD,
+                        reason=f"quarantined: its processing was cut by {row.crashes} crashes",
+                    ),
+                )
+                return
+            # digest first: parsing lets go of what it has read
+            digest = classify.content_digest(raw)
+            try:
+                mail = await self._parse(raw)
+            except ParseError as exc:
+                await self._finish(
+                    row, Outcome(state=State.DEAD, reason=f"quarantined: unreadable: {exc}")
+                )
+                return
+            except Exception as exc:  # the parser must never take the worker down
+                await self._finish(
+                    row,
+                    Outcome(
+                        state=State.DEAD,
+                        reason=f"quarantined: parser failed: {type(exc).__name__}: {exc}",
+                    ),
+                )
+                return
+        finally:
+            if body is not None:
+                body.close()
         # the raw bytes are not needed from here on: a big mail's memory goes back before the
         # backend calls (which hold the attachments and their encoded copies)
-        row = dataclasses.replace(row, raw=None)
+        del raw, body
         earlier = await self.spool.set_identity(msg_id, mail.message_id, digest, mail.subject)
         if earlier is not None:
             st = await self.spool.state_of(earlier)

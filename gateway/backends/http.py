@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 from typing import Any
 
 import httpx
@@ -36,6 +36,13 @@ KEEPALIVE_EXPIRY = 5.0  # seconds an idle connection may wait for reuse
 
 class _ProtocolError(Exception):
     pass
+
+
+class StreamBody:
+    """A request body sent piece by piece as the caller's async iterator yields it."""
+
+    def __init__(self, stream: AsyncIterable[bytes], length: int) -> None:
+        self.stream, self.length = stream, length
 
 
 class _Connection(asyncio.Protocol):
@@ -112,7 +119,11 @@ class _Connection(asyncio.Protocol):
     # -- one exchange ------------------------------------------------------------------------------
 
     async def exchange(
-        self, method: bytes, head: bytes, body: bytes, timeouts: dict[str, Any]
+        self,
+        method: bytes,
+        head: bytes,
+        body: bytes | StreamBody,
+        timeouts: dict[str, Any],
     ) -> httpx.Response:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
@@ -121,7 +132,9 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[httpx.Response] = loop.create_future()
         self._waiter = waiter
         try:
-            if len(body) <= WRITE_CHUNK:
+            if isinstance(body, StreamBody):
+                await self._write_stream(head, body, timeouts.get("write"))
+            elif len(body) <= WRITE_CHUNK:
                 self.transport.write(head + body)
             else:
                 await self._write_large(head, body, timeouts.get("write"))
@@ -136,6 +149,26 @@ class _Connection(asyncio.Protocol):
             raise
         finally:
             self._waiter = None
+
+    async def _write_stream(self, head: bytes, body: StreamBody, timeout: float | None) -> None:
+        assert self.transport is not None
+        self.transport.write(head)
+        sent = 0
+        async for chunk in body.stream:
+            await self._writable(timeout)
+            self.transport.write(chunk)
+            sent += len(chunk)
+        if sent != body.length:  # the head promised another length: this connection is spoilt
+            raise httpx.WriteError(f"request body was {sent} bytes, not {body.length}")
+
+    async def _writable(self, timeout: float | None) -> None:
+        if not self._can_write.is_set():
+            try:
+                await asyncio.wait_for(self._can_write.wait(), timeout)
+            except TimeoutError:
+                raise httpx.WriteTimeout("timed out sending the request") from None
+        if self.closed:
+            raise httpx.WriteError("connection closed while sending the request")
 
     async def _write_large(self, head: bytes, body: bytes, timeout: float | None) -> None:
         assert self.transport is not None
@@ -350,8 +383,15 @@ class Http11Transport(httpx.AsyncBaseTransport):
         host = url.host
         port = url.port or (443 if scheme == "https" else 80)
         timeouts: dict[str, Any] = request.extensions.get("timeout") or {}
-        body = await request.aread()
-        head = _request_head(request, len(body))
+        body: bytes | StreamBody
+        declared = request.headers.get("content-length")
+        if declared is not None and not isinstance(request.stream, httpx.ByteStream):
+            # a streamed body of known length goes out as it is produced, never whole
+            body = StreamBody(request.stream, int(declared))  # type: ignore[arg-type]
+            head = _request_head(request, body.length)
+        else:
+            body = await request.aread()
+            head = _request_head(request, len(body))
         if self._slots.locked():
             try:
                 await asyncio.wait_for(self._slots.acquire(), timeouts.get("pool"))

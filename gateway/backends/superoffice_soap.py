@@ -44,7 +44,8 @@ import base64
 import logging
 import re
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -150,12 +151,31 @@ class _Transport(AsyncTransport):
     and with HTTP statuses that carry no SOAP turned into `_HttpStatus` right away."""
 
     _urls: dict[str, httpx.URL]
+    _payloads: dict[str, bytes]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._urls = {}
+        self._payloads = {}  # stand-in text -> bytes that go out base64-encoded in its place
 
-    async def post(self, address: str, message: bytes, headers: dict[str, str]) -> httpx.Response:
+    def stand_in(self, data: bytes) -> str:
+        """A marker to pass to zeep instead of base64 text: the request carries `data`
+        base64-encoded in its place, encoded piece by piece as it is sent (an attachment is
+        never held encoded, nor in zeep's XML tree). `release` it after the call."""
+        marker = f"@@gateway-payload-{uuid.uuid4().hex}@@"
+        self._payloads[marker] = data
+        return marker
+
+    def release(self, marker: str) -> None:
+        self._payloads.pop(marker, None)
+
+    async def post(
+        self,
+        address: str,
+        message: bytes | AsyncIterator[bytes],
+        headers: dict[str, str],
+        length: int | None = None,
+    ) -> httpx.Response:
         # the request is built here, not by client.post: httpx's request building (URL merging,
         # header merging) cost as much CPU as the exchange itself; the URL is parsed once
         url = self._urls.get(address)
@@ -163,6 +183,8 @@ class _Transport(AsyncTransport):
             url = self._urls[address] = httpx.URL(address)
         merged = self.client.headers.copy()
         merged.update(headers)
+        if length is not None:
+            merged["Content-Length"] = str(length)
         request = httpx.Request(
             "POST",
             url,
@@ -173,12 +195,33 @@ class _Transport(AsyncTransport):
         return await self.client.send(request)
 
     async def post_xml(self, address: str, envelope: Any, headers: dict[str, str]) -> Any:
-        response = await self.post(address, etree_to_string(envelope), headers)
+        message = etree_to_string(envelope)
+        content: bytes | AsyncIterator[bytes] = message
+        length: int | None = None
+        for marker, data in self._payloads.items():
+            at = message.find(marker.encode("ascii"))
+            if at >= 0:
+                prefix, suffix = message[:at], message[at + len(marker) :]
+                length = len(prefix) + 4 * ((len(data) + 2) // 3) + len(suffix)
+                content = _base64_between(prefix, data, suffix)
+                break
+        response = await self.post(address, content, headers, length)
         if response.status_code not in (200, 500):
             raise _HttpStatus(
                 response.status_code, _retry_after(response.headers.get("Retry-After"))
             )
         return self.new_response(response)
+
+
+_B64_PIECE = 3 * 65536  # bytes encoded at a time (a multiple of 3: no padding inside)
+
+
+async def _base64_between(prefix: bytes, data: bytes, suffix: bytes) -> AsyncIterator[bytes]:
+    yield prefix
+    view = memoryview(data)
+    for start in range(0, len(view), _B64_PIECE):
+        yield base64.b64encode(view[start : start + _B64_PIECE])
+    yield suffix
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -339,7 +382,7 @@ class SuperOfficeSoapBackend:
         )
         wsdl_http = httpx.Client(timeout=cfg.timeout)
         try:
-            transport = _Transport(client=self._http, wsdl_client=wsdl_http)
+            transport = self._transport = _Transport(client=self._http, wsdl_client=wsdl_http)
             if cfg.wsdl:
                 client = _load_client(cfg.wsdl, transport, base_dir)
             else:
@@ -487,12 +530,16 @@ class SuperOfficeSoapBackend:
             if done.get("attachment_id") and done.get("filename") == att.filename:
                 ids.append(str(done["attachment_id"]))
                 continue
-            result = await self._session_call(
-                "addAttachment",
-                _clean(att.filename or "attachment"),
-                att.content_type or "application/octet-stream",
-                base64.b64encode(att.data).decode("ascii"),
-            )
+            marker = self._transport.stand_in(att.data)
+            try:
+                result = await self._session_call(
+                    "addAttachment",
+                    _clean(att.filename or "attachment"),
+                    att.content_type or "application/octet-stream",
+                    marker,
+                )
+            finally:
+                self._transport.release(marker)
             att_id = _get(result, "attachmentId")
             if not att_id:
                 raise BackendUnavailable(

@@ -67,6 +67,21 @@ def read_body(conn: sqlite3.Connection, msg_id: int) -> bytes | None:
         return blob.read()
 
 
+class BodyReader:
+    """A message's raw bytes read in pieces from the spool (a `gateway.models.RawSource`)."""
+
+    def __init__(self, blob: sqlite3.Blob) -> None:
+        self._blob = blob
+        self.size = len(blob)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._blob.seek(offset)
+        return self._blob.read(length)
+
+    def close(self) -> None:
+        self._blob.close()
+
+
 def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
     return MessageRow(
         id=r["id"],
@@ -132,6 +147,7 @@ class SqliteSpool:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._iconn: sqlite3.Connection | None = None  # inline writes (see _write_inline)
+        self._bconn: sqlite3.Connection | None = None  # big bodies read in pieces (open_body)
         self._closed = False
         self._put_queue: list[tuple[Any, asyncio.Future[PutResult]]] = []
         self._put_inflight = False
@@ -335,9 +351,10 @@ class SqliteSpool:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
-        if self._iconn is not None:
-            self._iconn.close()
-            self._iconn = None
+        for extra in (self._iconn, self._bconn):
+            if extra is not None:
+                extra.close()
+        self._iconn = self._bconn = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -543,6 +560,22 @@ class SqliteSpool:
             return _row_to_message(r, read_body(conn, msg_id) if with_raw else None)
 
         return await self._read(q)
+
+    async def read_body(self, msg_id: int) -> bytes | None:
+        """The raw bytes of a message, None once purged."""
+        return await self._read(lambda conn: read_body(conn, msg_id))
+
+    def open_body(self, msg_id: int) -> BodyReader | None:
+        """The raw bytes to read in pieces (a big mail), None once purged. On a connection of
+        its own: the open blob holds a read snapshot that the other reads must not share.
+        Close it soon: it also holds back WAL checkpoints."""
+        if self._bconn is None:
+            self._bconn = self._connect()
+        try:
+            blob = self._bconn.blobopen("bodies", "raw", msg_id, readonly=True)
+        except sqlite3.OperationalError:  # no such row: purged
+            return None
+        return BodyReader(blob)
 
     async def set_identity(
         self, msg_id: int, message_id: str, digest: str, subject: str

@@ -233,3 +233,44 @@ async def test_tls_with_a_private_ca_and_host_check(serve, tmp_path: Path) -> No
     async with make_client(timeout=5, concurrency=1) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(srv.url)
+
+
+async def test_streamed_body_of_known_length_arrives_whole(serve) -> None:  # type: ignore[no-untyped-def]
+    srv = await serve(lambda head, body: ok(b"%d" % len(body)))
+    pieces = [b"a" * 100_000, b"b" * 300_000, b"c"]
+
+    async def gen():  # type: ignore[no-untyped-def]
+        for p in pieces:
+            yield p
+
+    async with make_client(timeout=5, concurrency=1) as client:
+        r = await client.post(
+            srv.url, content=gen(), headers={"Content-Length": str(sum(map(len, pieces)))}
+        )
+        assert r.text == "400001"
+        assert srv.requests[0][1] == b"".join(pieces)
+        assert b"transfer-encoding" not in srv.requests[0][0].lower()
+        # a body that breaks its promised length is an error, not a request of another size
+        with pytest.raises(httpx.WriteError):
+            await client.post(srv.url, content=gen(), headers={"Content-Length": "5"})
+
+
+async def test_soap_attachment_goes_out_base64_in_place_of_its_stand_in(serve) -> None:  # type: ignore[no-untyped-def]
+    import base64
+    import os
+
+    from lxml import etree
+
+    from gateway.backends.superoffice_soap import _Transport
+
+    srv = await serve(lambda head, body: ok(b"<r/>", b"Content-Type: text/xml\r\n"))
+    data = os.urandom(1_000_001)
+    async with make_client(timeout=5, concurrency=1) as client:
+        transport = _Transport(client=client)
+        marker = transport.stand_in(data)
+        envelope = etree.fromstring(f"<e><name>f.bin</name><content>{marker}</content></e>")
+        await transport.post_xml(srv.url, envelope, {"Content-Type": "text/xml"})
+        transport.release(marker)
+    body = srv.requests[0][1]
+    expected = f"<e><name>f.bin</name><content>{base64.b64encode(data).decode()}</content></e>"
+    assert body.decode().split("?>", 1)[-1].strip() == expected  # after the XML declaration
