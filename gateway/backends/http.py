@@ -175,13 +175,7 @@ class _Connection(asyncio.Protocol):
         self.transport.write(head)
         view = memoryview(body)
         for start in range(0, len(view), WRITE_CHUNK):
-            if not self._can_write.is_set():
-                try:
-                    await asyncio.wait_for(self._can_write.wait(), timeout)
-                except TimeoutError:
-                    raise httpx.WriteTimeout("timed out sending the request") from None
-            if self.closed:
-                raise httpx.WriteError("connection closed while sending the request")
+            await self._writable(timeout)
             self.transport.write(view[start : start + WRITE_CHUNK])
 
     # -- parsing ----------------------------------------------------------------------------------
