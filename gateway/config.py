@@ -44,7 +44,7 @@ class GatewaySection(_Model):
     worker_process: bool = True
     worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
     # SMTP intake rate (mails/s) above which the worker yields the spool and the CPU to it: one
-    # mail at a time, at most 10/s, until the burst has been over for half a second; 0 = never
+    # mail at a time, at most 4/s, until the burst has been over for half a second; 0 = never
     worker_yield_rate: int = Field(200, ge=0)
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions

@@ -87,7 +87,7 @@ class WorkerSettings:
 
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
-YIELD_GAP = 0.1  # seconds between the mails it takes meanwhile
+YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
 
 
 class Worker:
