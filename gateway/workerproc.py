@@ -242,6 +242,11 @@ class WorkerSupervisor:
         self._wake_scheduled = True
         asyncio.get_running_loop().call_soon(self._write_wake)
 
+    def _in_burst(self) -> bool:
+        """A burst seen in the current or the last window; after that, wake-ups from the other
+        intakes must not keep the worker stepping back."""
+        return self._burst and time.monotonic() - self._window_start < 2 * BURST_WINDOW
+
     def _write_wake(self) -> None:
         self._wake_scheduled = False
         proc = self.proc
@@ -251,7 +256,7 @@ class WorkerSupervisor:
         # one byte per stored mail is plenty; never let the pipe's buffer grow without bound
         if transport.get_write_buffer_size() < 64:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                proc.stdin.write(BURST if self._burst else WAKE)
+                proc.stdin.write(BURST if self._in_burst() else WAKE)
 
     def reload(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -257,6 +257,8 @@ async def test_commands_pipelined_after_the_end_marker_are_answered(
         "<a@[127.0.0.1]>",
         '<"q u"@b.c>',
         "<a..b@c>",
+        "<a@b..c>",
+        "<a@-b.c>",
         "<a@b>x",
         "a@b.c",
         "<@relay.example:a@b.c>",

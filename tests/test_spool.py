@@ -183,3 +183,17 @@ async def test_big_mails_go_in_and_come_out_whole_by_blob_io(spool: SqliteSpool)
     conn.commit()
     row = await spool.load(ids[1])
     assert row is not None and row.raw is None
+
+
+async def test_a_big_body_stays_readable_while_another_is_open(spool: SqliteSpool) -> None:
+    big = b"Subject: big\r\n\r\n" + b"z" * (2 << 20)
+    first = (await spool.put(big, ENV)).id
+    reader = spool.open_body(first)
+    assert reader is not None and reader.read(0, 12) == b"Subject: big"
+    second = (await spool.put(big + b"!", ENV)).id  # stored while the first one is open
+    other = spool.open_body(second)
+    assert other is not None and other.size == len(big) + 1  # not taken for purged
+    assert other.read(other.size - 1, 1) == b"!"
+    other.close()
+    reader.close()
+    assert spool.open_body(10_000) is None

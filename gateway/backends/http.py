@@ -5,9 +5,10 @@ more CPU per SOAP call than zeep's own work. Per request it asks the socket for 
 through anyio's attribute layer, polls every idle connection to see whether it is still open,
 walks every waiting request of the pool, and writes the head and the body in two sends.
 
-Here each connection is an asyncio `Protocol`: the event loop says when the server closed it, so an
-idle connection is known good without polling; the request leaves in one write (large bodies in
-chunks, with the transport's flow control); the response is parsed from the received buffer.
+Here each connection is an asyncio `Protocol`: the event loop says when the server closed it, and
+one poll of the socket before reuse catches a close the loop has not handled yet; the request
+leaves in one write (large bodies in chunks, with the transport's flow control); the response is
+parsed from the received buffer.
 
 Supported: HTTP/1.1 and 1.0 responses with Content-Length, chunked or read-to-close bodies;
 keep-alive with an idle expiry; TLS (the system's CAs unless a context is given, SNI, host name
@@ -21,6 +22,7 @@ for the caller (the backends decide whether the call may have taken effect).
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 from collections.abc import AsyncIterable, Iterable
@@ -340,6 +342,19 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_exception(exc)
         self._close()
 
+    def peer_spoke(self) -> bool:
+        """True if the socket of this idle connection is readable: the server closed it (or sent
+        what nobody asked for) and the event loop has not run since to tell us. One poll, as
+        httpcore does before reusing a connection; a request on it would fail unanswered."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None and not self.transport.is_closing():
@@ -414,7 +429,11 @@ class Http11Transport(httpx.AsyncBaseTransport):
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self._keepalive_expiry:
+            if (
+                not conn.closed
+                and now - conn.idle_since < self._keepalive_expiry
+                and not conn.peer_spoke()
+            ):
                 return conn
             conn._close()
         return None

@@ -192,6 +192,8 @@ class _Transport(AsyncTransport):
             content=message,
             extensions={"timeout": self.client.timeout.as_dict()},
         )
+        if self.client.cookies:  # what client.post would send (a load balancer's session)
+            httpx.Cookies(self.client.cookies).set_cookie_header(request)
         return await self.client.send(request)
 
     async def post_xml(self, address: str, envelope: Any, headers: dict[str, str]) -> Any:

@@ -106,8 +106,9 @@ def _peer_ip(session: Session) -> str:
 _CLONE_VERSIONS = frozenset({"1.4.6"})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _SIMPLE_PATH = re.compile(
-    rf"\s*<(?:({_ATEXT}(?:\.{_ATEXT})*)@([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?))?>\s*(.*)",
+    rf"\s*<(?:({_ATEXT}(?:\.{_ATEXT})*)@({_LABEL}(?:\.{_LABEL})*))?>\s*(.*)",
     re.S,
 )
 _DATA_END = b"\r\n.\r\n"
@@ -152,6 +153,7 @@ class GatewaySMTP(SMTP):
             for name, attr in template._auth_methods.items()
         }
         obj._counted_ip = None
+        obj.command_size_limits.clear()  # as aiosmtpd's constructor does (EHLO adds to it)
         return obj
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -70,8 +70,8 @@ def read_body(conn: sqlite3.Connection, msg_id: int) -> bytes | None:
 class BodyReader:
     """A message's raw bytes read in pieces from the spool (a `gateway.models.RawSource`)."""
 
-    def __init__(self, blob: sqlite3.Blob) -> None:
-        self._blob = blob
+    def __init__(self, conn: sqlite3.Connection, blob: sqlite3.Blob) -> None:
+        self._conn, self._blob = conn, blob
         self.size = len(blob)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -80,6 +80,7 @@ class BodyReader:
 
     def close(self) -> None:
         self._blob.close()
+        self._conn.close()
 
 
 def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
@@ -147,7 +148,6 @@ class SqliteSpool:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._iconn: sqlite3.Connection | None = None  # inline writes (see _write_inline)
-        self._bconn: sqlite3.Connection | None = None  # big bodies read in pieces (open_body)
         self._closed = False
         self._put_queue: list[tuple[Any, asyncio.Future[PutResult]]] = []
         self._put_inflight = False
@@ -351,10 +351,9 @@ class SqliteSpool:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
-        for extra in (self._iconn, self._bconn):
-            if extra is not None:
-                extra.close()
-        self._iconn = self._bconn = None
+        if self._iconn is not None:
+            self._iconn.close()
+            self._iconn = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -566,16 +565,16 @@ class SqliteSpool:
         return await self._read(lambda conn: read_body(conn, msg_id))
 
     def open_body(self, msg_id: int) -> BodyReader | None:
-        """The raw bytes to read in pieces (a big mail), None once purged. On a connection of
-        its own: the open blob holds a read snapshot that the other reads must not share.
-        Close it soon: it also holds back WAL checkpoints."""
-        if self._bconn is None:
-            self._bconn = self._connect()
+        """The raw bytes to read in pieces (a big mail), None once purged. Each on a connection
+        of its own: an open blob holds a read snapshot, which neither the other reads nor the
+        next big mail may share. Close it soon: it also holds back WAL checkpoints."""
+        conn = self._connect()
         try:
-            blob = self._bconn.blobopen("bodies", "raw", msg_id, readonly=True)
+            blob = conn.blobopen("bodies", "raw", msg_id, readonly=True)
         except sqlite3.OperationalError:  # no such row: purged
+            conn.close()
             return None
-        return BodyReader(blob)
+        return BodyReader(conn, blob)
 
     async def set_identity(
         self, msg_id: int, message_id: str, digest: str, subject: str

@@ -25,6 +25,7 @@ class Server:
     connections: int = 0
     requests: list[tuple[bytes, bytes]] = field(default_factory=list)
     close_after: bool = False  # close each connection after its answer, without saying so
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
     tls: bool = False
 
     @property
@@ -55,6 +56,7 @@ async def serve() -> AsyncIterator[Callable[..., asyncio.Future[Server]]]:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             state.connections += 1
+            state.writers.append(writer)
             try:
                 while True:
                     req = await _read_request(reader)
@@ -274,3 +276,19 @@ async def test_soap_attachment_goes_out_base64_in_place_of_its_stand_in(serve) -
     body = srv.requests[0][1]
     expected = f"<e><name>f.bin</name><content>{base64.b64encode(data).decode()}</content></e>"
     assert body.decode().split("?>", 1)[-1].strip() == expected  # after the XML declaration
+
+
+async def test_idle_connection_closed_while_the_loop_was_busy_is_not_reused(serve) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import time
+
+    srv = await serve(lambda head, body: ok())
+    async with make_client(timeout=5, concurrency=1) as client:
+        assert (await client.get(srv.url)).status_code == 200
+        # the server hangs up on the idle connection while this loop is blocked (parsing a big
+        # mail, say): the loop has not seen the close when the next request picks a connection
+        for writer in srv.writers:  # at once, not through the (blocked) event loop
+            writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop is blocked meanwhile)
+        assert (await client.get(srv.url)).status_code == 200
+    assert srv.connections == 2
