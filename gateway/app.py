@@ -409,16 +409,14 @@ class Daemon:
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
-        if self.worker is None and self.supervisor is not None:
-            self.supervisor.wake(smtp=True)
-        else:
-            self.wake_worker(msg_id)
+        self.wake_worker(msg_id, smtp=True)
 
-    def wake_worker(self, msg_id: int) -> None:
+    def wake_worker(self, msg_id: int, *, smtp: bool = False) -> None:
+        """`smtp`: stored by the SMTP intake, whose rate tells the worker process to step back."""
         if self.worker is not None:
             self.worker.notify(msg_id)
         elif self.supervisor is not None:
-            self.supervisor.wake()
+            self.supervisor.wake(smtp=smtp)
 
     def _wake_acks(self) -> None:
         if self.ack_sender is not None:
