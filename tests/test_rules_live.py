@@ -3,6 +3,7 @@ sends its (rate-limited) notice, no-reply senders get no acknowledgement."""
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import uuid
 from collections.abc import Iterator
@@ -83,10 +84,15 @@ def test_a_saved_rule_file_is_picked_up_without_a_signal(
 ) -> None:
     sim, daemon = stack
     rules = daemon.config.parent / "rules"
+    # the demo's rule tests expect support mail in SuperOffice, so this change would be refused
+    # (see tests/test_ruletests.py): this admin keeps no rule tests
+    shutil.rmtree(rules / "tests")
+    assert wait_for(lambda: "event=reloaded" in daemon.log.read_text(), timeout=20)
+    reloads = daemon.log.read_text().count("event=reloaded")
     (rules / "06-sales-to-whmcs.toml").write_text(
         '[[rule]]\nname = "support-to-whmcs"\nbackend = "whmcs"\n[rule.match]\nrecipient = "support@example.com"\n'
     )
-    assert wait_for(lambda: "event=reloaded" in daemon.log.read_text(), timeout=20)
+    assert wait_for(lambda: daemon.log.read_text().count("event=reloaded") > reloads, timeout=20)
     subject = f"after the edit {uuid.uuid4().hex[:6]}"
     send(daemon.smtp_port, subject, "edit@example.org")
     t = wait_for(
