@@ -22,6 +22,7 @@ from gateway.mail.headers import (
     _unfold,
     decode_words,
 )
+from gateway.mail.html import html_to_text
 from gateway.mail.mime import (
     _BOUNDARY_LIKE,
     _FLATTENED_HEADER,
@@ -32,7 +33,8 @@ from gateway.mail.mime import (
     _parse_headers_only,
     _start_of_message,
 )
-from gateway.mail.walk import _CID, _Part, _segments_text, _Walker
+from gateway.mail.reply import Split, split_html, split_text
+from gateway.mail.walk import _CID, _Part, _Segment, _segments_text, _Walker
 from gateway.models import Attachment, ParsedMail, RawSource
 
 
@@ -208,6 +210,8 @@ def parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
         )
         walker.attachments.append(_Part("original-message.eml", "message/rfc822", src.whole()))
         text = html = ""
+        segments = []
+    reply = _reply_split(segments, text)
 
     if cut is not None:
         walker.attachments.append(_Part("unparsed-remainder.txt", "text/plain", src.get(cut)))
@@ -246,6 +250,9 @@ def parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
         headers=headers,
         text=text,
         html=html,
+        new_text=reply.new if reply.found else "",
+        signature=reply.signature,
+        quoted_text=reply.quoted,
         attachments=attachments,
         content_type=content_type,
         report_type=walker.report_type,
@@ -273,3 +280,21 @@ def extract_message_id(raw: bytes) -> str:
         return ""
     value = m.group(1).decode("ascii", "surrogateescape")
     return _first_msgid(_unfold(_from_8bit(value, None, "Message-ID")))
+
+
+def _reply_split(segments: list[_Segment], text: str) -> Split:
+    """The new text of a reply, apart from its signature and quoted history (`mail.reply`).
+
+    An HTML-only body is split in its HTML tree (where the clients mark their quotes) and the
+    halves converted; a body with a text part is split as text.
+    """
+    try:
+        primary = [s for s in segments if s.has_text() and not s.fallback]
+        if len(primary) == 1 and primary[0].html and not (primary[0].plain or "").strip():
+            halves = split_html(primary[0].html)
+            if halves is not None:
+                head = split_text(html_to_text(halves[0]))
+                return Split(head.new, head.signature, html_to_text(halves[1]))
+        return split_text(text)
+    except Exception:  # never lose the mail over the split: the text stays whole
+        return Split(text, "", "")
