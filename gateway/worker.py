@@ -39,8 +39,15 @@ from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.rules import RouteContext, RuleSet
-from gateway.spool.base import MessageRow, Outcome, State
-from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
+from gateway.spool.base import (
+    BLOB_STREAM_MIN,
+    AckDraft,
+    BodySource,
+    MessageRow,
+    Outcome,
+    Spool,
+    State,
+)
 from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.worker")
@@ -49,7 +56,7 @@ log = logging.getLogger("gateway.worker")
 class SpoolProgress:
     """`Progress` backed by the spool: every step is durable before the next call. See `Progress`."""
 
-    def __init__(self, spool: SqliteSpool, msg_id: int, data: dict[str, Any]) -> None:
+    def __init__(self, spool: Spool, msg_id: int, data: dict[str, Any]) -> None:
         self.spool = spool
         self.msg_id = msg_id
         self.data: dict[str, Any] = dict(data)
@@ -93,7 +100,7 @@ YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
 class Worker:
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: Spool,
         backends: dict[str, Backend],
         rules: RuleSet,
         templates: dict[str, Template],
@@ -124,6 +131,8 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._task_ids: dict[asyncio.Task[None], int] = {}  # in-flight task -> spool message id
         self._stopping = False
+        self._stopped = asyncio.Event()
+        spool.on_work(self.wake.set)  # another node stored or released mail
         self._yield_until = 0.0  # monotonic: see yield_to_intake
         self._next_yield_claim = 0.0
         self._sem = asyncio.Semaphore(settings.concurrency)
@@ -176,6 +185,27 @@ class Worker:
                 continue
             await self._wait_wake(await self._idle_timeout())
 
+    async def keep_leases(self, lease: float) -> None:
+        """Renew this process's claims every lease/3 s and put back those of processes whose
+        lease ran out (a node or worker killed: its mails come back here, flagged uncertain
+        where a backend call was in flight, and the worker looks for the ticket first)."""
+        while not self._stopping:
+            try:
+                await self.spool.heartbeat()
+                rec = await self.spool.take_over()
+            except SpoolError as exc:
+                log.error("event=lease_renewal_failed error=%r", str(exc))
+            else:
+                if rec.requeued:
+                    log.warning(
+                        "event=claims_taken_over requeued=%d uncertain=%d",
+                        rec.requeued,
+                        rec.uncertain,
+                    )
+                    self.wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=lease / 3)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._task_ids.pop(task, None)
@@ -197,6 +227,7 @@ class Worker:
     async def drain(self, grace: float) -> int:
         """Stop taking work; let in-flight messages finish for `grace` s; return how many were cut."""
         self._stopping = True
+        self._stopped.set()
         self.wake.set()
         if not self._inflight:
             return 0
@@ -240,10 +271,10 @@ class Worker:
         env = row.envelope
         # A big mail is parsed and digested from the spool in pieces (never held whole beside its
         # parsed form); a parse process pool needs the bytes themselves.
-        body: BodyReader | None = None
+        body: BodySource | None = None
         raw: bytes | RawSource | None
         if row.size > STREAM_BODY_MIN and self.executor is None:
-            raw = body = self.spool.open_body(msg_id)
+            raw = body = await self.spool.open_body(msg_id)
         else:
             raw = await self.spool.read_body(msg_id)
         try:
@@ -392,25 +423,27 @@ class Worker:
             )
             known = await self.spool.ticket_by_ref(ref, prefer_backend=plain.backend or None)
             if known is not None:
-                backend, _system, _tid, requester = known
-                if not self._sender_may_follow_up(mail, requester):
+                if not self._sender_may_follow_up(mail, known.requester):
                     return (
                         None,
                         None,
                         f"token [{ref}] ignored: sender is not the ticket's requester",
                     )
-                return ref, backend, f"follow-up by subject token of ticket {ref}"
+                return ref, known.backend, f"follow-up by subject token of ticket {ref}"
             return ref, None, f"subject token {ref} is not a ticket the gateway made"
         ids = classify.thread_ids(mail)
         if ids:
             hit = await self.spool.thread_lookup(ids)
             if hit is not None:
-                backend, ref = hit
-                known = await self.spool.ticket_by_ref(ref)
-                requester = known[3] if known else ""
+                known = await self.spool.ticket_by_ref(hit.ref)
+                requester = known.requester if known else ""
                 if not self._sender_may_follow_up(mail, requester):
                     return None, None, "In-Reply-To ignored: sender is not the ticket's requester"
-                return ref, backend, f"follow-up by In-Reply-To/References of ticket {ref}"
+                return (
+                    hit.ref,
+                    hit.backend,
+                    f"follow-up by In-Reply-To/References of ticket {hit.ref}",
+                )
             pending = await self.spool.pending_original(ids, row.id)
             if pending is not None:
                 return None, None, "wait"
@@ -437,7 +470,11 @@ class Worker:
                 known = await self.spool.ticket_by_ref(
                     decision.followup_of, prefer_backend=backend.name
                 )
-                tid = known[2] if known and known[0] == backend.name else decision.followup_of
+                tid = (
+                    known.ticket_id
+                    if known and known.backend == backend.name
+                    else decision.followup_of
+                )
                 target = TicketRef(backend.name, backend.system, tid, decision.followup_of)
                 state: str | None
                 try:
@@ -590,7 +627,7 @@ class Worker:
 
     async def _ack(
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
-    ) -> tuple[str, str, bytes, str] | None:
+    ) -> AckDraft | None:
         ack_name = decision.ack
         if ack_name is None and decision.action == "followup" and action == "new":
             # the follow-up's ticket was unknown or closed: it became a new ticket, which the
@@ -602,7 +639,7 @@ class Worker:
 
     async def _reply(
         self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
-    ) -> tuple[str, str, bytes, str] | None:
+    ) -> AckDraft | None:
         """Render an acknowledgement (or a suppress rule's notice) if nothing forbids it:
         RFC 3834 (never to a null sender, our own addresses or no-reply addresses), the
         per-sender and the global hourly limits."""
@@ -645,7 +682,7 @@ class Worker:
             hostname=s.hostname,
             backend=ref.backend if ref else "",
         )
-        return rcpt, s.ack_envelope_from, data, ack_id
+        return AckDraft(rcpt=rcpt, mail_from=s.ack_envelope_from, data=data, message_id=ack_id)
 
     async def _finish(
         self, row: MessageRow, outcome: Outcome, decision: Decision | None = None
