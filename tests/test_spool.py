@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool.base import AckDraft, ThreadHit, TicketInfo, Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State, ThreadHit, TicketInfo
 from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
 
 ROOT = Path(__file__).resolve().parent.parent

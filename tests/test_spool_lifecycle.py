@@ -32,7 +32,7 @@ from gateway.errors import SpoolError
 from gateway.logs import reopen_logs, setup_logging
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import AckDraft, ThreadHit, TicketInfo, Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State, ThreadHit, TicketInfo
 from gateway.spool.retention import (
     DAY,
     RetentionPolicy,

@@ -6,6 +6,9 @@ rest of the gateway sees only the `Spool` protocol (`gateway.spool.base`).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from gateway.spool.base import (
     AckDraft,
     AckRow,
@@ -38,7 +41,7 @@ __all__ = [
 ]
 
 
-async def open_spool(settings: SpoolSettings) -> Spool:
+async def open_spool(settings: SpoolSettings, *, clock: Callable[[], float] = time.time) -> Spool:
     """Open (create or migrate where allowed) the spool `settings` describe.
 
     Raises `SpoolError` when it cannot be opened. The engine modules are imported here only, so
@@ -47,7 +50,7 @@ async def open_spool(settings: SpoolSettings) -> Spool:
     if settings.url:
         from gateway.spool.postgres import PostgresSpool
 
-        return await PostgresSpool.open(settings)
+        return await PostgresSpool.open(settings, clock=clock)
     from gateway.spool.sqlite import SqliteSpool
 
     if settings.path is None:
@@ -59,4 +62,5 @@ async def open_spool(settings: SpoolSettings) -> Spool:
         worker=settings.worker,
         lease=settings.lease,
         read_only=settings.read_only,
+        clock=clock,
     )

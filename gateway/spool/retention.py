@@ -335,7 +335,7 @@ ADDRESS_HEADERS = (
     "resent-to",
     "resent-cc",
 )
-_HEAD_BYTES = 65536  # the header block of a mail, read first; the whole mail only if longer
+HEAD_BYTES = 65536  # the header block of a mail, read first; the whole mail only if longer
 _SCAN_BATCH = 200
 
 
@@ -352,7 +352,7 @@ def header_addresses(raw: bytes) -> set[str]:
     return {a.strip().lower() for _, a in email.utils.getaddresses(values) if "@" in a}
 
 
-def _matches(address: str, mail_from: str, rcpt_tos: str, head: bytes | None) -> bool:
+def matches(address: str, mail_from: str, rcpt_tos: str, head: bytes | None) -> bool:
     if mail_from.strip().lower() == address:
         return True
     try:
@@ -377,7 +377,7 @@ def _scan(
             "SELECT id, state, size, mail_from, rcpt_tos,"
             " (SELECT SUBSTR(raw, 1, ?) FROM bodies WHERE bodies.id = messages.id)"
             " FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-            (_HEAD_BYTES, last, _SCAN_BATCH),
+            (HEAD_BYTES, last, _SCAN_BATCH),
         ).fetchall()
         if not rows:
             return found, last
@@ -385,12 +385,12 @@ def _scan(
             head = bytes(head) if head is not None else None
             if (
                 head is not None
-                and len(head) == _HEAD_BYTES
+                and len(head) == HEAD_BYTES
                 and b"\n\n" not in head.replace(b"\r\n", b"\n")
             ):
                 full = conn.execute("SELECT raw FROM bodies WHERE id = ?", (msg_id,)).fetchone()
                 head = bytes(full[0]) if full and full[0] is not None else head
-            if _matches(address, mail_from, rcpt_tos, head):
+            if matches(address, mail_from, rcpt_tos, head):
                 found.append((msg_id, state, size))
         last = rows[-1][0]
 
