@@ -145,6 +145,7 @@ def backend_key(cfg: Config, name: str) -> tuple[Any, ...]:
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
+    shared = bool(cfg.spool.url) or cfg.gateway.worker_processes > 1
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
         retry_base=cfg.retry.base,
@@ -164,6 +165,12 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         ack_from_name=cfg.ack.from_name,
         ack_envelope_from=cfg.ack.envelope_from,
         hostname=cfg.gateway.hostname,
+        # Shared limits cost spool writes per call: only where more than one process calls
+        # the backends (several worker processes, or nodes sharing a PostgreSQL spool).
+        backend_concurrency=(
+            {name: b.concurrency for name, b in cfg.backends.items()} if shared else {}
+        ),
+        shared_pauses=shared,
     )
 
 
@@ -387,12 +394,6 @@ class Daemon:
             )
             await self.smtp.start(self.smtp_sock)
             smtp_status.set_ok(f"listening on {host}:{self.smtp.port}")
-        for icfg in cfg.imap:
-            from gateway.intake.imap import ImapIntake
-
-            comp = self.status.register(f"intake:imap:{icfg.name}", "intake")
-            intake = ImapIntake(icfg, _CountingSpool(self.spool, self), comp, base_dir=cfg.base_dir)
-            self.imaps.append(intake)
         host, _, port = cfg.health.listen.rpartition(":")
         self.health = HealthServer(
             host,
@@ -408,8 +409,11 @@ class Daemon:
         )
         self.health.before_scrape = self._refresh_gauges
         await self.health.start()
-        for intake in self.imaps:
-            self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
+        for icfg in cfg.imap:
+            comp = self.status.register(f"intake:imap:{icfg.name}", "intake")
+            self.tasks.append(
+                asyncio.create_task(self._mailbox(icfg, comp), name=f"imap:{icfg.name}")
+            )
         for sup in self.supervisors:
             await sup.ready()  # its components are on /healthz before READY=1
         self.health.started = True
@@ -419,6 +423,60 @@ class Daemon:
                 self.spool, retention_policy(cfg), interval=cfg.retention.interval
             )
             self.tasks.append(asyncio.create_task(self.retention.run(), name="retention"))
+
+    async def _mailbox(self, icfg: Any, comp: Any) -> None:
+        """Poll one `[[imap]]` mailbox while this node holds its lease `imap:NAME` in the spool:
+        one node at a time per mailbox across the cluster. Another node takes over within the
+        lease when this one dies (its lease is not renewed) or stops (it drops the lease)."""
+        from gateway.intake.imap import ImapIntake
+
+        assert self.spool is not None
+        name, lease = f"imap:{icfg.name}", self.cfg.spool.lease
+        standby = False
+        while not self.should_exit:
+            if not await self._try_lease(name, lease):
+                if not standby:
+                    log.info("event=imap_standby mailbox=%s node=%s", icfg.name, self.cfg.node)
+                    comp.set_ok("standby: another node polls this mailbox")
+                    standby = True
+                await asyncio.sleep(min(2.0, lease / 3))
+                continue
+            standby = False
+            log.info("event=imap_lease_taken mailbox=%s node=%s", icfg.name, self.cfg.node)
+            intake = ImapIntake(
+                icfg, _CountingSpool(self.spool, self), comp, base_dir=self.cfg.base_dir
+            )
+            self.imaps.append(intake)
+            run = asyncio.create_task(intake.run(), name=f"imap-poll:{icfg.name}")
+            renewed = time.monotonic()
+            try:
+                while not run.done():
+                    await asyncio.wait({run}, timeout=lease / 3)
+                    if run.done() or self.should_exit:
+                        break
+                    held = await self._try_lease(name, lease)
+                    if held:
+                        renewed = time.monotonic()
+                    elif held is False or time.monotonic() - renewed > lease * 0.8:
+                        # taken by another node (or no renewal for most of a lease)
+                        log.warning("event=imap_lease_lost mailbox=%s", icfg.name)
+                        break
+            finally:
+                if not run.done():
+                    await intake.stop()
+                    await asyncio.wait({run}, timeout=30)
+                self.imaps.remove(intake)
+            if run.done() and not run.cancelled() and run.exception() is not None:
+                raise run.exception()  # type: ignore[misc]
+
+    async def _try_lease(self, name: str, seconds: float) -> bool | None:
+        """True: held; False: another holds it; None: the spool did not answer."""
+        assert self.spool is not None
+        try:
+            return await self.spool.try_lease(name, seconds)
+        except GatewayError as exc:
+            log.warning("event=lease_failed lease=%s error=%r", name, str(exc))
+            return None
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
@@ -599,8 +657,12 @@ class Daemon:
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
         if self.smtp is not None:
             self.smtp.drain()
-        for intake in self.imaps:
+        for intake in list(self.imaps):
             await intake.stop()
+        if self.spool is not None and self.role != "worker":
+            for icfg in self.cfg.imap:  # another node takes the mailbox over at once
+                with contextlib.suppress(GatewayError):
+                    await self.spool.drop_lease(f"imap:{icfg.name}")
         cut = 0
         if self.supervisors:
             stopping = asyncio.ensure_future(

@@ -74,6 +74,8 @@ class HealthServer:
                 spool.update(await asyncio.wait_for(self.spool_info(), SPOOL_TIMEOUT))
             spool["ok"] = True
         except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {SPOOL_TIMEOUT:.0f} s")
             queue = {}
             spool["ok"] = False
             problems.append(f"spool: cannot read: {str(exc) or type(exc).__name__}")

@@ -90,8 +90,12 @@ class WorkerSettings:
     ack_envelope_from: str = ""
     hostname: str = "ticket-gateway.localdomain"
     wait_original: float = 5.0  # a follow-up whose original is still queued waits this long
+    # backend -> calls in flight allowed across the cluster (`concurrency` of the backend)
+    backend_concurrency: dict[str, int] = dataclasses.field(default_factory=dict)
+    shared_pauses: bool = False  # record and honour backend pauses in the spool
 
 
+SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
 YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
@@ -132,6 +136,9 @@ class Worker:
         self._task_ids: dict[asyncio.Task[None], int] = {}  # in-flight task -> spool message id
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._orphans: set[int] = set()  # claims whose processing ended without an outcome
+        self._pauses: dict[str, tuple[float, str]] = {}
+        self._pauses_read = 0.0
         spool.on_work(self.wake.set)  # another node stored or released mail
         self._yield_until = 0.0  # monotonic: see yield_to_intake
         self._next_yield_claim = 0.0
@@ -191,7 +198,11 @@ class Worker:
         where a backend call was in flight, and the worker looks for the ticket first)."""
         while not self._stopping:
             try:
-                await self.spool.heartbeat()
+                await self.spool.heartbeat(set(self._task_ids.values()))
+                if self._orphans:  # processing cut short by a spool failure: back to the queue
+                    orphans = list(self._orphans)
+                    await self.spool.release(orphans)
+                    self._orphans.difference_update(orphans)
                 rec = await self.spool.take_over()
             except SpoolError as exc:
                 log.error("event=lease_renewal_failed error=%r", str(exc))
@@ -250,6 +261,11 @@ class Worker:
         except asyncio.CancelledError:
             # cut by shutdown: the message stays `processing` and recovery requeues it
             raise
+        except SpoolError as exc:
+            # the spool failed (PostgreSQL unreachable, disk full): no outcome can be recorded
+            # now, so the mail goes back to the queue once the spool answers again
+            log.error("event=spool_failed_during_processing id=%d error=%r", msg_id, str(exc))
+            self._orphans.add(msg_id)
         except Exception:
             tb = traceback.format_exc(limit=8)
             log.error("event=worker_internal_error id=%d", msg_id)
@@ -398,8 +414,58 @@ class Worker:
                 count_attempt=False,
             )
             return
+        shared = (await self._cluster_pauses()).get(backend.name) if self.s.shared_pauses else None
+        if shared is not None:  # paused by another worker process or node
+            await self.spool.defer(
+                msg_id,
+                error=f"backend {backend.name} paused: {shared[1]}",
+                delay=max(1.0, shared[0] - self.clock()),
+                backend=backend.name,
+                count_attempt=False,
+            )
+            return
         mail = self._with_peer(mail, env)
-        await self._deliver(row, mail, decision, backend)
+        # The backend's concurrency limit holds for the whole cluster: a slot in the spool per
+        # call in flight, taken by every worker process of every node.
+        limit = self.s.backend_concurrency.get(backend.name, 0)
+        if limit and not await self._take_slot(backend.name, limit, msg_id):
+            await self.spool.defer(
+                msg_id,
+                error=f"backend {backend.name}: all {limit} call slots of the cluster busy",
+                delay=random.uniform(0.2, 1.0),
+                backend=backend.name,
+                count_attempt=False,
+            )
+            return
+        try:
+            await self._deliver(row, mail, decision, backend)
+        finally:
+            if limit:
+                with contextlib.suppress(SpoolError):
+                    await self.spool.release_slot(backend.name, msg_id)
+
+    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> bool:
+        """A call slot of `backend`, waiting a little while all are taken (then False)."""
+        deadline = time.monotonic() + SLOT_WAIT
+        pause = 0.02
+        while True:
+            if await self.spool.acquire_slot(backend, limit, msg_id):
+                return True
+            if time.monotonic() > deadline or self._stopping:
+                return False
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, 0.25)
+
+    async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
+        """The backend pauses recorded in the spool (by any process), read at most once a s."""
+        now = time.monotonic()
+        if now - self._pauses_read > 1.0:
+            self._pauses_read = now
+            try:
+                self._pauses = await self.spool.backend_pauses()
+            except SpoolError:
+                pass  # the mail's own spool writes will fail and say so
+        return self._pauses
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), tz=UTC).astimezone(ZoneInfo(self.s.timezone))
@@ -523,6 +589,11 @@ class Worker:
         except BackendUnavailable as exc:
             self._observe(backend.name, started, ok=False)
             self._pause(backend.name, str(exc))
+            if self.s.shared_pauses:  # every process and node holds back too
+                with contextlib.suppress(SpoolError):
+                    await self.spool.pause_backend(
+                        backend.name, self.clock() + self.s.paused_check, str(exc)
+                    )
             await self.spool.defer(
                 row.id,
                 error=f"backend {backend.name} unavailable: {exc}",
@@ -534,7 +605,10 @@ class Worker:
                 self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend.name)
             return
         self._observe(backend.name, started, ok=True)
-        self._resume(backend.name)
+        if self._resume(backend.name) and self.s.shared_pauses:
+            self._pauses.pop(backend.name, None)
+            with contextlib.suppress(SpoolError):
+                await self.spool.clear_pause(backend.name)
         self._probe.pop(backend.name, None)
         if self._failing.pop(backend.name, False):
             # it answers again: what waits for it need not sit out its backoff
@@ -613,10 +687,13 @@ class Worker:
         self._backend_status[backend].set_down(f"paused: {reason}")
         log.warning("event=backend_paused backend=%s reason=%r", backend, reason)
 
-    def _resume(self, backend: str) -> None:
-        if self.paused.pop(backend, None) is not None:
+    def _resume(self, backend: str) -> bool:
+        """True when it was paused (here or, as last read, by another process)."""
+        was = self.paused.pop(backend, None) is not None or backend in self._pauses
+        if was:
             log.info("event=backend_resumed backend=%s", backend)
         self._backend_status[backend].set_ok()
+        return was
 
     def _observe(self, backend: str, started: float, *, ok: bool) -> None:
         if self.metrics:

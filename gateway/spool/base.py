@@ -20,7 +20,7 @@ restarting under the same owner name takes its own rows back at once (`recover`)
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -314,8 +314,11 @@ class Spool(Protocol):
         """Put back mails whose owner's lease ran out (that process died); counts a crash."""
         ...
 
-    async def heartbeat(self) -> None:
-        """Renew the leases of this owner's claims and record the owner alive."""
+    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+        """Record the owner alive and renew its leases: on the mails in `claims` (those it is
+        still working on; None: all it holds), on its outbox claims and call slots. A claim not
+        renewed (its processing ended without an outcome, e.g. the spool was unreachable)
+        expires and is taken over like a dead owner's."""
         ...
 
     async def nodes(self, within: float) -> list[NodeInfo]:

@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,7 +69,7 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 MIGRATE_LOCK = 0x67617465  # pg_advisory_xact_lock key for schema changes ("gate")
 CHANNEL = "gateway_work"
-CONNECT_TIMEOUT = 5.0  # s to get a connection before the spool counts as unreachable
+CONNECT_TIMEOUT = 3.0  # s to get a connection before the spool counts as unreachable
 MAX_BATCH = 256  # puts in one transaction
 
 # -- the schema (version 1) -------------------------------------------------------------------------
@@ -633,21 +633,27 @@ class PostgresSpool:
 
         return await self._run(go)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
         now = self.clock()
         until = now + self.lease
+        ids = None if claims is None else [int(i) for i in claims]
 
         async def go(conn: Conn) -> None:
             await conn.execute(
                 "UPDATE messages SET lease_until = %s"
-                " WHERE state = 'processing' AND claimed_by = %s",
-                (until, self.owner),
+                " WHERE state = 'processing' AND claimed_by = %s"
+                " AND (%s::bigint[] IS NULL OR id = ANY(%s::bigint[]))",
+                (until, self.owner, ids, ids),
             )
             await conn.execute(
                 "UPDATE outbox SET lease_until = %s WHERE state = 'pending' AND claimed_by = %s",
                 (until, self.owner),
             )
-            await conn.execute("UPDATE slots SET until = %s WHERE owner = %s", (until, self.owner))
+            await conn.execute(
+                "UPDATE slots SET until = %s WHERE owner = %s"
+                " AND (%s::bigint[] IS NULL OR msg_id = ANY(%s::bigint[]))",
+                (until, self.owner, ids, ids),
+            )
             await conn.execute(
                 "INSERT INTO nodes (owner, node, seen_at, started_at) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"

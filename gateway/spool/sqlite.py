@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -569,20 +569,30 @@ class SqliteSpool:
             conn.execute(f"DELETE FROM slots WHERE msg_id IN ({marks})", ids)
         return Recovered(requeued=n, uncertain=unc)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
         now = self.clock()
         until = now + self.lease
+        ids = None if claims is None else [int(i) for i in claims]
 
         def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE messages SET lease_until = ? WHERE state = 'processing' AND claimed_by = ?",
-                (until, self.owner),
-            )
+            where = "state = 'processing' AND claimed_by = ?"
+            params: list[Any] = [until, self.owner]
+            if ids is not None:
+                where += f" AND id IN ({','.join('?' * len(ids))})"
+                params += ids
+            conn.execute(f"UPDATE messages SET lease_until = ? WHERE {where}", params)
             conn.execute(
                 "UPDATE outbox SET lease_until = ? WHERE state = 'pending' AND claimed_by = ?",
                 (until, self.owner),
             )
-            conn.execute("UPDATE slots SET until = ? WHERE owner = ?", (until, self.owner))
+            if ids is None:
+                conn.execute("UPDATE slots SET until = ? WHERE owner = ?", (until, self.owner))
+            elif ids:
+                conn.execute(
+                    f"UPDATE slots SET until = ? WHERE owner = ? AND msg_id IN"
+                    f" ({','.join('?' * len(ids))})",
+                    [until, self.owner, *ids],
+                )
             conn.execute(
                 "INSERT INTO nodes (owner, node, seen_at, started_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"

@@ -1,0 +1,204 @@
+"""Several gateway nodes on one PostgreSQL spool, as real `gateway run` processes.
+
+- A node killed with SIGKILL while it holds claims: another node takes them over within the
+  lease (+ 5 s), every accepted mail becomes one ticket (a second one only for a mail flagged
+  uncertain), and /healthz names the nodes alive.
+- A backend's `concurrency` holds for the cluster: the simulator counts the calls in flight.
+- PostgreSQL stopped: SMTP answers 451 and /healthz 503 naming the spool; everything resumes by
+  itself when the server is back, nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import DaemonProcess, SimProcess, wait_for, write_config
+from tests.pg_server import PostgresServer
+
+LEASE = 4
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimProcess]:
+    s = SimProcess(tmp_path / "sim")
+    s.start()
+    yield s
+    s.stop()
+
+
+class Cluster:
+    def __init__(self, tmp: Path, sim: SimProcess, url: str) -> None:
+        self.tmp, self.sim, self.url = tmp, sim, url
+        self.nodes: dict[str, DaemonProcess] = {}
+
+    def node(self, name: str, *, concurrency: int | None = None) -> DaemonProcess:
+        replace = {
+            'path = "var/gateway.sqlite"        #': '# path = "var/gateway.sqlite"  #',
+            '# url = "postgresql://gateway@db.example.com:5432/gateway"': f'url = "{self.url}"',
+            'node = ""': f'node = "{name}"',
+            "lease = 30 ": f"lease = {LEASE} ",
+        }
+        if concurrency is not None:
+            replace["[backends.superoffice-soap]\n"] = (
+                f"[backends.superoffice-soap]\nconcurrency = {concurrency}\n"
+            )
+        cfg = write_config(
+            self.tmp / name,
+            sim_http=self.sim.http_port,
+            sim_smtp=self.sim.smtp_port,
+            replace=replace,
+        )
+        d = DaemonProcess(cfg)
+        self.nodes[name] = d
+        return d
+
+    def stop(self) -> None:
+        for d in self.nodes.values():
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop(60)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, sim: SimProcess, pg: PostgresServer) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, sim, pg.new_database())
+    yield c
+    c.stop()
+
+
+def _message(subject: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "cluster@example.org"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '-')}@example.org>"
+    msg.set_content("cluster test")
+    return msg
+
+
+def send(port: int, subject: str) -> int:
+    """The SMTP reply code for one mail (250 accepted, 451 refused for now)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.send_message(_message(subject))
+        return 250
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code
+    except smtplib.SMTPRecipientsRefused as exc:
+        return next(iter(exc.recipients.values()))[0]
+
+
+def health(d: DaemonProcess) -> tuple[int, dict]:  # type: ignore[type-arg]
+    r = httpx.get(f"http://127.0.0.1:{d.health_port}/healthz", timeout=15)
+    return r.status_code, r.json()
+
+
+def titles(sim: SimProcess) -> Counter[str]:
+    return Counter(t["title"] for t in sim.get("/_sim/tickets"))
+
+
+def queue(d: DaemonProcess, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    res = d.gateway("queue", "-c", str(d.config), "ls", "--json", *args)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_killed_nodes_claims_are_taken_over(cluster: Cluster, sim: SimProcess) -> None:
+    a, b = cluster.node("alpha"), cluster.node("beta")
+    a.start(timeout=90)
+    b.start(timeout=90)
+    both = wait_for(lambda: health(b)[1]["spool"].get("nodes") == ["alpha", "beta"], 30)
+    assert both, health(b)
+    _, body = health(a)
+    assert body["node"] == "alpha" and body["spool"]["engine"] == "postgresql"
+
+    # slow calls: mails stay in hand long enough to kill a node holding some
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "slow", "latency_ms": 2500})
+    subjects = [f"takeover {i}" for i in range(30)]
+    for i, s in enumerate(subjects):
+        assert send((a if i % 2 else b).smtp_port, s) == 250
+    held = wait_for(
+        lambda: [r for r in queue(b, "--state", "processing") if r["claimed_by"] == "alpha/0"], 60
+    )
+    assert held, queue(b)
+    a.kill9()
+    killed = time.monotonic()
+
+    def taken_over() -> bool:
+        return not any(
+            r["claimed_by"].startswith("alpha/") for r in queue(b, "--state", "processing")
+        )
+
+    assert wait_for(taken_over, LEASE + 30), queue(b)
+    took = time.monotonic() - killed
+    assert took <= LEASE + 5 + 3, f"took {took:.1f} s"  # + the queue command's own start-up
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
+    assert wait_for(lambda: all(titles(sim)[s] >= 1 for s in subjects), 120), titles(sim)
+    rows = {r["subject"]: r for r in queue(b)}
+    counts = titles(sim)
+    for s in subjects:
+        # one ticket each; a second only for a mail whose create call was in flight at the kill
+        assert counts[s] == 1 or (counts[s] == 2 and rows[s]["uncertain"]), (s, counts[s], rows[s])
+    assert {r["state"] for r in rows.values()} == {"done"}
+    assert "claims_taken_over" in b.log.read_text()
+    # the dead node drops out of the nodes alive
+    assert wait_for(lambda: health(b)[1]["spool"]["nodes"] == ["beta"], LEASE + 10), health(b)
+
+
+def test_backend_concurrency_holds_across_nodes(cluster: Cluster, sim: SimProcess) -> None:
+    nodes = [cluster.node(n, concurrency=2) for n in ("n1", "n2", "n3")]
+    for d in nodes:
+        d.start(timeout=90)
+    sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "slow", "latency_ms": 400})
+    subjects = [f"limit {i}" for i in range(24)]
+    for i, s in enumerate(subjects):
+        assert send(nodes[i % 3].smtp_port, s) == 250
+    assert wait_for(lambda: all(titles(sim)[s] >= 1 for s in subjects), 180), titles(sim)
+    inflight = httpx.get(f"{sim.url}/_sim/inflight", timeout=10).json()["superoffice-soap"]
+    # newTicket and addMessage are two calls of one mail, one after the other: at most 2 at once
+    assert 1 <= inflight["max"] <= 2, inflight
+    assert all(titles(sim)[s] == 1 for s in subjects)
+
+
+def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> None:
+    server = PostgresServer()  # a cluster of its own: this test stops it
+    server.start()
+    try:
+        c = Cluster(tmp_path, sim, server.new_database())
+        d = c.node("solo")
+        d.start(timeout=90)
+        try:
+            assert send(d.smtp_port, "before outage") == 250
+            server.stop()
+            assert send(d.smtp_port, "during outage") == 451  # nothing accepted uncommitted
+            code, body = health(d)
+            assert code == 503 and any(p.startswith("spool:") for p in body["problems"]), body
+            assert body["spool"]["ok"] is False
+            server.start()
+            assert wait_for(lambda: health(d)[0] == 200, 60), health(d)
+            assert send(d.smtp_port, "after outage") == 250
+            want = ["before outage", "after outage"]
+            assert wait_for(lambda: all(titles(sim)[s] == 1 for s in want), 60), titles(sim)
+            assert titles(sim)["during outage"] == 0
+        finally:
+            d.stop(60)
+    finally:
+        server.cleanup()
