@@ -497,8 +497,28 @@ def cmd_spool(args: argparse.Namespace) -> int:
 
 
 def _spool_copy(args: argparse.Namespace, cfg: Config) -> int:
-    print("gateway: spool copy is not available yet", file=sys.stderr)
-    return 1
+    """Exit 0 copied, 1 refused (target not empty, source in use, target unreachable)."""
+    import os
+
+    from gateway.spool.copy import copy_sqlite_to_postgres
+
+    if cfg.spool.url:
+        print("gateway: spool copy copies a SQLite spool ([spool] path)", file=sys.stderr)
+        return 1
+    if not args.to.startswith(("postgresql://", "postgres://")):
+        print("gateway: --to must be a postgresql:// URL", file=sys.stderr)
+        return 1
+    try:
+        # the target's password as libpq takes it: PGPASSWORD or ~/.pgpass
+        result = copy_sqlite_to_postgres(
+            cfg.spool_path, args.to, password=os.environ.get("PGPASSWORD")
+        )
+    except GatewayError as exc:
+        print(f"gateway: spool copy refused: {exc}", file=sys.stderr)
+        return 1
+    rows = ", ".join(f"{n} {t}" for t, n in result.rows.items())
+    print(f"copied {cfg.spool_path} into PostgreSQL: {rows}")
+    return 0
 
 
 def cmd_erase(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -309,7 +309,7 @@ class PostgresSpool:
             await spool._pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
         except (PoolTimeout, psycopg.Error) as exc:
             await spool._pool.close()
-            raise SpoolError(f"{spool._where()}: cannot connect: {exc}") from exc
+            raise SpoolError(f"{spool.where()}: cannot connect: {exc}") from exc
         try:
             if settings.read_only:
                 spool.opened_version = await spool._check_version()
@@ -320,7 +320,7 @@ class PostgresSpool:
             raise
         return spool
 
-    def _where(self) -> str:
+    def where(self) -> str:
         """The server and database, never the password."""
         info = psycopg.conninfo.conninfo_to_dict(self.url)
         return (
@@ -338,9 +338,9 @@ class PostgresSpool:
             async with self._pool.connection() as conn, conn.transaction():
                 yield conn
         except PoolTimeout as exc:
-            raise SpoolError(f"spool unreachable ({self._where()}): {exc}") from exc
+            raise SpoolError(f"spool unreachable ({self.where()}): {exc}") from exc
         except psycopg.Error as exc:
-            raise SpoolError(f"spool failed ({self._where()}): {exc}") from exc
+            raise SpoolError(f"spool failed ({self.where()}): {exc}") from exc
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         async with self._tx() as conn:
@@ -371,7 +371,7 @@ class PostgresSpool:
         )
         version = int(row["value"]) if row and row["value"] is not None else None
         if version != SCHEMA_VERSION:
-            raise SpoolError(f"{self._where()}: spool schema {version}, expected {SCHEMA_VERSION}")
+            raise SpoolError(f"{self.where()}: spool schema {version}, expected {SCHEMA_VERSION}")
         return version
 
     async def _has_meta(self) -> bool:
@@ -401,7 +401,7 @@ class PostgresSpool:
                 return SCHEMA_VERSION
             if found > SCHEMA_VERSION:
                 raise SpoolError(
-                    f"{self._where()}: spool schema version {found} is newer than this gateway"
+                    f"{self.where()}: spool schema version {found} is newer than this gateway"
                     f" understands ({SCHEMA_VERSION}); upgrade the gateway"
                 )
             for version in range(found + 1, SCHEMA_VERSION + 1):
@@ -1379,21 +1379,20 @@ class PostgresSpool:
 
         return await self._run(go)
 
-    async def copy_rows(self, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
-        """Bulk insert (COPY) `rows` into `table` in one transaction (`gateway spool copy`)."""
-        query = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
-        )
+    async def import_tables(
+        self, tables: list[tuple[str, list[str], Iterable[tuple[Any, ...]]]]
+    ) -> None:
+        """COPY each (table, columns, rows) in, all in ONE transaction, then move the id
+        sequences past the copied ids (`gateway spool copy`)."""
 
         async def go(conn: Conn) -> None:
-            async with conn.cursor() as cur, cur.copy(query) as copy:
-                for row in rows:
-                    await copy.write_row(row)
-
-        await self._run(go)
-
-    async def reset_sequences(self) -> None:
-        async def go(conn: Conn) -> None:
+            for table, columns, rows in tables:
+                query = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+                )
+                async with conn.cursor() as cur, cur.copy(query) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
             for table in ("messages", "outbox"):
                 await conn.execute(
                     sql.SQL(
