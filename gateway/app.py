@@ -665,7 +665,7 @@ class Daemon:
                     await self.spool.drop_lease(f"imap:{icfg.name}")
         cut = 0
         if self.supervisors:
-            stopping = asyncio.ensure_future(
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(
                 asyncio.gather(*(s.stop(grace, force=self.force_exit) for s in self.supervisors))
             )
             forced = asyncio.ensure_future(self._forced.wait())

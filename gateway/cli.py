@@ -395,7 +395,7 @@ async def _queue(args: argparse.Namespace, cfg: Config) -> int:
     spool = await _open_for_command(cfg)
     try:
         if args.qcmd == "ls":
-            rows = await spool.list(args.state)
+            rows = await spool.list_messages(args.state)
             if args.json:
                 print(json.dumps([_row_json(r) for r in rows], ensure_ascii=False))
             else:

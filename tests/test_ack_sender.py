@@ -138,7 +138,9 @@ async def test_connection_dropped_by_relay_while_idle_is_replaced(spool: SqliteS
         ctl.stop()
     assert relay.sessions == 2
     assert outbox_states(spool) == {"sent": 4}
-    attempts = sqlite_read(spool, lambda c: [r[0] for r in c.execute("SELECT attempts FROM outbox")])
+    attempts = sqlite_read(
+        spool, lambda c: [r[0] for r in c.execute("SELECT attempts FROM outbox")]
+    )
     assert attempts == [1, 1, 1, 1]  # the dropped connection cost no failed attempt
 
 
@@ -150,8 +152,8 @@ async def test_acknowledgement_waits_while_relay_is_down_then_goes(spool: Sqlite
     try:
         async with asyncio.timeout(20):
             while True:
-                rows = sqlite_read(spool,
-                    lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
+                rows = sqlite_read(
+                    spool, lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
                 )
                 if all(r[0] >= 1 for r in rows):
                     break

@@ -154,17 +154,20 @@ def rows(spool: SqliteSpool) -> list[tuple[str, bytes, str, str, str]]:
     """(source_key, raw, intake, mail_from, rcpt_tos) of every spooled message."""
     return [
         (r[0], bytes(r[1]), r[2], r[3], r[4])
-        for r in sqlite_read(spool,
+        for r in sqlite_read(
+            spool,
             lambda c: c.execute(
                 "SELECT source_key, raw, intake, mail_from, rcpt_tos FROM messages"
                 " JOIN bodies USING (id) ORDER BY id"
-            ).fetchall()
+            ).fetchall(),
         )
     ]
 
 
 def row_count(spool: SqliteSpool) -> int:
-    return int(sqlite_read(spool, lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0]))
+    return int(
+        sqlite_read(spool, lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0])
+    )
 
 
 def message_ids(raws: list[bytes]) -> list[str]:

@@ -71,7 +71,7 @@ async def test_unknown_recipient_gets_550_and_nothing_is_spooled(
             hostname="127.0.0.1",
             port=listener.port,
         )
-    assert await spool.list() == []
+    assert await spool.list_messages() == []
 
 
 async def test_size_is_advertised_and_enforced(intake: tuple[SmtpListener, SqliteSpool]) -> None:
@@ -92,7 +92,7 @@ async def test_size_is_advertised_and_enforced(intake: tuple[SmtpListener, Sqlit
     size, code = await asyncio.to_thread(send)
     assert size == str(64 * 1024)
     assert code == 552
-    assert await spool.list() == []
+    assert await spool.list_messages() == []
 
 
 async def test_spool_failure_answers_451(intake: tuple[SmtpListener, SqliteSpool]) -> None:
@@ -230,7 +230,7 @@ async def test_data_over_the_size_limit_gets_552_and_the_session_goes_on(
     replies = await _send_raw_data(listener.port, big + b".\r\n", after=b"NOOP\r\n")
     assert replies[1].startswith(b"552")
     assert replies[2].startswith(b"250")  # NOOP: still in step with the client
-    assert await spool.list() == []
+    assert await spool.list_messages() == []
 
 
 async def test_commands_pipelined_after_the_end_marker_are_answered(

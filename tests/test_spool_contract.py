@@ -152,7 +152,7 @@ async def test_two_owners_never_claim_the_same_mail(open_: Opener) -> None:
     claims = await asyncio.gather(*(s.claim_due(7) for _ in range(6) for s in (a, b)))
     got = [i for c in claims for i in c]
     assert len(got) == len(set(got)) == 60 and set(got) == ids
-    rows = await a.list("processing")
+    rows = await a.list_messages("processing")
     assert {r.claimed_by for r in rows} == {"a/0", "b/0"}
 
 
@@ -183,7 +183,7 @@ async def test_a_dead_owners_claims_are_taken_over_after_the_lease(open_: Opener
     rec = await b.take_over()
     assert (rec.requeued, rec.uncertain) == (3, 1)
     assert sorted(await b.claim_due(5)) == ids
-    assert {r.claimed_by for r in await b.list("processing")} == {"b/0"}
+    assert {r.claimed_by for r in await b.list_messages("processing")} == {"b/0"}
 
 
 async def test_heartbeat_keeps_claims_and_names_the_node(open_: Opener) -> None:
@@ -353,12 +353,12 @@ async def test_counts_list_retry_drop(spool: Spool) -> None:
     counts = await spool.counts()
     assert counts["dead"] == 1 and counts["queued"] == 2 and counts.waiting == 2
     assert counts.to_dict()["dead"] == 1
-    assert [r.id for r in await spool.list("queued")] == ids[1:]
+    assert [r.id for r in await spool.list_messages("queued")] == ids[1:]
     assert await spool.oldest_pending() is not None
     assert await spool.retry(None, all_dead=True) == 1
     assert await spool.drop(ids[2]) == 1
     assert await spool.load(ids[2]) is None
-    assert [r.state for r in await spool.list()] == ["queued", "queued"]
+    assert [r.state for r in await spool.list_messages()] == ["queued", "queued"]
     stats = await spool.stats()
     assert stats["states"]["queued"]["count"] == 2 and "maps" in stats and "outbox" in stats
 

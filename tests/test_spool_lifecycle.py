@@ -258,7 +258,9 @@ async def _finish(
             requester=sender,
             subject=f"mail {n}",
             message_id=f"<m{n}@example.org>",
-            ack=AckDraft(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>") if ack_to else None,
+            ack=AckDraft(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>")
+            if ack_to
+            else None,
         ),
     )
     return r.id
@@ -606,7 +608,7 @@ async def test_erase_leaves_no_trace_of_the_address(tmp_path: Path) -> None:
     # the spool was open all along (like a running daemon): its files hold no trace any more
     assert _traces(path, low.encode(), low.encode("utf-16-le")) == []
     assert _traces(path, b"<ack1@gw>") == []  # the ack's Message-ID went with the victim's ticket
-    remaining = [r.id for r in await spool.list()]
+    remaining = [r.id for r in await spool.list_messages()]
     assert remaining == keep
     assert await spool.ticket_by_ref("K10") is not None
     assert sqlite_read(spool, lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]) == "ok"

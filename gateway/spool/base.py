@@ -448,7 +448,9 @@ class Spool(Protocol):
         """received_at of the oldest mail still waiting (queued, deferred, processing)."""
         ...
 
-    async def list(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]: ...
+    async def list_messages(
+        self, state: str | None = None, limit: int = 1000
+    ) -> list[MessageRow]: ...
 
     async def retry(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
         """Put dead (or deferred) messages back in the queue now; returns how many."""

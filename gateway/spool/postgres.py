@@ -1046,7 +1046,7 @@ class PostgresSpool:
         )
         return row["t"] if row else None
 
-    async def list(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
+    async def list_messages(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
         if state:
             rows = await self._all(
                 f"SELECT {_MSG_COLUMNS} FROM messages WHERE state = %s ORDER BY id LIMIT %s",

@@ -1047,7 +1047,7 @@ class SqliteSpool:
 
         return await self._read(q)
 
-    async def list(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
+    async def list_messages(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
         def q(conn: sqlite3.Connection) -> list[MessageRow]:
             if state:
                 rows = conn.execute(
@@ -1106,7 +1106,7 @@ class SqliteSpool:
         result = PurgeResult()
         for name, step in retention.sqlite_steps(policy, self.clock()):
             while True:
-                n, extra = await self._write(lambda conn, step=step: step(conn, policy.batch))
+                n, extra = await self._write(_batch(step, policy.batch))
                 retention.count(result, name, n, extra)
                 if n < policy.batch:
                     break
@@ -1139,6 +1139,12 @@ class SqliteSpool:
 
     async def integrity_check(self) -> str:
         return await self._read(lambda c: str(c.execute("PRAGMA integrity_check").fetchone()[0]))
+
+
+def _batch(
+    step: Callable[[sqlite3.Connection, int], tuple[int, int]], limit: int
+) -> Callable[[sqlite3.Connection], tuple[int, int]]:
+    return lambda conn: step(conn, limit)
 
 
 # -- the map look-ups, on any connection: the daemon's and the dry run's read-only one ---------------
