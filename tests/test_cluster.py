@@ -202,3 +202,58 @@ def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> 
             d.stop(60)
     finally:
         server.cleanup()
+
+
+def test_an_imap_mailbox_is_polled_by_one_node_and_taken_over(
+    cluster: Cluster, sim: SimProcess
+) -> None:
+    from tests.imap_server import DovecotServer, DovecotUnavailable, make_message
+
+    try:
+        dovecot = DovecotServer.create()
+    except DovecotUnavailable as exc:
+        pytest.fail(f"Dovecot is required for this test: {exc}")
+    try:
+        boxes = [dovecot.add_mailbox(f"box{i}@example.com") for i in (1, 2)]
+        extra = "".join(
+            f'\n[[imap]]\nname = "box{i}"\nhost = "127.0.0.1"\nport = {mb.server.port}\n'
+            f'security = "plain"\nusername = "{mb.username}"\npassword = "{mb.password}"\n'
+            'after = "delete"\npoll_interval = 1\n'
+            for i, mb in enumerate(boxes, 1)
+        )
+        nodes = []
+        for name in ("alpha", "beta"):
+            d = cluster.node(name)
+            d.config.write_text(d.config.read_text() + extra)
+            nodes.append(d)
+        per_box = 40
+        for i, mb in enumerate(boxes):
+            mb.append(make_message(i * 1000 + n, subject=f"imap {i} {n}") for n in range(per_box))
+        for d in nodes:
+            d.start(timeout=90)
+        subjects = [f"imap {i} {n}" for i in range(2) for n in range(per_box)]
+        assert wait_for(lambda: all(titles(sim)[s] >= 1 for s in subjects), 180), titles(sim)
+        counts = titles(sim)
+        assert all(counts[s] == 1 for s in subjects), counts  # each mail ticketed once
+
+        def holder(box: str) -> DaemonProcess | None:
+            for d in nodes:
+                detail = health(d)[1]["components"][f"intake:imap:{box}"].get("detail", "")
+                if "standby" not in detail:
+                    return d
+            return None
+
+        owner = holder("box1")
+        assert owner is not None
+        other = nodes[1 - nodes.index(owner)]
+        assert "standby" in health(other)[1]["components"]["intake:imap:box1"]["detail"]
+        owner.kill9()
+        killed = time.monotonic()
+        boxes[0].append([make_message(5000, subject="imap after kill")])
+        assert wait_for(lambda: titles(sim)["imap after kill"] == 1, LEASE + 60), titles(sim)
+        took = time.monotonic() - killed
+        other_name = next(n for n, d in cluster.nodes.items() if d is other)
+        assert f"imap_lease_taken mailbox=box1 node={other_name}" in other.log.read_text()
+        assert took <= LEASE + 5 + 10, f"took {took:.1f} s"  # + fetch and ticket time
+    finally:
+        dovecot.cleanup()
