@@ -15,6 +15,7 @@ import smtplib
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -115,6 +116,12 @@ def titles(sim: SimProcess) -> Counter[str]:
     return Counter(t["title"] for t in sim.get("/_sim/tickets"))
 
 
+def log_time(d: DaemonProcess, text: str) -> float:
+    """The time of the first line of the node's log that holds `text` (whole seconds)."""
+    line = next(x for x in d.log.read_text().splitlines() if text in x)
+    return datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
 def queue(d: DaemonProcess, *args: str) -> list[dict]:  # type: ignore[type-arg]
     res = d.gateway("queue", "-c", str(d.config), "ls", "--json", *args)
     assert res.returncode == 0, res.stderr
@@ -140,16 +147,18 @@ def test_a_killed_nodes_claims_are_taken_over(cluster: Cluster, sim: SimProcess)
     )
     assert held, queue(b)
     a.kill9()
-    killed = time.monotonic()
+    killed = time.time()
 
     def taken_over() -> bool:
         return not any(
             r["claimed_by"].startswith("alpha/") for r in queue(b, "--state", "processing")
         )
 
-    assert wait_for(taken_over, LEASE + 30), queue(b)
-    took = time.monotonic() - killed
-    assert took <= LEASE + 5 + 3, f"took {took:.1f} s"  # + the queue command's own start-up
+    assert wait_for(taken_over, LEASE + 60), queue(b)
+    # when beta put alpha's mails back, by its own log (the queue command's start-up under a
+    # loaded machine is not part of the takeover)
+    took = log_time(b, "event=claims_taken_over") - killed
+    assert took <= LEASE + 5 + 1, f"took {took:.1f} s"  # + 1: the log's whole seconds
     sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
     assert wait_for(lambda: all(titles(sim)[s] >= 1 for s in subjects), 120), titles(sim)
     rows = {r["subject"]: r for r in queue(b)}
@@ -248,12 +257,11 @@ def test_an_imap_mailbox_is_polled_by_one_node_and_taken_over(
         other = nodes[1 - nodes.index(owner)]
         assert "standby" in health(other)[1]["components"]["intake:imap:box1"]["detail"]
         owner.kill9()
-        killed = time.monotonic()
+        killed = time.time()
         boxes[0].append([make_message(5000, subject="imap after kill")])
         assert wait_for(lambda: titles(sim)["imap after kill"] == 1, LEASE + 60), titles(sim)
-        took = time.monotonic() - killed
         other_name = next(n for n, d in cluster.nodes.items() if d is other)
-        assert f"imap_lease_taken mailbox=box1 node={other_name}" in other.log.read_text()
-        assert took <= LEASE + 5 + 10, f"took {took:.1f} s"  # + fetch and ticket time
+        took = log_time(other, f"imap_lease_taken mailbox=box1 node={other_name}") - killed
+        assert took <= LEASE + 5 + 1, f"took {took:.1f} s"  # + 1: the log's whole seconds
     finally:
         dovecot.cleanup()
