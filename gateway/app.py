@@ -40,7 +40,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.rules import RuleSet, load_rules
 from gateway.secrets import SecretError, resolve_secret
-from gateway.spool import Spool, open_spool
+from gateway.spool import Recovered, Spool, open_spool
 from gateway.spool.retention import RetentionPolicy, RetentionTask
 from gateway.status import StatusBoard
 from gateway.worker import Worker, WorkerSettings
@@ -243,6 +243,7 @@ class Daemon:
         self.rules_status = self.status.register("rules", "rules")
         self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
         spool_status = self.status.register("spool", "spool")
+        rec = Recovered()
         self.spool = await open_spool(
             spool_settings(cfg, durable=self.role != "worker", worker=self.worker_index)
         )
@@ -258,6 +259,8 @@ class Daemon:
         spool_status.set_ok(self.spool.engine if cfg.spool.url else str(cfg.spool_path.name))
         if self.role != "intake":
             self._start_pipeline()
+            if rec.requeued and self.worker is not None and self.worker.metrics is not None:
+                self.worker.metrics.recovered_mails(rec.requeued, rec.uncertain)
         if self.role == "worker":
             await self._start_worker_role()
             return

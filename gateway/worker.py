@@ -213,6 +213,8 @@ class Worker:
                         rec.requeued,
                         rec.uncertain,
                     )
+                    if self.metrics is not None:
+                        self.metrics.recovered_mails(rec.requeued, rec.uncertain)
                     self.wake.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), timeout=lease / 3)

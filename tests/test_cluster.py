@@ -169,6 +169,16 @@ def test_a_killed_nodes_claims_are_taken_over(cluster: Cluster, sim: SimProcess)
         assert counts[s] == 1 or (counts[s] == 2 and rows[s]["uncertain"]), (s, counts[s], rows[s])
     assert {r["state"] for r in rows.values()} == {"done"}
     assert "claims_taken_over" in b.log.read_text()
+    metrics = httpx.get(f"http://127.0.0.1:{b.health_port}/metrics", timeout=15).text
+    requeued = [
+        x for x in metrics.splitlines() if x.startswith('gateway_recovered_total{kind="requeued"}')
+    ]
+    assert requeued and float(requeued[0].split()[-1]) >= len(held), metrics[-2000:]
+    uncertain_rows = [r for r in rows.values() if r["uncertain"]]
+    unc = [
+        x for x in metrics.splitlines() if x.startswith('gateway_recovered_total{kind="uncertain"}')
+    ]
+    assert unc and float(unc[0].split()[-1]) >= len(uncertain_rows)
     # the dead node drops out of the nodes alive
     assert wait_for(lambda: health(b)[1]["spool"]["nodes"] == ["beta"], LEASE + 10), health(b)
 
