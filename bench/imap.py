@@ -332,8 +332,11 @@ class Phase:
         return cpu * 1000 / self.count if self.count else float("nan")
 
 
+WORKER_PROCESSES = 1  # [gateway] worker_processes of the daemon (--worker-processes)
+
+
 def gateway_config(workdir: Path, ports: common.Ports, imap: dict[str, Any] | None) -> Path:
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"gateway": {"worker_processes": WORKER_PROCESSES}}
     if imap is not None:
         overrides["imap"] = [imap]
     return common.write_config(workdir, ports, overrides)
@@ -563,7 +566,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="repetitions (1)")
     ap.add_argument("--timeout", type=float, default=300.0, help="s to wait for the tickets")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, spools)")
+    ap.add_argument(
+        "--worker-processes", type=int, default=1, help="[gateway] worker_processes (1)"
+    )
     args = ap.parse_args()
+    global WORKER_PROCESSES
+    WORKER_PROCESSES = args.worker_processes
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     common.log(f"work directory {root}; rules: rules/ of the repo")

@@ -24,6 +24,7 @@ from typing import Any
 import aiosmtplib
 
 from gateway.models import ParsedMail
+from gateway.spool.base import AckRow, Spool
 
 log = logging.getLogger("gateway.ack")
 
@@ -213,7 +214,7 @@ class AckSender:
 
     def __init__(
         self,
-        spool: Any,
+        spool: Spool,
         relay_host: str,
         relay_port: int,
         *,
@@ -265,7 +266,7 @@ class AckSender:
             for lane in self._lanes:
                 await lane.close()
 
-    async def _drain(self, lane: _RelayConnection, todo: list[Any]) -> None:
+    async def _drain(self, lane: _RelayConnection, todo: list[AckRow]) -> None:
         while todo and not self._stopping:
             await self._send_one(todo.pop(), lane)
 
@@ -288,7 +289,7 @@ class AckSender:
             password=self.password,
         )
 
-    async def _send_one(self, ack: Any, lane: _RelayConnection | None = None) -> None:
+    async def _send_one(self, ack: AckRow, lane: _RelayConnection | None = None) -> None:
         lane = lane or _RelayConnection()
         try:
             for attempt in (1, 2):
@@ -328,7 +329,7 @@ class AckSender:
             self.status.set_ok()
         log.info("event=ack_sent ack=%d message=%d", ack.id, ack.message_id)
 
-    async def _failed(self, ack: Any, error: str, permanent: bool) -> None:
+    async def _failed(self, ack: AckRow, error: str, permanent: bool) -> None:
         if permanent or ack.attempts + 1 >= self.max_attempts:
             self.failed += 1
             await self.spool.ack_result(ack.id, sent=False, error=error)

@@ -33,7 +33,7 @@ from gateway import classify, ruletests
 from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
 from gateway.backends.registry import make_backend
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, spool_settings
 from gateway.errors import ConfigError, GatewayError, Problem
 from gateway.health import HealthServer
 from gateway.intake.smtp import IntakeHandler, SmtpListener
@@ -41,14 +41,13 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.rules import RuleSet, load_rules
 from gateway.secrets import SecretError, resolve_secret
+from gateway.spool import Recovered, Spool, open_spool
 from gateway.spool.retention import RetentionPolicy, RetentionTask
-from gateway.spool.sqlite import SqliteSpool
 from gateway.status import StatusBoard
 from gateway.worker import Worker, WorkerSettings
 from gateway.workerproc import (
     EventMetrics,
     WorkerSupervisor,
-    acquire_pipeline_lock,
     lower_priority,
     read_wakeups,
 )
@@ -160,6 +159,7 @@ def backend_key(cfg: Config, name: str) -> tuple[Any, ...]:
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
+    shared = bool(cfg.spool.url) or cfg.gateway.worker_processes > 1
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
         fallback_charsets=tuple(cfg.mail.fallback_charsets),
@@ -180,6 +180,12 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         ack_from_name=cfg.ack.from_name,
         ack_envelope_from=cfg.ack.envelope_from,
         hostname=cfg.gateway.hostname,
+        # Shared limits cost spool writes per call: only where more than one process calls
+        # the backends (several worker processes, or nodes sharing a PostgreSQL spool).
+        backend_concurrency=(
+            {name: b.concurrency for name, b in cfg.backends.items()} if shared else {}
+        ),
+        shared_pauses=shared,
     )
 
 
@@ -194,18 +200,23 @@ class Daemon:
     """
 
     def __init__(
-        self, cfg: Config, *, smtp_sock: socket.socket | None = None, role: Role = "all"
+        self,
+        cfg: Config,
+        *,
+        smtp_sock: socket.socket | None = None,
+        role: Role = "all",
+        worker_index: int = 0,
     ) -> None:
         self.cfg = cfg
         self.role = role
+        self.worker_index = worker_index
         self.smtp_sock = smtp_sock
-        self.supervisor: WorkerSupervisor | None = None
-        self._pipeline_lock: int | None = None  # held by the process that runs the pipeline
+        self.supervisors: list[WorkerSupervisor] = []  # one per `worker_processes`
         self._files_sig: tuple[tuple[str, int, int], ...] = ()
         self.events: EventMetrics | None = None
         self.status = StatusBoard()
         self.metrics = Metrics()
-        self.spool: SqliteSpool | None = None
+        self.spool: Spool | None = None
         self.backends: dict[str, Backend] = {}
         self.worker: Worker | None = None
         self.smtp: SmtpListener | None = None
@@ -247,20 +258,24 @@ class Daemon:
         self.rules_status = self.status.register("rules", "rules")
         self.rules_status.set_ok(f"{len(self.rules.rule_names)} rules")
         spool_status = self.status.register("spool", "spool")
-        self.spool = SqliteSpool(
-            cfg.spool_path, synchronous="NORMAL" if self.role == "worker" else "FULL"
+        rec = Recovered()
+        self.spool = await open_spool(
+            spool_settings(cfg, durable=self.role != "worker", worker=self.worker_index)
         )
         if self.role != "intake":
-            # Only one pipeline may work on a spool at a time: after a crash of the intake, the
-            # old worker may still be draining; the new one waits for it, then puts back what
-            # was left `processing` (and only then, or it would take mails still in flight).
-            self._pipeline_lock = await asyncio.to_thread(acquire_pipeline_lock, cfg.spool_path)
-            requeued, uncertain = self.spool.recover_sync()
-            if requeued:
-                log.warning("event=recovered requeued=%d uncertain=%d", requeued, uncertain)
-        spool_status.set_ok(str(cfg.spool_path.name))
+            # Only one process may work under an owner name (node/worker) at a time: after a
+            # crash of the intake, the old worker may still be draining; the new one waits for
+            # it, then puts back what was left `processing` under its name (and only then, or
+            # it would take mails still in flight). A dead node's mails come back by lease.
+            await self.spool.hold_owner()
+            rec = await self.spool.recover()
+            if rec.requeued:
+                log.warning("event=recovered requeued=%d uncertain=%d", rec.requeued, rec.uncertain)
+        spool_status.set_ok(self.spool.engine if cfg.spool.url else str(cfg.spool_path.name))
         if self.role != "intake":
             self._start_pipeline()
+            if rec.requeued and self.worker is not None and self.worker.metrics is not None:
+                self.worker.metrics.recovered_mails(rec.requeued, rec.uncertain)
         if self.role == "worker":
             await self._start_worker_role()
             return
@@ -307,6 +322,9 @@ class Daemon:
                 password=relay_password(cfg),
             )
         self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+        self.tasks.append(
+            asyncio.create_task(self.worker.keep_leases(cfg.spool.lease), name="leases")
+        )
         if self.ack_sender is not None:
             self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
 
@@ -374,9 +392,11 @@ class Daemon:
         cfg = self.cfg
         assert self.spool is not None
         if self.role == "intake":
-            self.supervisor = WorkerSupervisor(cfg.path, self.status, self.metrics)
-            self.supervisor.yield_rate = cfg.gateway.worker_yield_rate
-            self.supervisor.start()
+            for index in range(cfg.gateway.worker_processes):
+                sup = WorkerSupervisor(cfg.path, self.status, self.metrics, index=index)
+                sup.yield_rate = cfg.gateway.worker_yield_rate
+                sup.start()
+                self.supervisors.append(sup)
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
             handler = IntakeHandler(
@@ -397,12 +417,6 @@ class Daemon:
             )
             await self.smtp.start(self.smtp_sock)
             smtp_status.set_ok(f"listening on {host}:{self.smtp.port}")
-        for icfg in cfg.imap:
-            from gateway.intake.imap import ImapIntake
-
-            comp = self.status.register(f"intake:imap:{icfg.name}", "intake")
-            intake = ImapIntake(icfg, _CountingSpool(self.spool, self), comp, base_dir=cfg.base_dir)
-            self.imaps.append(intake)
         host, _, port = cfg.health.listen.rpartition(":")
         self.health = HealthServer(
             host,
@@ -410,15 +424,21 @@ class Daemon:
             self.status,
             self.metrics,
             queue_info=self.queue_info,
+            spool_info=self.spool_info,
+            node=cfg.node,
+            engine=self.spool.engine,
             oldest_queued_max=cfg.health.oldest_queued_max,
             backend_down_max=cfg.health.backend_down_max,
         )
-        self.metrics.on_scrape(self._refresh_gauges)
+        self.health.before_scrape = self._refresh_gauges
         await self.health.start()
-        for intake in self.imaps:
-            self.tasks.append(asyncio.create_task(intake.run(), name=f"imap:{intake.cfg.name}"))
-        if self.supervisor is not None:
-            await self.supervisor.ready()  # its components are on /healthz before READY=1
+        for icfg in cfg.imap:
+            comp = self.status.register(f"intake:imap:{icfg.name}", "intake")
+            self.tasks.append(
+                asyncio.create_task(self._mailbox(icfg, comp), name=f"imap:{icfg.name}")
+            )
+        for sup in self.supervisors:
+            await sup.ready()  # its components are on /healthz before READY=1
         self.health.started = True
         self.tasks.append(asyncio.create_task(self._watch_files(), name="watch-files"))
         if cfg.retention.enabled:
@@ -426,6 +446,60 @@ class Daemon:
                 self.spool, retention_policy(cfg), interval=cfg.retention.interval
             )
             self.tasks.append(asyncio.create_task(self.retention.run(), name="retention"))
+
+    async def _mailbox(self, icfg: Any, comp: Any) -> None:
+        """Poll one `[[imap]]` mailbox while this node holds its lease `imap:NAME` in the spool:
+        one node at a time per mailbox across the cluster. Another node takes over within the
+        lease when this one dies (its lease is not renewed) or stops (it drops the lease)."""
+        from gateway.intake.imap import ImapIntake
+
+        assert self.spool is not None
+        name, lease = f"imap:{icfg.name}", self.cfg.spool.lease
+        standby = False
+        while not self.should_exit:
+            if not await self._try_lease(name, lease):
+                if not standby:
+                    log.info("event=imap_standby mailbox=%s node=%s", icfg.name, self.cfg.node)
+                    comp.set_ok("standby: another node polls this mailbox")
+                    standby = True
+                await asyncio.sleep(min(2.0, lease / 3))
+                continue
+            standby = False
+            log.info("event=imap_lease_taken mailbox=%s node=%s", icfg.name, self.cfg.node)
+            intake = ImapIntake(
+                icfg, _CountingSpool(self.spool, self), comp, base_dir=self.cfg.base_dir
+            )
+            self.imaps.append(intake)
+            run = asyncio.create_task(intake.run(), name=f"imap-poll:{icfg.name}")
+            renewed = time.monotonic()
+            try:
+                while not run.done():
+                    await asyncio.wait({run}, timeout=lease / 3)
+                    if run.done() or self.should_exit:
+                        break
+                    held = await self._try_lease(name, lease)
+                    if held:
+                        renewed = time.monotonic()
+                    elif held is False or time.monotonic() - renewed > lease * 0.8:
+                        # taken by another node (or no renewal for most of a lease)
+                        log.warning("event=imap_lease_lost mailbox=%s", icfg.name)
+                        break
+            finally:
+                if not run.done():
+                    await intake.stop()
+                    await asyncio.wait({run}, timeout=30)
+                self.imaps.remove(intake)
+            if run.done() and not run.cancelled() and run.exception() is not None:
+                raise run.exception()  # type: ignore[misc]
+
+    async def _try_lease(self, name: str, seconds: float) -> bool | None:
+        """True: held; False: another holds it; None: the spool did not answer."""
+        assert self.spool is not None
+        try:
+            return await self.spool.try_lease(name, seconds)
+        except GatewayError as exc:
+            log.warning("event=lease_failed lease=%s error=%r", name, str(exc))
+            return None
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
@@ -435,27 +509,44 @@ class Daemon:
         """`smtp`: stored by the SMTP intake, whose rate tells the worker process to step back."""
         if self.worker is not None:
             self.worker.notify(msg_id)
-        elif self.supervisor is not None:
-            self.supervisor.wake(smtp=smtp)
+        else:
+            for sup in self.supervisors:  # they claim from one spool: whoever is free takes it
+                sup.wake(smtp=smtp)
 
     def _wake_acks(self) -> None:
         if self.ack_sender is not None:
             self.ack_sender.wake.set()
 
-    def queue_info(self) -> dict[str, Any]:
+    async def queue_info(self) -> dict[str, Any]:
         assert self.spool is not None
-        counts = self.spool.counts_sync()
-        oldest = self.spool.oldest_pending_sync()
+        counts = await self.spool.counts()
+        oldest = await self.spool.oldest_pending()
         return {
-            "waiting": counts["queued"] + counts["deferred"] + counts["processing"],
+            "waiting": counts.waiting,
             "deferred": counts["deferred"],
             "dead": counts["dead"],
             "outbox_pending": counts["outbox_pending"],
             "oldest_queued_age": round(time.time() - oldest, 1) if oldest else None,
         }
 
-    def _refresh_gauges(self) -> None:
-        q = self.queue_info()
+    async def spool_info(self) -> dict[str, Any]:
+        """/healthz `spool`: the engine and the worker processes (of any node) alive."""
+        assert self.spool is not None
+        alive = await self.spool.nodes(within=self.cfg.spool.lease)
+        return {
+            "nodes": sorted({n.node for n in alive}),
+            "workers": [
+                {
+                    "owner": n.owner,
+                    "claims": n.claims,
+                    "seen_age": round(time.time() - n.seen_at, 1),
+                }
+                for n in alive
+            ],
+        }
+
+    async def _refresh_gauges(self) -> None:
+        q = await self.queue_info()
         self.metrics.queue_depth.set(q["waiting"])
         self.metrics.dead_letters.set(q["dead"])
         self.metrics.outbox_pending.set(q["outbox_pending"])
@@ -484,8 +575,8 @@ class Daemon:
             )
             log.error("event=reload_refused problems=%r", str(exc))
             return
-        if self.supervisor is not None:
-            self.supervisor.reload()  # the worker re-reads the same, now validated, files
+        for sup in self.supervisors:
+            sup.reload()  # the worker re-reads the same, now validated, files
         for name, (backend, key) in rebuilt.items():
             assert self.worker is not None
             old = self.backends[name]
@@ -577,7 +668,7 @@ class Daemon:
             if watchdog_usec:
                 notify("WATCHDOG=1")
             with contextlib.suppress(Exception):
-                q = self.queue_info()
+                q = await self.queue_info()
                 notify(
                     f"STATUS=waiting={q['waiting']} dead={q['dead']} outbox={q['outbox_pending']}"
                 )
@@ -589,15 +680,22 @@ class Daemon:
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
         if self.smtp is not None:
             self.smtp.drain()
-        for intake in self.imaps:
+        for intake in list(self.imaps):
             await intake.stop()
+        if self.spool is not None and self.role != "worker":
+            for icfg in self.cfg.imap:  # another node takes the mailbox over at once
+                with contextlib.suppress(GatewayError):
+                    await self.spool.drop_lease(f"imap:{icfg.name}")
         cut = 0
-        if self.supervisor is not None:
-            stopping = asyncio.ensure_future(self.supervisor.stop(grace, force=self.force_exit))
+        if self.supervisors:
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(
+                asyncio.gather(*(s.stop(grace, force=self.force_exit) for s in self.supervisors))
+            )
             forced = asyncio.ensure_future(self._forced.wait())
             await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
-            if not stopping.done():  # a second signal: the worker cuts its drain short too
-                self.supervisor.forward_signal(signal.SIGTERM)
+            if not stopping.done():  # a second signal: the workers cut their drain short too
+                for sup in self.supervisors:
+                    sup.forward_signal(signal.SIGTERM)
                 await stopping
             forced.cancel()
         if self.worker is not None:
@@ -659,7 +757,7 @@ class Daemon:
 class _CountingSpool:
     """The spool as an IMAP intake sees it: every stored mail counts and wakes the worker."""
 
-    def __init__(self, spool: SqliteSpool, daemon: Daemon) -> None:
+    def __init__(self, spool: Spool, daemon: Daemon) -> None:
         self._spool = spool
         self._daemon = daemon
 

@@ -71,7 +71,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
     return_big_buffers()
-    return asyncio.run(Daemon(cfg, role="worker").serve())
+    return asyncio.run(Daemon(cfg, role="worker", worker_index=args.index).serve())
 
 
 def _activation_socket() -> Any:
@@ -305,40 +305,41 @@ def _followup_from_spool(
     cfg: Config, rules: Any, mail: Any, env: Any, ctx: Any
 ) -> routing.Followup:
     """Read-only look-up of the spool's ticket and thread maps (the dry run calls nothing)."""
-    import sqlite3
-
     from gateway import classify, routing
-    from gateway.spool.sqlite import thread_lookup, ticket_by_ref
 
     tokens = classify.token_formats(b.subject_token for b in cfg.backends.values())
     ref = routing.subject_token(mail, tokens)
     unknown = routing.Followup.unknown_token(ref) if ref is not None else routing.Followup()
-    path = cfg.spool_path
-    if not path.exists():
+    if not cfg.spool.url and not cfg.spool_path.exists():
         return unknown
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return unknown
-    try:
-        if ref is not None:
-            # as the worker does: the ref is looked up preferring the backend the rules pick
-            prefer = routing.preferred_backend(rules, mail, env, ctx) or None
-            known = ticket_by_ref(conn, ref, prefer)
-            if known:
-                return routing.Followup(
-                    ref, known[0], f"follow-up by subject token of ticket {ref}"
-                )
+
+    async def look() -> routing.Followup:
+        from gateway.config import spool_settings
+        from gateway.spool import open_spool
+
+        spool = await open_spool(spool_settings(cfg, read_only=True))
+        try:
+            if ref is not None:
+                # as the worker does: the ref is looked up preferring the backend the rules pick
+                prefer = routing.preferred_backend(rules, mail, env, ctx) or None
+                known = await spool.ticket_by_ref(ref, prefer_backend=prefer)
+                if known is not None:
+                    return routing.Followup(
+                        ref, known.backend, f"follow-up by subject token of ticket {ref}"
+                    )
+                return unknown
+            hit = await spool.thread_lookup(classify.thread_ids(mail))
+            if hit is not None:
+                note = f"follow-up by In-Reply-To/References of ticket {hit.ref}"
+                return routing.Followup(hit.ref, hit.backend, note)
             return unknown
-        hit = thread_lookup(conn, classify.thread_ids(mail))
-        if hit is not None:
-            note = f"follow-up by In-Reply-To/References of ticket {hit[1]}"
-            return routing.Followup(hit[1], hit[0], note)
-    except sqlite3.Error:
-        pass
-    finally:
-        conn.close()
-    return unknown
+        finally:
+            await spool.close()
+
+    try:
+        return asyncio.run(look())
+    except GatewayError:  # no spool yet, or one this gateway cannot read: no follow-up known
+        return unknown
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
@@ -350,8 +351,15 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         _print_problems(exc)
         return EX_TEMPFAIL  # the MTA keeps the mail until the config is fixed
     setup_logging(cfg.gateway.log_level, cfg.gateway.log_format)
+    from gateway.config import spool_settings
+
+    try:
+        settings = spool_settings(cfg)
+    except GatewayError as exc:
+        print(f"gateway deliver: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     return deliver(
-        cfg.spool_path,
+        settings,
         sys.stdin.buffer,
         rcpts=args.rcpt or [],
         mail_from=args.mail_from or "",
@@ -377,21 +385,32 @@ def _row_json(row: Any) -> dict[str, Any]:
         "message_id": row.message_id,
         "subject": row.subject,
         "uncertain": row.uncertain,
+        "claimed_by": row.claimed_by,
     }
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
-    from gateway.spool.sqlite import SqliteSpool
+def _open_for_command(cfg: Config) -> Any:
+    """The spool as the maintenance commands open it (creating or migrating it if needed)."""
+    from gateway.config import spool_settings
+    from gateway.spool import open_spool
 
+    return open_spool(spool_settings(cfg))
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
-    spool = SqliteSpool(cfg.spool_path)
+    return asyncio.run(_queue(args, cfg))
+
+
+async def _queue(args: argparse.Namespace, cfg: Config) -> int:
+    spool = await _open_for_command(cfg)
     try:
         if args.qcmd == "ls":
-            rows = spool.list_sync(args.state)
+            rows = await spool.list_messages(args.state)
             if args.json:
                 print(json.dumps([_row_json(r) for r in rows], ensure_ascii=False))
             else:
@@ -400,12 +419,15 @@ def cmd_queue(args: argparse.Namespace) -> int:
                         "%Y-%m-%d %H:%M:%S", time.localtime(r.envelope.received_at)
                     )
                     detail = r.ticket_ref or r.last_error.split("\n", 1)[0][:80]
+                    # a mail in hand names the node (and worker process) holding its claim
+                    holder = r.claimed_by if r.state == "processing" and r.claimed_by else "-"
                     print(
-                        f"{r.id:>7} {r.state:<10} {when} {r.envelope.intake:<8} {r.rule or '-':<12} {detail}"
+                        f"{r.id:>7} {r.state:<10} {when} {r.envelope.intake:<8}"
+                        f" {r.rule or '-':<12} {holder:<16} {detail}"
                     )
             return 0
         if args.qcmd == "show":
-            row = spool.get_sync(args.id, with_raw=args.raw)
+            row = await spool.load(args.id, with_raw=args.raw)
             if row is None:
                 print(f"no message {args.id}", file=sys.stderr)
                 return 1
@@ -423,41 +445,46 @@ def cmd_queue(args: argparse.Namespace) -> int:
             return 0
         if args.qcmd == "retry":
             n = (
-                spool.retry_sync(None, all_dead=True)
+                await spool.retry(None, all_dead=True)
                 if args.all_dead
-                else spool.retry_sync(args.id)
+                else await spool.retry(args.id)
             )
             print(f"requeued {n}")
             return 0 if n or args.all_dead else 1
         if args.qcmd == "drop":
-            n = spool.drop_sync(args.id)
+            n = await spool.drop(args.id)
             print(f"dropped {n}")
             return 0 if n else 1
         if args.qcmd == "stats":
-            from gateway.spool.retention import stats
-
-            out: dict[str, Any] = dict(spool.counts_sync())  # per state, flat (scripts use it)
-            oldest = spool.oldest_pending_sync()
+            counts = await spool.counts()
+            out: dict[str, Any] = counts.to_dict()  # per state, flat (scripts use it)
+            oldest = await spool.oldest_pending()
             out["oldest_waiting_age_s"] = int(time.time() - oldest) if oldest else 0
-            out["spool_bytes"] = cfg.spool_path.stat().st_size if cfg.spool_path.exists() else 0
-            out.update(spool.read_sync(lambda conn: stats(conn, time.time(), cfg.spool_path)))
+            if spool.engine == "sqlite":
+                out["spool_bytes"] = cfg.spool_path.stat().st_size if cfg.spool_path.exists() else 0
+            out.update(await spool.stats())
             print(json.dumps(out, indent=2))
             return 0
     finally:
-        spool.close_sync()
+        await spool.close()
     return 2
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
-    """`gateway spool backup DEST`: a consistent copy while the daemon runs."""
-    import sqlite3
-
-    from gateway.spool.migrations import online_backup
-
+    """`gateway spool backup DEST`: a consistent copy while the daemon runs;
+    `gateway spool copy --to postgresql://...`: a stopped SQLite spool into an empty database."""
     try:
         cfg = _load(args)
     except ConfigError as exc:
         _print_problems(exc)
+        return 1
+    if args.scmd == "copy":
+        return _spool_copy(args, cfg)
+    if cfg.spool.url:
+        print(
+            "gateway: spool backup is for a SQLite spool; back PostgreSQL up with pg_dump",
+            file=sys.stderr,
+        )
         return 1
     src_path = cfg.spool_path
     if not src_path.exists():
@@ -466,28 +493,51 @@ def cmd_spool(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / f"{src_path.stem}-{time.strftime('%Y%m%dT%H%M%S')}.sqlite"
-    # A connection of its own that only reads: no migration, no writes to the live spool. The
-    # daemon keeps writing meanwhile (WAL); the copy is the spool as of one commit.
-    try:
-        src = sqlite3.connect(src_path, timeout=30.0, isolation_level=None)
+
+    async def run() -> int:
+        spool = await _open_for_command(cfg)
         try:
-            src.execute("PRAGMA busy_timeout = 30000")
-            size = online_backup(src, dest, mode_of=src_path)
+            return int(await spool.backup(dest))
         finally:
-            src.close()
-    except (OSError, sqlite3.Error) as exc:
-        print(f"gateway: backup of {src_path} to {dest} failed: {exc}", file=sys.stderr)
+            await spool.close()
+
+    # The daemon keeps writing meanwhile (WAL); the copy is the spool as of one commit.
+    try:
+        size = asyncio.run(run())
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
         return 1
     print(f"backed up {src_path} to {dest} ({size} bytes, checked)")
     return 0
 
 
+def _spool_copy(args: argparse.Namespace, cfg: Config) -> int:
+    """Exit 0 copied, 1 refused (target not empty, source in use, target unreachable)."""
+    import os
+
+    from gateway.spool.copy import copy_sqlite_to_postgres
+
+    if cfg.spool.url:
+        print("gateway: spool copy copies a SQLite spool ([spool] path)", file=sys.stderr)
+        return 1
+    if not args.to.startswith(("postgresql://", "postgres://")):
+        print("gateway: --to must be a postgresql:// URL", file=sys.stderr)
+        return 1
+    try:
+        # the target's password as libpq takes it: PGPASSWORD or ~/.pgpass
+        result = copy_sqlite_to_postgres(
+            cfg.spool_path, args.to, password=os.environ.get("PGPASSWORD")
+        )
+    except GatewayError as exc:
+        print(f"gateway: spool copy refused: {exc}", file=sys.stderr)
+        return 1
+    rows = ", ".join(f"{n} {t}" for t, n in result.rows.items())
+    print(f"copied {cfg.spool_path} into PostgreSQL: {rows}")
+    return 0
+
+
 def cmd_erase(args: argparse.Namespace) -> int:
     """`gateway erase --address ADDR [--dry-run]`: every stored mail and map entry of ADDR."""
-    from gateway.spool.migrations import backup_path
-    from gateway.spool.retention import compact, erase_job, find_erasure
-    from gateway.spool.sqlite import SqliteSpool
-
     try:
         cfg = _load(args)
     except ConfigError as exc:
@@ -497,15 +547,19 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if "@" not in address:
         print(f"gateway: {args.address!r} is not an e-mail address", file=sys.stderr)
         return 1
-    if not cfg.spool_path.exists():
+    if not cfg.spool.url and not cfg.spool_path.exists():
         print(f"gateway: no spool at {cfg.spool_path}", file=sys.stderr)
         return 1
-    spool = SqliteSpool(cfg.spool_path)
-    try:
-        found = spool.read_sync(lambda conn: find_erasure(conn, address))
-        er = found if args.dry_run else spool.write_sync(erase_job(address, found))
-    finally:
-        spool.close_sync()
+
+    async def run() -> Any:
+        spool = await _open_for_command(cfg)
+        try:
+            found = await spool.find_erasure(address)
+            return found if args.dry_run else await spool.erase(address, found)
+        finally:
+            await spool.close()
+
+    er = asyncio.run(run())
     head = "would remove (dry run, nothing changed)" if args.dry_run else "removed"
     print(f"erase {address}: {head}")
     print(f"  messages {er.messages:>6}  ({er.raw_bytes} bytes of mail)")
@@ -521,7 +575,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         )
         rc = 1
     if not args.dry_run:
-        if compact(cfg.spool_path):
+        if er.compacted:
             print("  compacted the spool file (VACUUM) and truncated its WAL")
         else:
             print(
@@ -530,7 +584,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             rc = 1
-    backups = sorted(p for v in range(1, 100) if (p := backup_path(cfg.spool_path, v)).exists())
+    from gateway.spool.migrations import backup_path
+
+    backups = (
+        []
+        if cfg.spool.url
+        else sorted(p for v in range(1, 100) if (p := backup_path(cfg.spool_path, v)).exists())
+    )
     for p in backups:
         print(f"  note: {p} (a copy taken before a schema upgrade) is not changed", file=sys.stderr)
     print("  note: tickets already in the ticket systems are outside the gateway: erase them there")
@@ -563,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("run", help="run the daemon"))
     sp.set_defaults(func=cmd_run)
     sp = with_config(sub.add_parser("_worker", help=argparse.SUPPRESS))
+    sp.add_argument("--index", type=int, default=0)  # which of `worker_processes`
     sp.set_defaults(func=cmd_worker)
     sp = with_config(sub.add_parser("check", help="validate config and rules"))
     sp.add_argument(
@@ -601,10 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
     for q in qs.choices.values():
         q.add_argument("-c", "--config", default=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_queue)
-    sp = with_config(sub.add_parser("spool", help="spool maintenance: backup"))
+    sp = with_config(sub.add_parser("spool", help="spool maintenance: backup, copy"))
     ss = sp.add_subparsers(dest="scmd", required=True)
     q = ss.add_parser("backup", help="consistent copy of the spool while the daemon runs")
     q.add_argument("dest", help="file to write (replaced atomically), or a directory")
+    q = ss.add_parser("copy", help="copy a stopped SQLite spool into an empty PostgreSQL spool")
+    q.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB")
     for q in ss.choices.values():
         q.add_argument("-c", "--config", default=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_spool)

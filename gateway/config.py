@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.registry import BACKEND_TYPES, config_model
 from gateway.classify import compile_token_pattern
 from gateway.errors import ConfigError, Problem
 from gateway.intake.imap import ImapConfig
+from gateway.secrets import resolve_secret
+from gateway.spool.base import SpoolSettings
 from gateway.tomlpos import load_toml, pydantic_problems
 
 DEFAULT_CONFIG = "/etc/ticket-gateway/config.toml"
@@ -54,10 +65,39 @@ class GatewaySection(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr (journald under systemd); else a file, reopened on SIGHUP
     drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
+    node: str = ""  # this node's name among several on one spool; "" = the host name
+    worker_processes: int = Field(1, ge=1, le=64)  # worker processes claiming from the spool
 
 
 class SpoolSection(_Model):
+    """Where the spool lives: a SQLite file (`path`, the default) or a PostgreSQL database
+    (`url`) that several gateway nodes share. `path` and `url` are exclusive."""
+
     path: str = "var/gateway.sqlite"
+    url: str = ""  # postgresql://USER@HOST:PORT/DB; the password never in it
+    password_file: str = ""  # PostgreSQL password, read from this file
+    password_env: str = ""  # ... or from this environment variable
+    lease: float = Field(30.0, ge=2, le=3600)  # s before another node takes a dead one's work
+    pool_size: int = Field(4, ge=1, le=64)  # PostgreSQL connections per process
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must start with postgresql://")
+        if v:
+            netloc = v.split("://", 1)[1].split("/", 1)[0]
+            if ":" in netloc.rpartition("@")[0]:
+                raise ValueError("no password in url: use password_file or password_env")
+        return v
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> SpoolSection:
+        if self.url and "path" in self.model_fields_set:
+            raise ValueError("path and url are exclusive: a spool is a SQLite file or a database")
+        if (self.password_file or self.password_env) and not self.url:
+            raise ValueError("password_file/password_env need url")
+        return self
 
 
 class SmtpSection(_Model):
@@ -193,6 +233,16 @@ class Config(_Model):
         path = Path(p)
         return path if path.is_absolute() else (self.base_dir / path)
 
+    @model_validator(mode="after")
+    def _worker_processes(self) -> Config:
+        if self.gateway.worker_processes > 1 and not self.gateway.worker_process:
+            raise ValueError("gateway.worker_processes > 1 needs gateway.worker_process = true")
+        return self
+
+    @property
+    def node(self) -> str:
+        return self.gateway.node or socket.gethostname() or "localhost"
+
     @property
     def spool_path(self) -> Path:
         return self.resolve(self.spool.path)
@@ -304,3 +354,31 @@ def load_config(path: Path) -> Config:
     cfg.backends = backends
     cfg.path = path.resolve()
     return cfg
+
+
+def spool_settings(
+    cfg: Config, *, durable: bool = True, worker: int = 0, read_only: bool = False
+) -> SpoolSettings:
+    """`[spool]` and `[gateway] node` as the plain values `open_spool` takes."""
+    password = None
+    if cfg.spool.url:
+        secret = resolve_secret(
+            None,
+            cfg.spool.password_file,
+            cfg.spool.password_env,
+            what="spool.password",
+            base_dir=cfg.base_dir,
+            required=False,
+        )
+        password = secret.get_secret_value() if secret is not None else None
+    return SpoolSettings(
+        path=None if cfg.spool.url else cfg.spool_path,
+        url=cfg.spool.url,
+        password=password,
+        node=cfg.node,
+        worker=worker,
+        lease=cfg.spool.lease,
+        durable=durable,
+        read_only=read_only,
+        pool_size=cfg.spool.pool_size,
+    )

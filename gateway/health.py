@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +19,8 @@ from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.health")
 
+SPOOL_TIMEOUT = 5.0  # seconds a health check waits for the spool before calling it down
+
 
 class HealthServer:
     def __init__(
@@ -27,20 +30,28 @@ class HealthServer:
         status: StatusBoard,
         metrics: Metrics,
         *,
-        queue_info: Callable[[], dict[str, Any]],
+        queue_info: Callable[[], Awaitable[dict[str, Any]]],
         oldest_queued_max: float,
         backend_down_max: float,
+        spool_info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        node: str = "",
+        engine: str = "",
     ) -> None:
         self.host, self.port = host, port
         self.status = status
         self.metrics = metrics
         self.queue_info = queue_info
+        self.spool_info = spool_info
+        self.node = node
+        self.engine = engine
+        # refreshes the gauges that come from the spool before /metrics renders them
+        self.before_scrape: Callable[[], Awaitable[None]] | None = None
         self.oldest_queued_max = oldest_queued_max
         self.backend_down_max = backend_down_max
         self._runner: web.AppRunner | None = None
         self.started = False  # set once every component (the worker's too) has reported
 
-    def report(self) -> tuple[int, dict[str, Any]]:
+    async def report(self) -> tuple[int, dict[str, Any]]:
         now = time.time()
         problems: list[str] = []
         if not self.started:
@@ -56,11 +67,18 @@ class HealthServer:
                 if now - comp.since < self.backend_down_max:
                     continue
             problems.append(f"{name}: {comp.detail}")
+        spool: dict[str, Any] = {"engine": self.engine} if self.engine else {}
         try:
-            queue = self.queue_info()
+            queue = await asyncio.wait_for(self.queue_info(), SPOOL_TIMEOUT)
+            if self.spool_info is not None:
+                spool.update(await asyncio.wait_for(self.spool_info(), SPOOL_TIMEOUT))
+            spool["ok"] = True
         except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {SPOOL_TIMEOUT:.0f} s")
             queue = {}
-            problems.append(f"spool: cannot read: {exc}")
+            spool["ok"] = False
+            problems.append(f"spool: cannot read: {str(exc) or type(exc).__name__}")
         oldest = queue.get("oldest_queued_age")
         if oldest is not None and oldest > self.oldest_queued_max:
             problems.append(
@@ -71,15 +89,24 @@ class HealthServer:
             "components": components,
             "queue": queue,
         }
+        if self.node:
+            body["node"] = self.node
+        if self.engine:
+            body["spool"] = spool
         if problems:
             body["problems"] = problems
         return (200 if not problems else 503), body
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        code, body = self.report()
+        code, body = await self.report()
         return web.json_response(body, status=code, dumps=lambda d: json.dumps(d, sort_keys=True))
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self.before_scrape is not None:
+            try:
+                await asyncio.wait_for(self.before_scrape(), SPOOL_TIMEOUT)
+            except Exception as exc:  # the spool's gauges keep their last values
+                log.warning("event=metrics_refresh_failed error=%r", str(exc))
         data = self.metrics.render()
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

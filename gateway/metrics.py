@@ -52,6 +52,13 @@ class Metrics:
             "SMTP bursts above [gateway] worker_yield_rate, during which the worker stepped back",
             registry=self.registry,
         )
+        self.recovered = Counter(
+            "gateway_recovered",
+            "Mails put back after their worker died (kind=requeued), of which a backend call was"
+            " in flight (kind=uncertain: a second ticket is possible for these only)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "gateway_backend_latency_seconds",
             "Time of one backend operation (all its calls)",
@@ -65,6 +72,10 @@ class Metrics:
         counter = self.outcomes.get(name)
         if counter is not None:
             counter.labels(intake=intake or "-", rule=rule or "-", backend=backend or "-").inc()
+
+    def recovered_mails(self, requeued: int, uncertain: int) -> None:
+        self.recovered.labels(kind="requeued").inc(requeued)
+        self.recovered.labels(kind="uncertain").inc(uncertain)
 
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self.latency.labels(backend=backend, result="ok" if ok else "error").observe(seconds)

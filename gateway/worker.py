@@ -40,8 +40,15 @@ from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.rules import RouteContext, RuleSet
-from gateway.spool.base import MessageRow, Outcome, State
-from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
+from gateway.spool.base import (
+    BLOB_STREAM_MIN,
+    AckDraft,
+    BodySource,
+    MessageRow,
+    Outcome,
+    Spool,
+    State,
+)
 from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.worker")
@@ -50,7 +57,7 @@ log = logging.getLogger("gateway.worker")
 class SpoolProgress:
     """`Progress` backed by the spool: every step is durable before the next call. See `Progress`."""
 
-    def __init__(self, spool: SqliteSpool, msg_id: int, data: dict[str, Any]) -> None:
+    def __init__(self, spool: Spool, msg_id: int, data: dict[str, Any]) -> None:
         self.spool = spool
         self.msg_id = msg_id
         self.data: dict[str, Any] = dict(data)
@@ -85,8 +92,12 @@ class WorkerSettings:
     ack_envelope_from: str = ""
     hostname: str = "ticket-gateway.localdomain"
     wait_original: float = 5.0  # a follow-up whose original is still queued waits this long
+    # backend -> calls in flight allowed across the cluster (`concurrency` of the backend)
+    backend_concurrency: dict[str, int] = dataclasses.field(default_factory=dict)
+    shared_pauses: bool = False  # record and honour backend pauses in the spool
 
 
+SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
 YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
@@ -95,7 +106,7 @@ YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
 class Worker:
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: Spool,
         backends: dict[str, Backend],
         rules: RuleSet,
         templates: dict[str, Template],
@@ -126,6 +137,11 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._task_ids: dict[asyncio.Task[None], int] = {}  # in-flight task -> spool message id
         self._stopping = False
+        self._stopped = asyncio.Event()
+        self._orphans: set[int] = set()  # claims whose processing ended without an outcome
+        self._pauses: dict[str, tuple[float, str]] = {}
+        self._pauses_read = 0.0
+        spool.on_work(self.wake.set)  # another node stored or released mail
         self._yield_until = 0.0  # monotonic: see yield_to_intake
         self._next_yield_claim = 0.0
         self._sem = asyncio.Semaphore(settings.concurrency)
@@ -178,6 +194,33 @@ class Worker:
                 continue
             await self._wait_wake(await self._idle_timeout())
 
+    async def keep_leases(self, lease: float) -> None:
+        """Renew this process's claims every lease/3 s and put back those of processes whose
+        lease ran out (a node or worker killed: its mails come back here, flagged uncertain
+        where a backend call was in flight, and the worker looks for the ticket first)."""
+        while not self._stopping:
+            try:
+                await self.spool.heartbeat(set(self._task_ids.values()))
+                if self._orphans:  # processing cut short by a spool failure: back to the queue
+                    orphans = list(self._orphans)
+                    await self.spool.release(orphans)
+                    self._orphans.difference_update(orphans)
+                rec = await self.spool.take_over()
+            except SpoolError as exc:
+                log.error("event=lease_renewal_failed error=%r", str(exc))
+            else:
+                if rec.requeued:
+                    log.warning(
+                        "event=claims_taken_over requeued=%d uncertain=%d",
+                        rec.requeued,
+                        rec.uncertain,
+                    )
+                    if self.metrics is not None:
+                        self.metrics.recovered_mails(rec.requeued, rec.uncertain)
+                    self.wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=lease / 3)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._task_ids.pop(task, None)
@@ -199,6 +242,7 @@ class Worker:
     async def drain(self, grace: float) -> int:
         """Stop taking work; let in-flight messages finish for `grace` s; return how many were cut."""
         self._stopping = True
+        self._stopped.set()
         self.wake.set()
         if not self._inflight:
             return 0
@@ -221,6 +265,11 @@ class Worker:
         except asyncio.CancelledError:
             # cut by shutdown: the message stays `processing` and recovery requeues it
             raise
+        except SpoolError as exc:
+            # the spool failed (PostgreSQL unreachable, disk full): no outcome can be recorded
+            # now, so the mail goes back to the queue once the spool answers again
+            log.error("event=spool_failed_during_processing id=%d error=%r", msg_id, str(exc))
+            self._orphans.add(msg_id)
         except Exception:
             tb = traceback.format_exc(limit=8)
             log.error("event=worker_internal_error id=%d", msg_id)
@@ -243,10 +292,10 @@ class Worker:
         env = row.envelope
         # A big mail is parsed and digested from the spool in pieces (never held whole beside its
         # parsed form); a parse process pool needs the bytes themselves.
-        body: BodyReader | None = None
+        body: BodySource | None = None
         raw: bytes | RawSource | None
         if row.size > STREAM_BODY_MIN and self.executor is None:
-            raw = body = self.spool.open_body(msg_id)
+            raw = body = await self.spool.open_body(msg_id)
         else:
             raw = await self.spool.read_body(msg_id)
         try:
@@ -362,8 +411,58 @@ class Worker:
                 count_attempt=False,
             )
             return
+        shared = (await self._cluster_pauses()).get(backend.name) if self.s.shared_pauses else None
+        if shared is not None:  # paused by another worker process or node
+            await self.spool.defer(
+                msg_id,
+                error=f"backend {backend.name} paused: {shared[1]}",
+                delay=max(1.0, shared[0] - self.clock()),
+                backend=backend.name,
+                count_attempt=False,
+            )
+            return
         mail = self._with_peer(mail, env)
-        await self._deliver(row, mail, decision, backend)
+        # The backend's concurrency limit holds for the whole cluster: a slot in the spool per
+        # call in flight, taken by every worker process of every node.
+        limit = self.s.backend_concurrency.get(backend.name, 0)
+        if limit and not await self._take_slot(backend.name, limit, msg_id):
+            await self.spool.defer(
+                msg_id,
+                error=f"backend {backend.name}: all {limit} call slots of the cluster busy",
+                delay=random.uniform(0.2, 1.0),
+                backend=backend.name,
+                count_attempt=False,
+            )
+            return
+        try:
+            await self._deliver(row, mail, decision, backend)
+        finally:
+            if limit:
+                with contextlib.suppress(SpoolError):
+                    await self.spool.release_slot(backend.name, msg_id)
+
+    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> bool:
+        """A call slot of `backend`, waiting a little while all are taken (then False)."""
+        deadline = time.monotonic() + SLOT_WAIT
+        pause = 0.02
+        while True:
+            if await self.spool.acquire_slot(backend, limit, msg_id):
+                return True
+            if time.monotonic() > deadline or self._stopping:
+                return False
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, 0.25)
+
+    async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
+        """The backend pauses recorded in the spool (by any process), read at most once a s."""
+        now = time.monotonic()
+        if now - self._pauses_read > 1.0:
+            self._pauses_read = now
+            try:
+                self._pauses = await self.spool.backend_pauses()
+            except SpoolError:
+                pass  # the mail's own spool writes will fail and say so
+        return self._pauses
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), tz=UTC).astimezone(ZoneInfo(self.s.timezone))
@@ -385,26 +484,28 @@ class Worker:
             prefer = routing.preferred_backend(self.rules, mail, row.envelope, ctx)
             known = await self.spool.ticket_by_ref(ref, prefer_backend=prefer or None)
             if known is not None:
-                backend, _system, _tid, requester = known
-                if not self._sender_may_follow_up(mail, requester):
+                if not self._sender_may_follow_up(mail, known.requester):
                     return (
                         None,
                         None,
                         f"token [{ref}] ignored: sender is not the ticket's requester",
                     )
-                return ref, backend, f"follow-up by subject token of ticket {ref}"
+                return ref, known.backend, f"follow-up by subject token of ticket {ref}"
             unknown = routing.Followup.unknown_token(ref)
             return unknown.ref, unknown.backend, unknown.note
         ids = classify.thread_ids(mail)
         if ids:
             hit = await self.spool.thread_lookup(ids)
             if hit is not None:
-                backend, ref = hit
-                known = await self.spool.ticket_by_ref(ref)
-                requester = known[3] if known else ""
+                known = await self.spool.ticket_by_ref(hit.ref)
+                requester = known.requester if known else ""
                 if not self._sender_may_follow_up(mail, requester):
                     return None, None, "In-Reply-To ignored: sender is not the ticket's requester"
-                return ref, backend, f"follow-up by In-Reply-To/References of ticket {ref}"
+                return (
+                    hit.ref,
+                    hit.backend,
+                    f"follow-up by In-Reply-To/References of ticket {hit.ref}",
+                )
             pending = await self.spool.pending_original(ids, row.id)
             if pending is not None:
                 return None, None, "wait"
@@ -431,7 +532,11 @@ class Worker:
                 known = await self.spool.ticket_by_ref(
                     decision.followup_of, prefer_backend=backend.name
                 )
-                tid = known[2] if known and known[0] == backend.name else decision.followup_of
+                tid = (
+                    known.ticket_id
+                    if known and known.backend == backend.name
+                    else decision.followup_of
+                )
                 target = TicketRef(backend.name, backend.system, tid, decision.followup_of)
                 state: str | None
                 try:
@@ -480,6 +585,11 @@ class Worker:
         except BackendUnavailable as exc:
             self._observe(backend.name, started, ok=False)
             self._pause(backend.name, str(exc))
+            if self.s.shared_pauses:  # every process and node holds back too
+                with contextlib.suppress(SpoolError):
+                    await self.spool.pause_backend(
+                        backend.name, self.clock() + self.s.paused_check, str(exc)
+                    )
             await self.spool.defer(
                 row.id,
                 error=f"backend {backend.name} unavailable: {exc}",
@@ -491,7 +601,10 @@ class Worker:
                 self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend.name)
             return
         self._observe(backend.name, started, ok=True)
-        self._resume(backend.name)
+        if self._resume(backend.name) and self.s.shared_pauses:
+            self._pauses.pop(backend.name, None)
+            with contextlib.suppress(SpoolError):
+                await self.spool.clear_pause(backend.name)
         self._probe.pop(backend.name, None)
         if self._failing.pop(backend.name, False):
             # it answers again: what waits for it need not sit out its backoff
@@ -570,10 +683,13 @@ class Worker:
         self._backend_status[backend].set_down(f"paused: {reason}")
         log.warning("event=backend_paused backend=%s reason=%r", backend, reason)
 
-    def _resume(self, backend: str) -> None:
-        if self.paused.pop(backend, None) is not None:
+    def _resume(self, backend: str) -> bool:
+        """True when it was paused (here or, as last read, by another process)."""
+        was = self.paused.pop(backend, None) is not None or backend in self._pauses
+        if was:
             log.info("event=backend_resumed backend=%s", backend)
         self._backend_status[backend].set_ok()
+        return was
 
     def _observe(self, backend: str, started: float, *, ok: bool) -> None:
         if self.metrics:
@@ -584,7 +700,7 @@ class Worker:
 
     async def _ack(
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
-    ) -> tuple[str, str, bytes, str] | None:
+    ) -> AckDraft | None:
         ack_name = decision.ack
         if ack_name is None and decision.action == "followup" and action == "new":
             # the follow-up's ticket was unknown or closed: it became a new ticket, which the
@@ -596,7 +712,7 @@ class Worker:
 
     async def _reply(
         self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
-    ) -> tuple[str, str, bytes, str] | None:
+    ) -> AckDraft | None:
         """Render an acknowledgement (or a suppress rule's notice) if nothing forbids it:
         RFC 3834 (never to a null sender, our own addresses or no-reply addresses), the
         per-sender and the global hourly limits."""
@@ -639,7 +755,7 @@ class Worker:
             hostname=s.hostname,
             backend=ref.backend if ref else "",
         )
-        return rcpt, s.ack_envelope_from, data, ack_id
+        return AckDraft(rcpt=rcpt, mail_from=s.ack_envelope_from, data=data, message_id=ack_id)
 
     async def _finish(
         self, row: MessageRow, outcome: Outcome, decision: Decision | None = None

@@ -13,9 +13,9 @@ The channel between the two is the child's standard streams:
   `{"t": "outcome" | "latency", ...}` (metrics). Logs go to the shared stderr.
 Signals: SIGHUP reloads (the child re-reads config, rules, templates, secrets), SIGTERM drains.
 The spool (SQLite in WAL mode) is shared; both processes open it, each with its own writer.
-If the worker dies, the supervisor starts it again with backoff; a worker starts by taking the
-pipeline lock (`<spool>.worker.lock`, so that a worker left draining by a crashed intake finishes
-first) and putting back what was left `processing`.
+If the worker dies, the supervisor starts it again with backoff; a worker starts by taking its
+owner name in the spool (`Spool.hold_owner`, so that a worker left draining by a crashed intake
+finishes first) and putting back what was left `processing` under it.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class EventMetrics:
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self._emit({"t": "latency", "backend": backend, "seconds": seconds, "ok": ok})
 
+    def recovered_mails(self, requeued: int, uncertain: int) -> None:
+        self._emit({"t": "recovered", "requeued": requeued, "uncertain": uncertain})
+
     def status(self, board: StatusBoard, skip: tuple[str, ...] = ()) -> None:
         for comp in board.components.values():
             if comp.name in skip:
@@ -94,6 +97,8 @@ def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) ->
         metrics.backend_latency(
             str(event.get("backend", "")), float(event.get("seconds", 0.0)), bool(event.get("ok"))
         )
+    elif kind == "recovered":
+        metrics.recovered_mails(int(event.get("requeued", 0)), int(event.get("uncertain", 0)))
     elif kind == "status":
         comp = status.register(str(event["name"]), str(event.get("kind", "worker")))
         comp.ok = bool(event.get("ok"))
@@ -112,13 +117,15 @@ class WorkerSupervisor:
         metrics: Metrics,
         *,
         python: str = sys.executable,
+        index: int = 0,
     ) -> None:
         self.config_path = config_path
+        self.index = index  # `[gateway] worker_processes`: the N-th worker of this node
         self.status = status
         self.metrics = metrics
         self.python = python
         self.proc: asyncio.subprocess.Process | None = None
-        self.component = status.register("worker", "worker")
+        self.component = status.register("worker" if index == 0 else f"worker:{index}", "worker")
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._reported = asyncio.Event()
@@ -149,6 +156,8 @@ class WorkerSupervisor:
             "_worker",
             "-c",
             str(self.config_path),
+            "--index",
+            str(self.index),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the worker logs to the same stream as the intake
@@ -305,19 +314,3 @@ def lower_priority(steps: int) -> None:
     if steps > 0:
         with contextlib.suppress(OSError):
             os.nice(steps)
-
-
-def acquire_pipeline_lock(spool_path: Path) -> int:
-    """Block until this process holds the spool's pipeline lock; returns the file descriptor.
-
-    The lock lives as long as the process (the kernel drops it when the process dies).
-    """
-    import fcntl
-
-    fd = os.open(f"{spool_path}.worker.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.warning("event=waiting_for_pipeline_lock path=%s", spool_path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd

@@ -17,8 +17,9 @@ from aiosmtpd.smtp import SMTP
 
 from gateway.ack import AckSender
 from gateway.models import Envelope
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State
 from gateway.spool.sqlite import SqliteSpool
+from tests.spool_sql import sqlite_read
 
 
 class Relay:
@@ -64,7 +65,7 @@ async def queue_acks(spool: SqliteSpool, n: int) -> None:
         data = f"To: c{i}@example.org\r\nSubject: [Ticket #{i}]\r\n\r\nthanks\r\n".encode()
         await spool.finish(
             put.id,
-            Outcome(state=State.DONE, ack=(f"c{i}@example.org", "", data, f"<ack{i}@gw>")),
+            Outcome(state=State.DONE, ack=AckDraft(f"c{i}@example.org", "", data, f"<ack{i}@gw>")),
         )
 
 
@@ -72,7 +73,7 @@ def outbox_states(spool: SqliteSpool) -> dict[str, int]:
     def q(conn: Any) -> dict[str, int]:
         return {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY 1")}
 
-    return spool.read_sync(q)
+    return sqlite_read(spool, q)
 
 
 async def run_until(sender: AckSender, cond: Any, timeout: float = 20.0) -> None:
@@ -137,7 +138,9 @@ async def test_connection_dropped_by_relay_while_idle_is_replaced(spool: SqliteS
         ctl.stop()
     assert relay.sessions == 2
     assert outbox_states(spool) == {"sent": 4}
-    attempts = spool.read_sync(lambda c: [r[0] for r in c.execute("SELECT attempts FROM outbox")])
+    attempts = sqlite_read(
+        spool, lambda c: [r[0] for r in c.execute("SELECT attempts FROM outbox")]
+    )
     assert attempts == [1, 1, 1, 1]  # the dropped connection cost no failed attempt
 
 
@@ -149,8 +152,8 @@ async def test_acknowledgement_waits_while_relay_is_down_then_goes(spool: Sqlite
     try:
         async with asyncio.timeout(20):
             while True:
-                rows = spool.read_sync(
-                    lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
+                rows = sqlite_read(
+                    spool, lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
                 )
                 if all(r[0] >= 1 for r in rows):
                     break

@@ -34,6 +34,7 @@ from gateway.models import Envelope
 from gateway.spool.base import PutResult
 from gateway.spool.sqlite import SqliteSpool
 from gateway.status import Component
+from tests.spool_sql import sqlite_read
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imap_server import (
@@ -86,10 +87,10 @@ def own_dovecot() -> Iterator[DovecotServer]:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Iterator[SqliteSpool]:
+async def spool(tmp_path: Path) -> AsyncIterator[SqliteSpool]:
     s = SqliteSpool(tmp_path / "spool.sqlite")
     yield s
-    s.close_sync()
+    await s.close()
 
 
 @pytest.fixture
@@ -153,17 +154,20 @@ def rows(spool: SqliteSpool) -> list[tuple[str, bytes, str, str, str]]:
     """(source_key, raw, intake, mail_from, rcpt_tos) of every spooled message."""
     return [
         (r[0], bytes(r[1]), r[2], r[3], r[4])
-        for r in spool.read_sync(
+        for r in sqlite_read(
+            spool,
             lambda c: c.execute(
                 "SELECT source_key, raw, intake, mail_from, rcpt_tos FROM messages"
                 " JOIN bodies USING (id) ORDER BY id"
-            ).fetchall()
+            ).fetchall(),
         )
     ]
 
 
 def row_count(spool: SqliteSpool) -> int:
-    return int(spool.read_sync(lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0]))
+    return int(
+        sqlite_read(spool, lambda c: c.execute("SELECT count(*) FROM messages").fetchone()[0])
+    )
 
 
 def message_ids(raws: list[bytes]) -> list[str]:

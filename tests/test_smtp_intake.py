@@ -26,7 +26,7 @@ async def intake(tmp_path: Path) -> AsyncIterator[tuple[SmtpListener, SqliteSpoo
     await listener.start()
     yield listener, spool
     await listener.stop(grace=0.5)
-    spool.close_sync()
+    await spool.close()
 
 
 async def test_accepted_mail_is_in_the_spool_when_250_arrives(
@@ -43,7 +43,7 @@ async def test_accepted_mail_is_in_the_spool_when_250_arrives(
     assert errors == {}
     assert response.startswith("2.0.0 Ok: queued as ")
     msg_id = int(response.rsplit(" ", 1)[1])
-    row = spool.get_sync(msg_id, with_raw=True)
+    row = await spool.load(msg_id, with_raw=True)
     assert row is not None and row.raw == MAIL
     assert row.envelope.rcpt_tos == ("support@example.com",)
     assert row.envelope.mail_from == "customer@example.org"
@@ -71,7 +71,7 @@ async def test_unknown_recipient_gets_550_and_nothing_is_spooled(
             hostname="127.0.0.1",
             port=listener.port,
         )
-    assert spool.list_sync() == []
+    assert await spool.list_messages() == []
 
 
 async def test_size_is_advertised_and_enforced(intake: tuple[SmtpListener, SqliteSpool]) -> None:
@@ -92,12 +92,12 @@ async def test_size_is_advertised_and_enforced(intake: tuple[SmtpListener, Sqlit
     size, code = await asyncio.to_thread(send)
     assert size == str(64 * 1024)
     assert code == 552
-    assert spool.list_sync() == []
+    assert await spool.list_messages() == []
 
 
 async def test_spool_failure_answers_451(intake: tuple[SmtpListener, SqliteSpool]) -> None:
     listener, spool = intake
-    spool.close_sync()  # the spool can no longer commit
+    await spool.close()  # the spool can no longer commit
     with pytest.raises(aiosmtplib.SMTPDataError) as exc:
         await aiosmtplib.send(
             MAIL,
@@ -176,7 +176,7 @@ async def test_dot_stuffed_lines_come_back_unstuffed(
     stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in body.split(b"\r\n"))
     replies = await _send_raw_data(listener.port, stuffed + b"\r\n.\r\n")
     assert replies[0].startswith(b"354")
-    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    row = await spool.load(_queued_id(replies[1]), with_raw=True)
     assert row is not None and row.raw == body + b"\r\n"
 
 
@@ -185,10 +185,10 @@ async def test_first_line_starting_with_a_dot_and_an_empty_mail(
 ) -> None:
     listener, spool = intake
     replies = await _send_raw_data(listener.port, b"..first\r\nsecond\r\n.\r\n")
-    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    row = await spool.load(_queued_id(replies[1]), with_raw=True)
     assert row is not None and row.raw == b".first\r\nsecond\r\n"
     replies = await _send_raw_data(listener.port, b".\r\n")
-    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    row = await spool.load(_queued_id(replies[1]), with_raw=True)
     assert row is not None and row.raw == b""
 
 
@@ -208,7 +208,7 @@ async def test_large_mail_in_many_packets_arrives_byte_for_byte(
         hostname="127.0.0.1",
         port=listener.port,
     )
-    row = spool.get_sync(int(response.rsplit(" ", 1)[1]), with_raw=True)
+    row = await spool.load(int(response.rsplit(" ", 1)[1]), with_raw=True)
     assert row is not None and row.raw == body
 
 
@@ -218,7 +218,7 @@ async def test_line_longer_than_1000_octets_is_kept_not_refused(
     listener, spool = intake
     body = b"Subject: long\r\n\r\n<html>" + b"a" * 5000 + b"</html>\r\n"
     replies = await _send_raw_data(listener.port, body + b".\r\n")
-    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    row = await spool.load(_queued_id(replies[1]), with_raw=True)
     assert row is not None and row.raw == body
 
 
@@ -230,7 +230,7 @@ async def test_data_over_the_size_limit_gets_552_and_the_session_goes_on(
     replies = await _send_raw_data(listener.port, big + b".\r\n", after=b"NOOP\r\n")
     assert replies[1].startswith(b"552")
     assert replies[2].startswith(b"250")  # NOOP: still in step with the client
-    assert spool.list_sync() == []
+    assert await spool.list_messages() == []
 
 
 async def test_commands_pipelined_after_the_end_marker_are_answered(
@@ -242,7 +242,7 @@ async def test_commands_pipelined_after_the_end_marker_are_answered(
     )
     assert replies[1].startswith(b"250 ")
     assert replies[2].startswith(b"221")
-    row = spool.get_sync(_queued_id(replies[1]), with_raw=True)
+    row = await spool.load(_queued_id(replies[1]), with_raw=True)
     assert row is not None and row.raw == b"Subject: p\r\n\r\nbody\r\n"
 
 

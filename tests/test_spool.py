@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State, ThreadHit, TicketInfo
 from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,10 +18,10 @@ ENV = Envelope(mail_from="a@example.org", rcpt_tos=("support@example.com",), pee
 
 
 @pytest.fixture
-def spool(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def spool(tmp_path: Path):  # type: ignore[no-untyped-def]
     s = SqliteSpool(tmp_path / "spool.sqlite")
     yield s
-    s.close_sync()
+    await s.close()
 
 
 async def test_put_is_durable_and_visible_to_a_new_connection(spool: SqliteSpool) -> None:
@@ -64,15 +64,15 @@ async def test_recovery_requeues_processing_and_flags_inflight_uncertain(tmp_pat
     b = await s.put(b"Subject: b\r\n\r\n", ENV)
     assert sorted(await s.claim_due(10)) == [a.id, b.id]
     await s.begin_step(b.id, "newTicket")  # the crash comes while this call is in flight
-    s.close_sync()
+    await s.close()
     s2 = SqliteSpool(tmp_path / "s.sqlite")
-    requeued, uncertain = s2.recover_sync()
-    assert (requeued, uncertain) == (2, 1)
-    row_a, row_b = s2.get_sync(a.id), s2.get_sync(b.id)
+    rec = await s2.recover()
+    assert (rec.requeued, rec.uncertain) == (2, 1)
+    row_a, row_b = await s2.load(a.id), await s2.load(b.id)
     assert row_a is not None and row_b is not None
     assert row_a.state == row_b.state == "queued"
     assert not row_a.uncertain and row_b.uncertain
-    s2.close_sync()
+    await s2.close()
 
 
 async def test_finish_records_ticket_thread_and_ack_in_one_step(spool: SqliteSpool) -> None:
@@ -88,12 +88,14 @@ async def test_finish_records_ticket_thread_and_ack_in_one_step(spool: SqliteSpo
             system="superoffice-soap",
             requester="a@example.org",
             message_id="m1@example.org",
-            ack=("a@example.org", "", b"ack bytes", "ack1@gw"),
+            ack=AckDraft("a@example.org", "", b"ack bytes", "ack1@gw"),
         ),
     )
-    assert await spool.ticket_by_ref("1001") == ("so", "superoffice-soap", "1001", "a@example.org")
-    assert await spool.thread_lookup(["nope", "ack1@gw"]) == ("so", "1001")
-    assert await spool.thread_lookup(["m1@example.org"]) == ("so", "1001")
+    assert await spool.ticket_by_ref("1001") == TicketInfo(
+        "so", "superoffice-soap", "1001", "a@example.org"
+    )
+    assert await spool.thread_lookup(["nope", "ack1@gw"]) == ThreadHit("so", "1001")
+    assert await spool.thread_lookup(["m1@example.org"]) == ThreadHit("so", "1001")
     acks = await spool.due_acks()
     assert [a.data for a in acks] == [b"ack bytes"]
     await spool.ack_result(acks[0].id, sent=True)
@@ -109,12 +111,12 @@ async def test_defer_then_due_later(tmp_path: Path) -> None:
     assert await s.claim_due(5) == []
     now[0] += 61
     assert await s.claim_due(5) == [r.id]
-    s.close_sync()
+    await s.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     s = SqliteSpool(tmp_path / "s.sqlite")
-    s.close_sync()
+    await s.close()
     conn = sqlite3.connect(tmp_path / "s.sqlite")
     conn.execute(
         "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
@@ -127,7 +129,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_put_after_close_fails_cleanly(tmp_path: Path) -> None:
     s = SqliteSpool(tmp_path / "s.sqlite")
-    s.close_sync()
+    await s.close()
     with pytest.raises(SpoolError):
         await s.put(b"Subject: a\r\n\r\n", ENV)
 
@@ -142,8 +144,8 @@ async def test_a_mail_that_keeps_crashing_the_worker_is_set_aside(tmp_path: Path
     r = await s.put(b"Subject: poison\r\n\r\nbody", ENV)
     for _ in range(5):  # each time the worker died while the mail was `processing`
         assert await s.claim_due(1) == [r.id]
-        s.recover_sync()
-    row = s.get_sync(r.id)
+        await s.recover()
+    row = await s.load(r.id)
     assert row is not None and row.crashes == 5 and row.state == "queued"
     rules = load_rules(
         root / "rules",
@@ -159,10 +161,10 @@ async def test_a_mail_that_keeps_crashing_the_worker_is_set_aside(tmp_path: Path
     )
     assert await s.claim_due(1) == [r.id]
     await worker.process(r.id)
-    row = s.get_sync(r.id, with_raw=True)
+    row = await s.load(r.id, with_raw=True)
     assert row is not None and row.state == "dead"
     assert "crashes" in row.last_error and row.raw == b"Subject: poison\r\n\r\nbody"
-    s.close_sync()
+    await s.close()
 
 
 async def test_big_mails_go_in_and_come_out_whole_by_blob_io(spool: SqliteSpool) -> None:
@@ -188,12 +190,12 @@ async def test_big_mails_go_in_and_come_out_whole_by_blob_io(spool: SqliteSpool)
 async def test_a_big_body_stays_readable_while_another_is_open(spool: SqliteSpool) -> None:
     big = b"Subject: big\r\n\r\n" + b"z" * (2 << 20)
     first = (await spool.put(big, ENV)).id
-    reader = spool.open_body(first)
+    reader = await spool.open_body(first)
     assert reader is not None and reader.read(0, 12) == b"Subject: big"
     second = (await spool.put(big + b"!", ENV)).id  # stored while the first one is open
-    other = spool.open_body(second)
+    other = await spool.open_body(second)
     assert other is not None and other.size == len(big) + 1  # not taken for purged
     assert other.read(other.size - 1, 1) == b"!"
     other.close()
     reader.close()
-    assert spool.open_body(10_000) is None
+    assert await spool.open_body(10_000) is None

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from gateway.errors import SpoolError
 from gateway.logs import reopen_logs, setup_logging
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State, ThreadHit, TicketInfo
 from gateway.spool.retention import (
     DAY,
     RetentionPolicy,
@@ -42,6 +42,7 @@ from gateway.spool.retention import (
     purge,
 )
 from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
+from tests.spool_sql import sqlite_read
 
 FIXTURE = Path(__file__).parent / "fixtures" / "spool_v1.sqlite"
 T0 = 1_750_000_000.0
@@ -96,14 +97,14 @@ def test_fixture_is_the_frozen_schema_1() -> None:
     assert _schema(fixture) == _schema(blank)
 
 
-def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) -> None:
+async def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) -> None:
     fresh = SqliteSpool(tmp_path / "fresh.sqlite")
-    fresh.close_sync()
+    await fresh.close()
     old = sqlite3.connect(tmp_path / "old.sqlite", isolation_level=None)
     old.executescript(migrations.SCHEMA_V1)
     old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     assert migrations.prepare(old, tmp_path / "old.sqlite") == 1
-    assert migrations.read_version(old) == SCHEMA_VERSION == 4
+    assert migrations.read_version(old) == SCHEMA_VERSION == 5
     assert _schema(old) == _schema(sqlite3.connect(tmp_path / "fresh.sqlite"))
 
 
@@ -128,42 +129,44 @@ async def test_upgrading_the_v1_fixture_loses_nothing(tmp_path: Path) -> None:
         assert _rows(path, "messages", kept) == _rows(FIXTURE, "messages", kept)
         assert "raw" not in _columns(sqlite3.connect(path), "messages")
         assert _rows(path, "bodies", ["id", "raw"]) == _rows(FIXTURE, "messages", ["id", "raw"])
-        for table in ("tickets", "threads", "outbox"):
+        for table in ("tickets", "threads"):
             assert _rows(path, table) == before[table]
+        outbox_v1 = _columns(sqlite3.connect(FIXTURE), "outbox")
+        assert _rows(path, "outbox", outbox_v1) == before["outbox"]
         assert {r[0] for r in _rows(path, "messages", ["purged_at"])} == {None}
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
         # ... and it works as a spool of the new version
-        requeued, uncertain = spool.recover_sync()  # mail 8 was in a create call at the "crash"
-        assert (requeued, uncertain) == (1, 1)
-        assert spool.get_sync(8).uncertain  # type: ignore[union-attr]
-        assert await spool.thread_lookup(["<ack-1001@gateway.example.com>"]) == (
+        rec = await spool.recover()  # mail 8 was in a create call at the "crash"
+        assert (rec.requeued, rec.uncertain) == (1, 1)
+        assert (await spool.load(8)).uncertain  # type: ignore[union-attr]
+        assert await spool.thread_lookup(["<ack-1001@gateway.example.com>"]) == ThreadHit(
             "superoffice-soap",
             "1001",
         )
         ref = await spool.ticket_by_ref("ABC-123456")
-        assert ref == ("whmcs", "whmcs", "17", "bob@example.net")
+        assert ref == TicketInfo("whmcs", "whmcs", "17", "bob@example.net")
         assert await spool.has_source_key("imap:billing-mailbox:INBOX:1700000000:42")
         acks = await spool.due_acks()
         assert [a.rcpt for a in acks] == ["bob@example.net"]
-        row = spool.get_sync(1, with_raw=True)
+        row = await spool.load(1, with_raw=True)
         assert row is not None and row.raw is not None and b"Printer on fire" in row.raw
         claimed = await spool.claim_due(10)
         assert set(claimed) >= {8, 9}
         new = await spool.put(b"Subject: after the upgrade\r\n\r\nx", _env())
         assert new.id == 10
     finally:
-        spool.close_sync()
+        await spool.close()
     # opened again: nothing more to migrate, the backup is not taken again
     bak.unlink()
     again = SqliteSpool(path)
     assert again.opened_version == SCHEMA_VERSION
-    again.close_sync()
+    await again.close()
     assert not bak.exists()
 
 
-def test_a_failing_migration_leaves_the_old_spool(
+async def test_a_failing_migration_leaves_the_old_spool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "spool.sqlite"
@@ -193,12 +196,12 @@ def test_a_failing_migration_leaves_the_old_spool(
     monkeypatch.undo()
     spool = SqliteSpool(path)  # the real migration then succeeds
     assert spool.opened_version == 1
-    spool.close_sync()
+    await spool.close()
 
 
 def test_a_newer_spool_is_refused_with_the_way_out(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite"
-    SqliteSpool(path).close_sync()
+    asyncio.run(SqliteSpool(path).close())
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
@@ -227,10 +230,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def spool(tmp_path: Path, clock: Clock) -> Iterator[SqliteSpool]:
+async def spool(tmp_path: Path, clock: Clock) -> AsyncIterator[SqliteSpool]:
     s = SqliteSpool(tmp_path / "spool.sqlite", clock=clock)
     yield s
-    s.close_sync()
+    await s.close()
 
 
 async def _finish(
@@ -238,7 +241,7 @@ async def _finish(
 ) -> int:
     sender = kw.pop("sender", "a@example.org")
     r = await spool.put(_mail(n, sender, kw.pop("extra", "")), _env(sender))
-    await spool.write(  # claimed by the worker (this one, whatever else is queued)
+    await spool._write(  # claimed by the worker (this one, whatever else is queued)
         lambda c: c.execute("UPDATE messages SET state = 'processing' WHERE id = ?", (r.id,))
     )
     await spool.set_identity(r.id, f"<m{n}@example.org>", f"digest-{n}", f"mail {n}")
@@ -255,7 +258,9 @@ async def _finish(
             requester=sender,
             subject=f"mail {n}",
             message_id=f"<m{n}@example.org>",
-            ack=(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>") if ack_to else None,
+            ack=AckDraft(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>")
+            if ack_to
+            else None,
         ),
     )
     return r.id
@@ -270,11 +275,11 @@ def _state(spool: SqliteSpool, msg_id: int) -> tuple[str, bool, float | None] | 
         ).fetchone()
         return None if r is None else (r[0], bool(r[1]), r[2])
 
-    return spool.read_sync(q)
+    return sqlite_read(spool, q)
 
 
 def _count(spool: SqliteSpool, sql: str) -> int:
-    return int(spool.read_sync(lambda c: c.execute(sql).fetchone()[0]))
+    return int(sqlite_read(spool, lambda c: c.execute(sql).fetchone()[0]))
 
 
 async def test_retention_by_state_and_age(spool: SqliteSpool, clock: Clock) -> None:
@@ -306,9 +311,9 @@ async def test_retention_by_state_and_age(spool: SqliteSpool, clock: Clock) -> N
     assert r.raw_purged == 3 and r.raw_bytes == sum(
         len(_mail(n)) for n in (1, 2, 6)
     )  # the done ones
-    row = spool.get_sync(done)
+    row = await spool.load(done)
     assert row is not None and row.subject == "mail 1" and row.ticket_ref == "T1"  # metadata stays
-    assert await spool.thread_lookup(["<m1@example.org>"]) == ("whmcs", "T1")  # maps stay
+    assert await spool.thread_lookup(["<m1@example.org>"]) == ThreadHit("whmcs", "T1")  # maps stay
     assert _state(spool, dead) == ("dead", True, None)
 
     clock.days(91)
@@ -325,7 +330,7 @@ async def test_retention_by_state_and_age(spool: SqliteSpool, clock: Clock) -> N
     assert await spool.ticket_by_ref("T1") is None
     assert await spool.thread_lookup(["<m1@example.org>"]) is None
     assert await spool.ticket_by_ref("T2") is not None  # last mail 166 days ago
-    assert await spool.thread_lookup(["<m2@example.org>"]) == ("whmcs", "T2")
+    assert await spool.thread_lookup(["<m2@example.org>"]) == ThreadHit("whmcs", "T2")
     assert r.tickets_deleted == 2 and r.threads_deleted == 4  # T1 and T6: mail + ack each
     assert _count(spool, "SELECT COUNT(*) FROM outbox") == 0  # mail 6's ack went with it
 
@@ -344,7 +349,7 @@ async def test_retention_by_state_and_age(spool: SqliteSpool, clock: Clock) -> N
 async def test_a_retried_dead_mail_starts_again(spool: SqliteSpool, clock: Clock) -> None:
     dead = await _finish(spool, 1, State.DEAD)
     clock.days(80)
-    assert spool.retry_sync(dead) == 1  # handled: back in the queue
+    assert await spool.retry(dead) == 1  # handled: back in the queue
     clock.days(100)
     await purge(spool, RetentionPolicy())
     assert _state(spool, dead) == ("queued", True, None)
@@ -364,7 +369,7 @@ async def test_purge_runs_in_small_batches_and_intake_goes_on(
             " WHERE state = 'done'"
         )
 
-    await spool.write(bulk)
+    await spool._write(bulk)
     clock.days(31)
     order: list[str] = []
 
@@ -432,9 +437,9 @@ async def test_queue_stats_shows_counts_sizes_and_ages(
     spool.clock = lambda: now
     await purge(spool, RetentionPolicy(done_raw_days=1))  # mails 1 and 2 lose their bytes
     await spool.put(_mail(4), _env())
-    spool.close_sync()
+    await spool.close()
 
-    assert cli.main(["queue", "-c", str(cfg), "stats"]) == 0
+    assert await asyncio.to_thread(cli.main, ["queue", "-c", str(cfg), "stats"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["queued"] == 2 and out["done"] == 2  # the flat counts scripts already read
     done, queued = out["states"]["done"], out["states"]["queued"]
@@ -500,7 +505,7 @@ def test_backup_while_another_task_writes(tmp_path: Path) -> None:
     finally:
         stop.set()
         t.join(30)
-        spool.close_sync()
+        asyncio.run(spool.close())
     assert not errors
     for dest, before, after in copies:
         assert after > before  # the writer went on during the backup
@@ -523,7 +528,7 @@ def test_backup_into_a_directory_and_of_a_missing_spool(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     res = _gateway("spool", "backup", "-c", str(cfg), str(tmp_path))
     assert res.returncode == 1 and "no spool" in res.stderr
-    SqliteSpool(tmp_path / "spool.sqlite").close_sync()
+    asyncio.run(SqliteSpool(tmp_path / "spool.sqlite").close())
     (tmp_path / "backups").mkdir()
     res = _gateway("spool", "backup", "-c", str(cfg), str(tmp_path / "backups"))
     assert res.returncode == 0, res.stderr
@@ -603,11 +608,11 @@ async def test_erase_leaves_no_trace_of_the_address(tmp_path: Path) -> None:
     # the spool was open all along (like a running daemon): its files hold no trace any more
     assert _traces(path, low.encode(), low.encode("utf-16-le")) == []
     assert _traces(path, b"<ack1@gw>") == []  # the ack's Message-ID went with the victim's ticket
-    remaining = [r.id for r in spool.list_sync()]
+    remaining = [r.id for r in await spool.list_messages()]
     assert remaining == keep
     assert await spool.ticket_by_ref("K10") is not None
-    assert spool.read_sync(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]) == "ok"
-    spool.close_sync()
+    assert sqlite_read(spool, lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]) == "ok"
+    await spool.close()
 
 
 async def test_erase_does_not_touch_a_mail_being_processed(tmp_path: Path) -> None:
@@ -616,9 +621,9 @@ async def test_erase_does_not_touch_a_mail_being_processed(tmp_path: Path) -> No
     r = await spool.put(_mail(1, VICTIM), _env(VICTIM))
     await spool.put(_mail(2, VICTIM), _env(VICTIM))
     assert await spool.claim_due(1) == [r.id]  # the worker has it right now
-    found = spool.read_sync(lambda c: find_erasure(c, VICTIM))
+    found = sqlite_read(spool, lambda c: find_erasure(c, VICTIM))
     assert (found.messages, found.busy) == (1, [r.id])
-    spool.close_sync()
+    await spool.close()
     res = _gateway("erase", "-c", str(cfg), "--address", VICTIM)
     assert res.returncode == 1
     assert "being processed" in res.stderr
@@ -674,7 +679,7 @@ def test_log_file_follows_logrotate(tmp_path: Path, restore_logging: None) -> No
     assert text.split(" ")[1] == "level=info"  # timestamps, never journald's <N> prefix
 
 
-def test_v4_moves_the_raw_bytes_to_bodies_and_marks_rows_without_them_purged(
+async def test_v4_moves_the_raw_bytes_to_bodies_and_marks_rows_without_them_purged(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "v3.sqlite"
@@ -698,7 +703,7 @@ def test_v4_moves_the_raw_bytes_to_bodies_and_marks_rows_without_them_purged(
     conn.close()
     spool = SqliteSpool(path)
     try:
-        assert spool.get_sync(1, with_raw=True).raw == b"abc"  # type: ignore[union-attr]
-        assert spool.get_sync(2, with_raw=True).raw is None  # type: ignore[union-attr]
+        assert (await spool.load(1, with_raw=True)).raw == b"abc"  # type: ignore[union-attr]
+        assert (await spool.load(2, with_raw=True)).raw is None  # type: ignore[union-attr]
     finally:
-        spool.close_sync()
+        await spool.close()

@@ -123,3 +123,14 @@ def test_stages_do_not_import_each_other(path: Path) -> None:
                 i for i in imports_of(path) for f in forbidden if i == f or i.startswith(f + ".")
             )
             assert bad == [], f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_only_the_spool_package_names_an_engine(path: Path) -> None:
+    """Everything goes through the `Spool` protocol; `gateway.spool.open_spool` picks the engine."""
+    name = module_name(path)
+    if name == "gateway.spool" or name.startswith("gateway.spool."):
+        return
+    engines = ("gateway.spool.sqlite", "gateway.spool.postgres", "sqlite3", "psycopg")
+    bad = sorted(i for i in imports_of(path) for e in engines if i == e or i.startswith(e + "."))
+    assert bad == [], f"{name} imports {bad}"

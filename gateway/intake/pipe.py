@@ -11,12 +11,11 @@ import asyncio
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import BinaryIO
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool.sqlite import SqliteSpool
+from gateway.spool import PutResult, SpoolSettings, open_spool
 
 log = logging.getLogger("gateway.intake.pipe")
 
@@ -39,7 +38,7 @@ def looks_like_mail(raw: bytes) -> str | None:
 
 
 def deliver(
-    spool_path: Path,
+    settings: SpoolSettings,
     stdin: BinaryIO,
     *,
     rcpts: list[str],
@@ -65,17 +64,18 @@ def deliver(
     )
     # OSError too: creating the spool's directory fails that way (a file in its place, no
     # permission), and anything but 75 would make the MTA bounce a mail we merely failed to store.
+
+    async def store() -> PutResult:
+        spool = await open_spool(settings)
+        try:
+            return await spool.put(raw, env)
+        finally:
+            await spool.close()
+
     try:
-        spool = SqliteSpool(spool_path)
+        result = asyncio.run(store())
     except (SpoolError, OSError) as exc:
         print(f"gateway deliver: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
-    try:
-        result = asyncio.run(spool.put(raw, env))
-    except (SpoolError, OSError) as exc:
-        print(f"gateway deliver: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    finally:
-        spool.close_sync()
     log.info("event=accepted intake=pipe id=%d size=%d", result.id, len(raw))
     return EX_OK

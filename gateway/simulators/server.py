@@ -121,6 +121,11 @@ def build_app(state: SimState) -> web.Application:
     async def calls(request: web.Request) -> web.Response:
         return _json(state.calls)
 
+    async def inflight(request: web.Request) -> web.Response:
+        return _json(
+            {s: {"now": state.inflight[s], "max": state.max_inflight[s]} for s in state.inflight}
+        )
+
     app.router.add_get("/_sim/tickets", list_tickets)
     app.router.add_post("/_sim/tickets", create_ticket)
     app.router.add_post("/_sim/tickets/{system}/{id}/close", close_ticket)
@@ -131,6 +136,7 @@ def build_app(state: SimState) -> web.Application:
     app.router.add_post("/_sim/reset", reset)
     app.router.add_post("/_sim/sessions/expire", expire_sessions)
     app.router.add_get("/_sim/calls", calls)
+    app.router.add_get("/_sim/inflight", inflight)
     for module in SYSTEM_MODULES:
         module.add_routes(app, state)
     return app

@@ -93,6 +93,10 @@ class SimState:
         self.faults: dict[str, Fault] = {}
         self.outbox: list[Any] = []  # dicts, or the sink's StoredMail (parsed when read)
         self.calls: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
+        # calls in the fault gate (its latency) now, and the most at once since the reset:
+        # what a cluster-wide concurrency limit is checked against
+        self.inflight: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
+        self.max_inflight: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
         self.session_epoch = 0  # bumped by /_sim/sessions/expire: every older session is invalid
         self.autoreply: dict[str, Any] = {"mode": "off", "smtp": ""}
         # Each system numbers its tickets in its own range, as separate installations would,
@@ -145,7 +149,12 @@ class SimState:
         if f is None:
             return None
         if f.latency_ms:
-            await asyncio.sleep(f.latency_ms / 1000)
+            now = self.inflight[system] = self.inflight.get(system, 0) + 1
+            self.max_inflight[system] = max(self.max_inflight.get(system, 0), now)
+            try:
+                await asyncio.sleep(f.latency_ms / 1000)
+            finally:
+                self.inflight[system] -= 1
         if f.mode == "down":
             # As close to "connection refused" as one shared port allows: drop the connection
             # without an answer, so the client sees a connection error.

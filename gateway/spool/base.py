@@ -1,18 +1,33 @@
-"""The `Spool` protocol and its row types. See `gateway.spool.sqlite` for the default.
+"""The `Spool` protocol and its typed rows: everything the gateway stores goes through it.
+
+Engines: `gateway.spool.sqlite` (one file, embedded, the default) and `gateway.spool.postgres`
+(a PostgreSQL database shared by several gateway nodes). `gateway.spool.open_spool` picks one
+from `SpoolSettings`; nothing else names an engine.
 
 Message states (DESIGN): queued -> processing -> done | deferred | dead | suppressed | duplicate.
 `deferred` is queued with a later next-attempt time (retry, paused backend, follow-up waiting for
 its original). `dead` holds mails that failed for good and quarantined mails; `gateway queue retry`
 puts them back. A mail whose backend create call was in flight at a crash is flagged `uncertain`.
+
+Claims and leases: a worker claims due mails (`claim_due`); each claimed row names its `owner`
+(`node/worker-index`) and holds a lease until `lease_until`. The owner renews its leases with
+`heartbeat`. A process that dies (kill -9, power loss) stops renewing: after the lease any node's
+`take_over` puts its mails back (flagged uncertain where a backend call was in flight). A process
+restarting under the same owner name takes its own rows back at once (`recover`). Named leases
+(`try_lease`) give one holder at a time for the cluster: an IMAP mailbox, the retention run.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.models import Envelope
+from gateway.models import Envelope, RawSource
+
+BLOB_STREAM_MIN = 1 << 20  # mails above this size are stored and read in pieces where possible
 
 
 class State(enum.StrEnum):
@@ -26,6 +41,42 @@ class State(enum.StrEnum):
 
 
 FINAL_STATES = (State.DONE, State.DEAD, State.SUPPRESSED, State.DUPLICATE)
+WAITING_STATES = (State.QUEUED, State.DEFERRED, State.PROCESSING)
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """What opening a spool needs; built from `[spool]`/`[gateway]` by the app and the CLI.
+
+    Exactly one of `path` (SQLite) and `url` (PostgreSQL) is set.
+    """
+
+    path: Path | None = None
+    url: str = ""
+    password: str | None = None  # PostgreSQL; from password_file / password_env
+    node: str = "localhost"  # this gateway node ([gateway] node)
+    worker: int = 0  # index of the worker process on the node (owner = node/worker)
+    lease: float = 30.0  # seconds a claim or a named lease lasts without a heartbeat
+    durable: bool = True  # False: the worker's commits may skip fsync (SQLite NORMAL)
+    read_only: bool = False  # the dry run: look-ups only, never create or migrate
+    pool_size: int = 4  # PostgreSQL connections per process
+
+    @property
+    def engine(self) -> str:
+        return "postgresql" if self.url else "sqlite"
+
+    @property
+    def owner(self) -> str:
+        return f"{self.node}/{self.worker}"
+
+
+class BodySource(RawSource, Protocol):
+    """A stored message read in pieces; `close` soon (it may hold a read snapshot)."""
+
+    def close(self) -> None: ...
+
+
+# -- rows -----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -55,6 +106,8 @@ class MessageRow:
     uncertain: bool = False
     updated_at: float = 0.0
     crashes: int = 0  # times a crash (of the worker) interrupted its processing
+    claimed_by: str = ""  # owner (node/worker) holding it while `processing`
+    lease_until: float | None = None
     raw: bytes | None = None  # loaded only where asked for
 
 
@@ -67,6 +120,16 @@ class AckRow:
     data: bytes
     attempts: int
     next_attempt_at: float
+
+
+@dataclass(frozen=True)
+class AckDraft:
+    """An acknowledgement to queue in the outbox together with an outcome."""
+
+    rcpt: str
+    mail_from: str  # envelope sender ("" = null sender)
+    data: bytes
+    message_id: str  # the ack's own Message-ID: a reply to it threads to the ticket
 
 
 @dataclass(frozen=True)
@@ -84,21 +147,337 @@ class Outcome:
     requester: str = ""
     subject: str = ""
     message_id: str = ""  # the mail's Message-ID: mapped to the ticket for threading
-    ack: tuple[str, str, bytes, str] | None = None  # (rcpt, envelope from, bytes, ack Message-ID)
+    ack: AckDraft | None = None
+
+
+@dataclass(frozen=True)
+class TicketInfo:
+    """A ticket the gateway made (the ticket map)."""
+
+    backend: str
+    system: str
+    ticket_id: str
+    requester: str
+
+
+@dataclass(frozen=True)
+class ThreadHit:
+    """The ticket a Message-ID belongs to (the thread map)."""
+
+    backend: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    requeued: int = 0
+    uncertain: int = 0
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Messages per state and acknowledgements per outbox state."""
+
+    by_state: dict[str, int]
+    outbox_pending: int = 0
+    outbox_failed: int = 0
+
+    def __getitem__(self, state: str) -> int:
+        return self.by_state.get(state, 0)
+
+    @property
+    def waiting(self) -> int:
+        return sum(self[s] for s in WAITING_STATES)
+
+    def to_dict(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        out.update(self.by_state)
+        out["outbox_pending"] = self.outbox_pending
+        out["outbox_failed"] = self.outbox_failed
+        return out
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A worker process of a node, as its last heartbeat left it."""
+
+    owner: str
+    node: str
+    seen_at: float
+    started_at: float
+    claims: int = 0
+
+
+# -- retention and erasure: what a run did ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Ages in days (see `gateway.spool.retention`); plain values, built from `[retention]`."""
+
+    done_raw_days: float = 30.0
+    suppressed_raw_days: float = 7.0
+    duplicate_raw_days: float = 7.0
+    dead_days: float = 90.0
+    maps_days: float = 365.0
+    outbox_days: float = 7.0
+    batch: int = 500
+
+
+@dataclass
+class PurgeResult:
+    raw_purged: int = 0  # mails whose raw bytes were removed
+    raw_bytes: int = 0  # how many bytes that was
+    messages_deleted: int = 0  # finished mails older than maps_days
+    dead_deleted: int = 0
+    tickets_deleted: int = 0
+    threads_deleted: int = 0
+    outbox_deleted: int = 0
+    batches: int = 0
+
+    def changed(self) -> int:
+        return (
+            self.raw_purged
+            + self.messages_deleted
+            + self.dead_deleted
+            + self.tickets_deleted
+            + self.threads_deleted
+            + self.outbox_deleted
+        )
+
+    def log_fields(self) -> str:
+        return (
+            f"raw_purged={self.raw_purged} raw_bytes={self.raw_bytes}"
+            f" messages_deleted={self.messages_deleted} dead_deleted={self.dead_deleted}"
+            f" tickets_deleted={self.tickets_deleted} threads_deleted={self.threads_deleted}"
+            f" outbox_deleted={self.outbox_deleted} batches={self.batches}"
+        )
+
+
+@dataclass
+class Erasure:
+    """What `gateway erase` found (and, unless a dry run, removed) for one address."""
+
+    address: str
+    message_ids: list[int] = field(default_factory=list)
+    raw_bytes: int = 0
+    busy: list[int] = field(default_factory=list)  # `processing` right now: not touched
+    tickets: int = 0
+    threads: int = 0
+    outbox: int = 0
+    scanned_to: int = 0  # highest message id looked at
+    compacted: bool = True  # no copy of the deleted rows is left in the engine's files
+
+    @property
+    def messages(self) -> int:
+        return len(self.message_ids)
+
+
+# -- the protocol -----------------------------------------------------------------------------------
 
 
 class Spool(Protocol):
-    """Durable storage of messages, ticket maps and the acknowledgement outbox.
+    """Durable storage of messages, ticket maps, the acknowledgement outbox, claims and leases.
 
-    `put` returns only after the message and its envelope are durable (the caller then says yes
-    to its peer); it raises `SpoolError` when that is impossible. Concurrent puts share commits.
-    Every other method is also durable on return.
+    Every method is a coroutine and durable on return; a storage failure (engine unreachable,
+    disk full) raises `SpoolError`, never the engine's own exception. `put` returns only after
+    the message and its envelope are committed (the caller then says yes to its peer);
+    concurrent puts share commits (group commit).
     """
 
+    engine: str  # "sqlite" | "postgresql"
+    node: str
+    owner: str  # node/worker: what claims and heartbeats are recorded under
+
+    # -- intake ------------------------------------------------------------------------------
     async def put(
         self, raw: bytes, envelope: Envelope, *, source_key: str | None = None
-    ) -> PutResult: ...
+    ) -> PutResult:
+        """Store a new message `queued`. A `source_key` stored before makes it a duplicate
+        (PutResult.duplicate, nothing stored)."""
+        ...
 
     async def has_source_key(self, source_key: str) -> bool: ...
+
+    # -- the worker's queue --------------------------------------------------------------------
+    async def hold_owner(self) -> None:
+        """Wait until no other live process works under this owner name (a predecessor still
+        draining), then keep it for the life of this spool object."""
+        ...
+
+    async def recover(self) -> Recovered:
+        """Put back what this owner left `processing` (it crashed: no other process runs under
+        its name). Each counts one crash; mails with a backend call in flight become uncertain."""
+        ...
+
+    async def take_over(self) -> Recovered:
+        """Put back mails whose owner's lease ran out (that process died); counts a crash."""
+        ...
+
+    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+        """Record the owner alive and renew its leases: on the mails in `claims` (those it is
+        still working on; None: all it holds), on its outbox claims and call slots. A claim not
+        renewed (its processing ended without an outcome, e.g. the spool was unreachable)
+        expires and is taken over like a dead owner's."""
+        ...
+
+    async def nodes(self, within: float) -> list[NodeInfo]:
+        """Worker processes that sent a heartbeat in the last `within` seconds."""
+        ...
+
+    async def claim_due(self, limit: int) -> list[int]:
+        """Mark up to `limit` due messages `processing` for this owner (oldest first); their ids.
+        Two owners never get the same message."""
+        ...
+
+    async def next_due_at(self) -> float | None: ...
+
+    def on_work(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) whenever another process may have made work due
+        (stored or released mail). Engines without such signals never call it: their intake
+        wakes its worker itself."""
+        ...
+
+    async def release(self, ids: list[int]) -> Recovered:
+        """Put back mails a clean shutdown cut short (no crash counted)."""
+        ...
+
+    async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None: ...
+
+    async def read_body(self, msg_id: int) -> bytes | None:
+        """The raw bytes of a message, None once purged."""
+        ...
+
+    async def open_body(self, msg_id: int) -> BodySource | None:
+        """The raw bytes to read in pieces (a big mail), None once purged. Close it soon."""
+        ...
+
+    async def set_identity(
+        self, msg_id: int, message_id: str, digest: str, subject: str
+    ) -> int | None:
+        """Record the parsed Message-ID/digest; return the id of an earlier copy of this mail
+        (same digest and Message-ID, not dead or duplicate), atomically, so that two copies
+        processed at once cannot both miss each other."""
+        ...
+
+    async def state_of(self, msg_id: int) -> str | None: ...
+
+    async def begin_step(self, msg_id: int, step: str) -> None:
+        """A backend call is about to start: a crash from here on makes the mail uncertain."""
+        ...
+
+    async def done_step(self, msg_id: int, progress: dict[str, Any]) -> None: ...
+
+    async def defer(
+        self,
+        msg_id: int,
+        *,
+        error: str,
+        delay: float,
+        backend: str = "",
+        count_attempt: bool = True,
+    ) -> None: ...
+
+    async def release_deferred(self, backend: str) -> int:
+        """Make the deferred mails of `backend` due now (it answered again after failures)."""
+        ...
+
+    async def finish(self, msg_id: int, outcome: Outcome) -> None:
+        """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
+        ...
+
+    # -- ticket and thread maps --------------------------------------------------------------
+    async def ticket_by_ref(
+        self, ref: str, *, prefer_backend: str | None = None
+    ) -> TicketInfo | None:
+        """A ticket the gateway made, by its ref. Two systems may use the same reference
+        (separate numbering); `prefer_backend` picks the one the rules would choose, else the
+        most recent wins."""
+        ...
+
+    async def thread_lookup(self, message_ids: list[str]) -> ThreadHit | None:
+        """The ticket a Message-ID among `message_ids` belongs to (first wins)."""
+        ...
+
+    async def pending_original(self, message_ids: list[str], before_id: int) -> int | None:
+        """An earlier message, still waiting for its ticket, whose Message-ID is in the list."""
+        ...
+
+    # -- outbox and limits -------------------------------------------------------------------
+    async def acks_since(self, rcpt: str | None, since: float) -> int:
+        """Acknowledgements queued since `since` to `rcpt` (None: to anyone), cluster-wide."""
+        ...
+
+    async def due_acks(self, limit: int = 50) -> list[AckRow]:
+        """Pending acknowledgements that are due, claimed for this owner for one lease."""
+        ...
+
+    async def ack_result(
+        self, ack_id: int, *, sent: bool, error: str = "", retry_in: float | None = None
+    ) -> None: ...
+
+    # -- named leases (one holder at a time across the cluster) -------------------------------
+    async def try_lease(self, name: str, seconds: float) -> bool:
+        """Take or renew the lease `name` for this owner; False while another holds it."""
+        ...
+
+    async def drop_lease(self, name: str) -> None: ...
+
+    # -- backend slots (concurrency limits across the cluster) --------------------------------
+    async def acquire_slot(self, backend: str, limit: int, msg_id: int) -> bool:
+        """Take one of `limit` call slots of `backend` for `msg_id`; False when all are taken.
+        Slots of a dead owner expire with its lease."""
+        ...
+
+    async def release_slot(self, backend: str, msg_id: int) -> None: ...
+
+    async def pause_backend(self, backend: str, until: float, reason: str) -> None:
+        """Record a backend pause for every node (wall-clock `until`)."""
+        ...
+
+    async def backend_pauses(self) -> dict[str, tuple[float, str]]:
+        """backend -> (until, reason) of the pauses still in force."""
+        ...
+
+    async def clear_pause(self, backend: str) -> None: ...
+
+    # -- inspection and repair (CLI, /healthz, /metrics) ---------------------------------------
+    async def counts(self) -> QueueCounts: ...
+
+    async def oldest_pending(self) -> float | None:
+        """received_at of the oldest mail still waiting (queued, deferred, processing)."""
+        ...
+
+    async def list_messages(
+        self, state: str | None = None, limit: int = 1000
+    ) -> list[MessageRow]: ...
+
+    async def retry(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
+        """Put dead (or deferred) messages back in the queue now; returns how many."""
+        ...
+
+    async def drop(self, msg_id: int) -> int: ...
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts, sizes and ages per state, of the maps and of the outbox (`queue stats`)."""
+        ...
+
+    # -- data lifecycle ------------------------------------------------------------------------
+    async def purge(self, policy: RetentionPolicy, *, pause: float = 0.0) -> PurgeResult:
+        """Apply the retention policy once, in small batches."""
+        ...
+
+    async def find_erasure(self, address: str) -> Erasure:
+        """Read-only: everything `erase` would remove for `address` (the dry run)."""
+        ...
+
+    async def erase(self, address: str, scanned: Erasure) -> Erasure:
+        """Remove every mail and map entry of `address` and leave no copy in the engine's
+        files where the engine allows it (`Erasure.compacted`)."""
+        ...
+
+    async def backup(self, dest: Path) -> int:
+        """A consistent copy while the daemon runs; its size in bytes (SQLite only)."""
+        ...
 
     async def close(self) -> None: ...

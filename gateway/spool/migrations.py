@@ -25,6 +25,11 @@ History:
      (final messages by age, maps by age and by ticket, outbox by age and by message).
   3  `messages.crashes`.
   4  `bodies`: the raw bytes leave `messages` for a table of their own (see `_V4_BODIES`).
+  5  claims and leases: `messages.claimed_by`/`lease_until` (which worker process of which node
+     holds a mail it processes), `outbox.claimed_by`/`lease_until`, and the tables `nodes`
+     (heartbeats), `leases` (one holder at a time: IMAP mailboxes, retention), `slots`
+     (backend calls in flight) and `pauses` (paused backends), so that several worker processes
+     share one spool (see `_V5_LEASES`).
 """
 
 from __future__ import annotations
@@ -139,6 +144,41 @@ _V4_RAW_AGE = (
     " WHERE purged_at IS NULL;"
 )
 
+# -- version 5: claims, leases, heartbeats -------------------------------------------------------------
+
+_V5_COLUMNS = (
+    "ALTER TABLE messages ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE messages ADD COLUMN lease_until REAL",
+    "ALTER TABLE outbox ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN lease_until REAL",
+)
+_V5_LEASES = """
+CREATE INDEX IF NOT EXISTS messages_claims ON messages (claimed_by) WHERE state = 'processing';
+CREATE TABLE IF NOT EXISTS nodes (          -- worker processes and their last heartbeat (v5)
+    owner TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (         -- one holder at a time: imap:<name>, retention (v5)
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slots (          -- backend calls in flight, per mail (v5)
+    backend TEXT NOT NULL,
+    msg_id INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (backend, msg_id)
+);
+CREATE TABLE IF NOT EXISTS pauses (         -- backends paused for every worker (v5)
+    backend TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+"""
+
 # -- the current schema, for a new spool ----------------------------------------------------------
 
 SCHEMA = (
@@ -146,17 +186,28 @@ SCHEMA = (
         "    uncertain INTEGER NOT NULL DEFAULT 0,\n    updated_at REAL NOT NULL\n",
         "    uncertain INTEGER NOT NULL DEFAULT 0,\n    updated_at REAL NOT NULL,\n"
         "    purged_at REAL,                     -- when retention removed the raw bytes (v2)\n"
-        "    crashes INTEGER NOT NULL DEFAULT 0  -- times a crash interrupted its processing (v3)\n",
-    ).replace("    raw BLOB,                           -- NULL once purged by retention\n", "")
+        "    crashes INTEGER NOT NULL DEFAULT 0, -- times a crash interrupted its processing (v3)\n"
+        "    claimed_by TEXT NOT NULL DEFAULT '', -- owner (node/worker) while processing (v5)\n"
+        "    lease_until REAL                    -- the owner's lease on it (v5)\n",
+    )
+    .replace(
+        "    created_at REAL NOT NULL,\n    sent_at REAL\n",
+        "    created_at REAL NOT NULL,\n    sent_at REAL,\n"
+        "    claimed_by TEXT NOT NULL DEFAULT '', -- the sender sending it now (v5)\n"
+        "    lease_until REAL\n",
+    )
+    .replace("    raw BLOB,                           -- NULL once purged by retention\n", "")
     + _V2_INDEXES.replace(
         "CREATE INDEX IF NOT EXISTS messages_raw_age ON messages (state, updated_at)"
         " WHERE raw IS NOT NULL;",
         _V4_RAW_AGE,
     )
     + _V4_BODIES
+    + _V5_LEASES
 )
 assert "purged_at" in SCHEMA and "raw BLOB,  " not in SCHEMA  # the replaces above matched
 assert "WHERE purged_at IS NULL" in SCHEMA
+assert "outbox" in SCHEMA and SCHEMA.count("claimed_by TEXT") == 2
 
 
 @dataclass(frozen=True)
@@ -191,10 +242,18 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute(_V4_RAW_AGE)
 
 
+def _v5(conn: sqlite3.Connection) -> None:
+    for statement in _V5_COLUMNS:
+        conn.execute(statement)
+    for statement in statements(_V5_LEASES):
+        conn.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "messages.purged_at; indexes for retention and erasure", _v2),
     Migration(3, "messages.crashes: set aside a mail that keeps killing the worker", _v3),
     Migration(4, "bodies: the raw bytes apart from the often-updated messages row", _v4),
+    Migration(5, "claims and leases: several worker processes share the spool", _v5),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1

@@ -13,12 +13,15 @@ Retention (`purge`, run by the daemon every `[retention] interval` seconds) remo
   follow-up keeps the whole conversation threadable);
 - sent and failed acknowledgements after `outbox_days` (pending ones never).
 
-Mails still waiting (queued, deferred, processing) are never touched. Every step runs in small
+Mails still waiting (queued, deferred, processing) are never touched. A run takes the spool's
+`retention` lease first: with several nodes on one spool, one purge per interval for the cluster.
+Every step runs in small
 batches (`batch` rows), each one job in the spool's writer, so intake shares at most one small
 batch's commit; the purge yields between batches. Purged pages are reused for new mail (the file
 stops growing); `gateway erase` compacts the file (VACUUM) when bytes must really be gone.
 
-`stats` is what `gateway queue stats` prints. `find_erasure`/`erase` serve `gateway erase`: every
+The SQL here is SQLite's (`SqliteSpool.purge`, `.stats`, `.find_erasure`, `.erase` call it);
+the PostgreSQL engine has its own. `stats` is what `gateway queue stats` prints. `find_erasure`/`erase` serve `gateway erase`: every
 stored mail and map entry of one address, then VACUUM and a WAL checkpoint so that no copy of the
 deleted rows survives in the spool's files.
 """
@@ -35,60 +38,29 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.spool.base import State
+from gateway.spool.base import Erasure, PurgeResult, RetentionPolicy, Spool, State
 from gateway.spool.migrations import read_version
+
+__all__ = [
+    "Erasure",
+    "PurgeResult",
+    "RetentionPolicy",
+    "RetentionTask",
+    "compact",
+    "erase_job",
+    "find_erasure",
+    "header_addresses",
+    "purge",
+    "stats",
+]
 
 log = logging.getLogger("gateway.spool.retention")
 
 DAY = 86400.0
 FINAL_RAW_STATES = (State.DONE, State.SUPPRESSED, State.DUPLICATE)
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """Ages in days (see the module docstring); plain values, built from `[retention]`."""
-
-    done_raw_days: float = 30.0
-    suppressed_raw_days: float = 7.0
-    duplicate_raw_days: float = 7.0
-    dead_days: float = 90.0
-    maps_days: float = 365.0
-    outbox_days: float = 7.0
-    batch: int = 500
-
-
-@dataclass
-class PurgeResult:
-    raw_purged: int = 0  # mails whose raw bytes were removed
-    raw_bytes: int = 0  # how many bytes that was
-    messages_deleted: int = 0  # finished mails older than maps_days
-    dead_deleted: int = 0
-    tickets_deleted: int = 0
-    threads_deleted: int = 0
-    outbox_deleted: int = 0
-    batches: int = 0
-
-    def changed(self) -> int:
-        return (
-            self.raw_purged
-            + self.messages_deleted
-            + self.dead_deleted
-            + self.tickets_deleted
-            + self.threads_deleted
-            + self.outbox_deleted
-        )
-
-    def log_fields(self) -> str:
-        return (
-            f"raw_purged={self.raw_purged} raw_bytes={self.raw_bytes}"
-            f" messages_deleted={self.messages_deleted} dead_deleted={self.dead_deleted}"
-            f" tickets_deleted={self.tickets_deleted} threads_deleted={self.threads_deleted}"
-            f" outbox_deleted={self.outbox_deleted} batches={self.batches}"
-        )
 
 
 # -- one batch of each kind: (rows, bytes) ------------------------------------------------------
@@ -181,13 +153,8 @@ def _delete_outbox(cutoff: float) -> _Step:
     return step
 
 
-async def purge(spool: Any, policy: RetentionPolicy, *, pause: float = 0.0) -> PurgeResult:
-    """Apply `policy` once, at the spool's clock; batches until nothing is left to do.
-
-    `spool` is a `SqliteSpool` (its `write` and `clock`).
-    """
-    now = spool.clock()
-    result = PurgeResult()
+def sqlite_steps(policy: RetentionPolicy, now: float) -> list[tuple[str, _Step]]:
+    """The purge's steps for a SQLite spool, in order, as (kind, batch step)."""
     raw_days = {
         State.DONE: policy.done_raw_days,
         State.SUPPRESSED: policy.suppressed_raw_days,
@@ -205,36 +172,44 @@ async def purge(spool: Any, policy: RetentionPolicy, *, pause: float = 0.0) -> P
         ("tickets", _delete_tickets(maps_cut)),
         ("outbox", _delete_outbox(now - policy.outbox_days * DAY)),
     ]
-    for name, step in steps:
-        while True:
-            n, extra = await spool.write(lambda conn, step=step: step(conn, policy.batch))
-            result.batches += 1
-            if name.startswith("raw:"):
-                result.raw_purged += n
-                result.raw_bytes += extra
-            elif name == "messages":
-                result.messages_deleted += n
-                result.outbox_deleted += extra
-            elif name == "dead":
-                result.dead_deleted += n
-                result.outbox_deleted += extra
-            elif name == "threads":
-                result.threads_deleted += n
-            elif name == "tickets":
-                result.tickets_deleted += n
-            else:
-                result.outbox_deleted += n
-            if n < policy.batch:
-                break
-            await asyncio.sleep(pause)  # let intake's jobs have commits of their own
-    return result
+    return steps
+
+
+def count(result: PurgeResult, kind: str, n: int, extra: int) -> None:
+    """Add one batch of step `kind` (rows `n`, and bytes or outbox rows `extra`) to `result`."""
+    result.batches += 1
+    if kind.startswith("raw:"):
+        result.raw_purged += n
+        result.raw_bytes += extra
+    elif kind == "messages":
+        result.messages_deleted += n
+        result.outbox_deleted += extra
+    elif kind == "dead":
+        result.dead_deleted += n
+        result.outbox_deleted += extra
+    elif kind == "threads":
+        result.threads_deleted += n
+    elif kind == "tickets":
+        result.tickets_deleted += n
+    else:
+        result.outbox_deleted += n
+
+
+async def purge(spool: Spool, policy: RetentionPolicy, *, pause: float = 0.0) -> PurgeResult:
+    """Apply `policy` once, at the spool's clock; batches until nothing is left to do."""
+    return await spool.purge(policy, pause=pause)
 
 
 class RetentionTask:
-    """The daemon's background purge: `purge` every `interval` seconds until `stop`."""
+    """The daemon's background purge: `purge` every `interval` seconds until `stop`.
+
+    Once per cluster: a run first takes the spool's `retention` lease, so when several nodes
+    (or worker processes) share a spool only one of them purges per interval."""
+
+    LEASE = "retention"
 
     def __init__(
-        self, spool: Any, policy: RetentionPolicy, *, interval: float, pause: float = 0.01
+        self, spool: Spool, policy: RetentionPolicy, *, interval: float, pause: float = 0.01
     ) -> None:
         self.spool = spool
         self.policy = policy
@@ -244,7 +219,11 @@ class RetentionTask:
         self.last: PurgeResult | None = None
         self._stop = asyncio.Event()
 
-    async def run_once(self) -> PurgeResult:
+    async def run_once(self) -> PurgeResult | None:
+        """One purge, unless another process holds the lease (then None)."""
+        # held for the interval: the next holder purges one interval after this run
+        if not await self.spool.try_lease(self.LEASE, max(self.interval, 60.0)):
+            return None
         started = time.monotonic()
         result = await purge(self.spool, self.policy, pause=self.pause)
         self.runs += 1
@@ -356,7 +335,7 @@ ADDRESS_HEADERS = (
     "resent-to",
     "resent-cc",
 )
-_HEAD_BYTES = 65536  # the header block of a mail, read first; the whole mail only if longer
+HEAD_BYTES = 65536  # the header block of a mail, read first; the whole mail only if longer
 _SCAN_BATCH = 200
 
 
@@ -373,25 +352,7 @@ def header_addresses(raw: bytes) -> set[str]:
     return {a.strip().lower() for _, a in email.utils.getaddresses(values) if "@" in a}
 
 
-@dataclass
-class Erasure:
-    """What `gateway erase` found (and, unless a dry run, removed) for one address."""
-
-    address: str
-    message_ids: list[int] = field(default_factory=list)
-    raw_bytes: int = 0
-    busy: list[int] = field(default_factory=list)  # `processing` right now: not touched
-    tickets: int = 0
-    threads: int = 0
-    outbox: int = 0
-    scanned_to: int = 0  # highest message id looked at
-
-    @property
-    def messages(self) -> int:
-        return len(self.message_ids)
-
-
-def _matches(address: str, mail_from: str, rcpt_tos: str, head: bytes | None) -> bool:
+def matches(address: str, mail_from: str, rcpt_tos: str, head: bytes | None) -> bool:
     if mail_from.strip().lower() == address:
         return True
     try:
@@ -416,7 +377,7 @@ def _scan(
             "SELECT id, state, size, mail_from, rcpt_tos,"
             " (SELECT SUBSTR(raw, 1, ?) FROM bodies WHERE bodies.id = messages.id)"
             " FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-            (_HEAD_BYTES, last, _SCAN_BATCH),
+            (HEAD_BYTES, last, _SCAN_BATCH),
         ).fetchall()
         if not rows:
             return found, last
@@ -424,12 +385,12 @@ def _scan(
             head = bytes(head) if head is not None else None
             if (
                 head is not None
-                and len(head) == _HEAD_BYTES
+                and len(head) == HEAD_BYTES
                 and b"\n\n" not in head.replace(b"\r\n", b"\n")
             ):
                 full = conn.execute("SELECT raw FROM bodies WHERE id = ?", (msg_id,)).fetchone()
                 head = bytes(full[0]) if full and full[0] is not None else head
-            if _matches(address, mail_from, rcpt_tos, head):
+            if matches(address, mail_from, rcpt_tos, head):
                 found.append((msg_id, state, size))
         last = rows[-1][0]
 

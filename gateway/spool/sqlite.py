@@ -4,12 +4,15 @@ Durability with speed comes from group commit: every write goes through one writ
 owns the only write connection. It takes the first waiting job, then every job that queued up
 meanwhile, runs them all in one transaction (a savepoint each, so one failing job fails alone) and
 commits once: one fsync for the whole batch. Each caller's future resolves only after that commit,
-so an SMTP `250` is never said for a mail that is not on disk. Reads use per-thread connections
-and never wait for the writer (WAL).
+so an SMTP `250` is never said for a mail that is not on disk. That is the only write path.
+Reads run on a small pool of reader threads with a connection each and never wait for the writer
+(WAL); nothing touches the database on the event loop's own thread.
 
-Crash recovery (`recover`, at start-up): messages left `processing` are put back to `queued`; the
-ones whose backend create call was begun but not recorded done (`inflight`) are flagged
-`uncertain`, so the worker looks for the ticket before creating it again.
+Crash recovery (`recover`, at start-up of a worker process): messages its owner name left
+`processing` are put back to `queued`; the ones whose backend create call was begun but not
+recorded done (`inflight`) are flagged `uncertain`, so the worker looks for the ticket before
+creating it again. Several worker processes (`[gateway] worker_processes`) share the file: each
+claims under its own owner name and lease (see `Spool`).
 
 The schema, its version and the migrations of an older spool live in `gateway.spool.migrations`
 (run when the spool is opened); retention, statistics and erasure in `gateway.spool.retention`.
@@ -19,36 +22,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool import migrations
-from gateway.spool.base import AckRow, MessageRow, Outcome, PutResult, State
+from gateway.spool import migrations, retention
+from gateway.spool.base import (
+    BLOB_STREAM_MIN,
+    AckRow,
+    Erasure,
+    MessageRow,
+    NodeInfo,
+    Outcome,
+    PurgeResult,
+    PutResult,
+    QueueCounts,
+    Recovered,
+    RetentionPolicy,
+    State,
+    ThreadHit,
+    TicketInfo,
+)
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
+__all__ = ["BLOB_STREAM_MIN", "SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
 
 log = logging.getLogger("gateway.spool")
 
 T = TypeVar("T")
 
-BLOB_STREAM_MIN = 1 << 20  # mails above this size are written and read in pieces
 BLOB_CHUNK = 1 << 18
 
 _MSG_COLUMNS = (
     "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
     " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
-    " subject, progress, uncertain, updated_at, crashes"
+    " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
 )
 
 
@@ -110,6 +129,8 @@ def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
         uncertain=bool(r["uncertain"]),
         crashes=r["crashes"],
         updated_at=r["updated_at"],
+        claimed_by=r["claimed_by"],
+        lease_until=r["lease_until"],
         raw=raw,
     )
 
@@ -125,6 +146,8 @@ class _Job:
 class SqliteSpool:
     """See `Spool`. `clock` is injectable so retention and retry tests control time."""
 
+    engine = "sqlite"
+
     def __init__(
         self,
         path: Path,
@@ -132,27 +155,48 @@ class SqliteSpool:
         clock: Callable[[], float] = time.time,
         max_batch: int = 512,
         synchronous: str = "FULL",
+        node: str = "localhost",
+        worker: int = 0,
+        lease: float = 30.0,
+        read_only: bool = False,
+        readers: int = 2,
     ) -> None:
         """`synchronous`: FULL (default) fsyncs every commit: what intake needs before it says
         yes. The worker process opens the spool with NORMAL: its commits (progress, outcomes)
         survive a crash of any process (the WAL is in the kernel's cache at commit) and reach
         the disk with the next FULL commit or checkpoint; only a power loss in between can lose
         them, and then a mail is processed again (a possible duplicate, never a loss: its raw
-        bytes were committed FULL by the intake). It keeps the shared write lock short."""
+        bytes were committed FULL by the intake). It keeps the shared write lock short.
+
+        `read_only` (the dry run): no writer, no schema created or migrated; an absent file or
+        another schema version is a `SpoolError`."""
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.synchronous = synchronous
         self.path = Path(path)
         self.clock = clock
         self.max_batch = max_batch
+        self.node = node
+        self.owner = f"{node}/{worker}"
+        self.worker = worker
+        self._owner_fd: int | None = None
+        self.lease = lease
+        self.read_only = read_only
+        self._started_at = clock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._local = threading.local()
-        self._iconn: sqlite3.Connection | None = None  # inline writes (see _write_inline)
+        self._conns: list[sqlite3.Connection] = []  # the readers' connections, closed at close
+        self._conns_lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="spool-read")
         self._closed = False
         self._put_queue: list[tuple[Any, asyncio.Future[PutResult]]] = []
         self._put_inflight = False
         self.commits = 0  # for the benchmarks: how many fsyncs served how many puts
         self.puts = 0
+        self._writer: threading.Thread | None = None
+        if read_only:
+            self.opened_version = self._check_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._wconn = self._connect()
@@ -170,9 +214,27 @@ class SqliteSpool:
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
 
+    def _check_read_only(self) -> int:
+        if not self.path.exists():
+            raise SpoolError(f"{self.path}: no spool")
+        try:
+            version = migrations.read_version(self._reader())
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{self.path}: cannot read spool: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            raise SpoolError(f"{self.path}: spool schema {version}, expected {SCHEMA_VERSION}")
+        return version
+
     # -- connections -------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
         conn = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -188,6 +250,8 @@ class SqliteSpool:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
         return conn
 
     # -- the writer thread: group commit -------------------------------------------------------
@@ -218,7 +282,7 @@ class SqliteSpool:
     def _begin(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
         """BEGIN IMMEDIATE, waiting for the other process's write lock in short steps.
 
-        The intake and the worker process share the file. SQLite's own busy handler sleeps in
+        The intake and the worker processes share the file. SQLite's own busy handler sleeps in
         steps of 1 to 100 ms, far longer than the other side holds the lock (well under a
         millisecond), and every such sleep would be added to an SMTP client's wait for `250`.
         """
@@ -273,87 +337,44 @@ class SqliteSpool:
                 job.future.set_exception(value)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise SpoolError("spool is closed")
-        if self.synchronous == "NORMAL" and self._jobs.empty():
-            done, value = self._write_inline(fn)
-            if done:
-                return value  # type: ignore[return-value]
-        return await self._write_threaded(fn)
-
-    def _write_inline(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
-        """The worker's small writes, on the event loop's own thread when the write lock is free
-        at once: a commit without fsync (synchronous=NORMAL) costs ~60 us, while the hand-off to
-        the writer thread and back cost twice that again. (False, None) when the lock is taken:
-        the caller queues the write for the writer thread, which waits for the lock."""
-        conn = self._iconn
-        if conn is None:
-            conn = self._iconn = self._connect()
-            conn.execute("PRAGMA busy_timeout=0")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                return False, None
-            raise SpoolError(f"spool write failed: {exc}") from exc
-        try:
-            value = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise SpoolError(f"spool write failed: {exc}") from exc
-            raise
-        self.commits += 1
-        return True, value
-
-    async def _write_threaded(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in the writer's next group commit. Keep `fn` short: intake waits for
+        the batch it shares."""
+        if self._closed or self._writer is None:
+            raise SpoolError("spool is closed" if self._closed else "spool is read-only")
         job = _Job(fn)
         self._jobs.put(job)
         return await asyncio.wrap_future(job.future)  # type: ignore[no-any-return, unused-ignore]
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` in the writer's next group commit (maintenance: retention, erasure).
-
-        Keep `fn` short (one small batch): intake waits for the batch it shares.
-        """
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on a reader thread's connection (a WAL reader never waits for the
+        writer, and nothing blocks the event loop)."""
         if self._closed:
             raise SpoolError("spool is closed")
-        return await self._write_threaded(fn)
 
-    def write_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Blocking variant of a write, for the CLI (no event loop)."""
-        job = _Job(fn)
-        self._jobs.put(job)
-        return job.future.result()  # type: ignore[no-any-return, unused-ignore]
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool read failed: {exc}") from exc
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # on the loop's own thread: a WAL reader never waits for a writer, and the queries here
-        # are by key (a thread hand-off cost ten times the query)
-        return self.read_sync(fn)
-
-    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(self._reader())
-        except sqlite3.Error as exc:
-            raise SpoolError(f"spool read failed: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, run)
 
     async def close(self) -> None:
-        self.close_sync()
-
-    def close_sync(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(None)
-        self._writer.join(timeout=30)
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        if self._iconn is not None:
-            self._iconn.close()
-            self._iconn = None
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._writer.join, 30)
+        self._readers.shutdown(wait=True)
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)  # the lock goes with it
+            self._owner_fd = None
 
     # -- intake ---------------------------------------------------------------------------------
 
@@ -362,8 +383,8 @@ class SqliteSpool:
     ) -> PutResult:
         """See `Spool.put`. Puts that arrive while a batch is being committed wait and go
         together in the next one: one thread hand-off and one fsync per batch, not per mail."""
-        if self._closed:
-            raise SpoolError("spool is closed")
+        if self._closed or self._writer is None:
+            raise SpoolError("spool is closed" if self._closed else "spool is read-only")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[PutResult] = loop.create_future()
         self._put_queue.append((self._insert(raw, envelope, source_key), fut))
@@ -481,43 +502,130 @@ class SqliteSpool:
 
         return await self._read(q)
 
-    # -- recovery and the worker's queue ---------------------------------------------------------
+    # -- recovery, claims and leases --------------------------------------------------------------
 
-    def recover_sync(self) -> tuple[int, int]:
-        """Put back messages a crash left `processing`; returns (requeued, uncertain).
+    async def hold_owner(self) -> None:
+        """See `Spool.hold_owner`: an flock on `<spool>.worker.lock` (`.worker<N>.lock` for the
+        N-th worker process), dropped by the kernel when the process dies."""
+        suffix = "" if self.worker == 0 else str(self.worker)
+        lock_path = f"{self.path}.worker{suffix}.lock"
 
-        Each counts one crash: a mail that keeps being in hand when the worker dies is set
-        aside by the worker after `max_crashes` (see `Worker.process`)."""
-        return self.write_sync(lambda conn: self._requeue(conn, None, crashed=True))
+        def take() -> int:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("event=waiting_for_owner_lock path=%s", lock_path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
 
-    async def release(self, ids: list[int]) -> tuple[int, int]:
+        if self._owner_fd is None:
+            self._owner_fd = await asyncio.to_thread(take)
+
+    async def recover(self) -> Recovered:
+        """See `Spool.recover`."""
+        owner = self.owner
+        return await self._write(
+            # '' : claimed before claims had owners (a spool of schema 4 or older)
+            lambda conn: self._requeue(conn, "claimed_by IN (?, '')", [owner], crashed=True)
+        )
+
+    async def take_over(self) -> Recovered:
+        """See `Spool.take_over`."""
+        now = self.clock()
+        return await self._write(
+            lambda conn: self._requeue(
+                conn, "lease_until IS NOT NULL AND lease_until < ?", [now], crashed=True
+            )
+        )
+
+    async def release(self, ids: list[int]) -> Recovered:
         """Put back mails a clean shutdown cut short (not a crash: no crash is counted)."""
-        return await self._write(lambda conn: self._requeue(conn, ids, crashed=False))
+        if not ids:
+            return Recovered()
+        marks = ",".join("?" * len(ids))
+        return await self._write(
+            lambda conn: self._requeue(conn, f"id IN ({marks})", list(ids), crashed=False)
+        )
 
     def _requeue(
-        self, conn: sqlite3.Connection, ids: list[int] | None, *, crashed: bool
-    ) -> tuple[int, int]:
+        self, conn: sqlite3.Connection, cond: str, params: list[Any], *, crashed: bool
+    ) -> Recovered:
         now = self.clock()
-        where = "state = 'processing'"
-        params: list[Any] = []
-        if ids is not None:
-            if not ids:
-                return 0, 0
-            where += f" AND id IN ({','.join('?' * len(ids))})"
-            params = list(ids)
+        where = f"state = 'processing' AND {cond}"
         unc = conn.execute(
             f"UPDATE messages SET uncertain = 1, last_error = ? WHERE {where} AND inflight != ''",
             ("interrupted during a backend call: the ticket system may already have it", *params),
         ).rowcount
+        ids = [r[0] for r in conn.execute(f"SELECT id FROM messages WHERE {where}", params)]
         n = conn.execute(
             "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
+            " claimed_by = '', lease_until = NULL,"
             f" crashes = crashes + ?, updated_at = ? WHERE {where}",
             (now, 1 if crashed else 0, now, *params),
         ).rowcount
-        return n, unc
+        if ids:
+            marks = ",".join("?" * len(ids))
+            conn.execute(f"DELETE FROM slots WHERE msg_id IN ({marks})", ids)
+        return Recovered(requeued=n, uncertain=unc)
+
+    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+        now = self.clock()
+        until = now + self.lease
+        ids = None if claims is None else [int(i) for i in claims]
+
+        def job(conn: sqlite3.Connection) -> None:
+            where = "state = 'processing' AND claimed_by = ?"
+            params: list[Any] = [until, self.owner]
+            if ids is not None:
+                where += f" AND id IN ({','.join('?' * len(ids))})"
+                params += ids
+            conn.execute(f"UPDATE messages SET lease_until = ? WHERE {where}", params)
+            conn.execute(
+                "UPDATE outbox SET lease_until = ? WHERE state = 'pending' AND claimed_by = ?",
+                (until, self.owner),
+            )
+            if ids is None:
+                conn.execute("UPDATE slots SET until = ? WHERE owner = ?", (until, self.owner))
+            elif ids:
+                conn.execute(
+                    f"UPDATE slots SET until = ? WHERE owner = ? AND msg_id IN"
+                    f" ({','.join('?' * len(ids))})",
+                    [until, self.owner, *ids],
+                )
+            conn.execute(
+                "INSERT INTO nodes (owner, node, seen_at, started_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"
+                " node = excluded.node",
+                (self.owner, self.node, now, self._started_at),
+            )
+
+        await self._write(job)
+
+    async def nodes(self, within: float) -> list[NodeInfo]:
+        since = self.clock() - within
+
+        def q(conn: sqlite3.Connection) -> list[NodeInfo]:
+            return [
+                NodeInfo(
+                    owner=r["owner"],
+                    node=r["node"],
+                    seen_at=r["seen_at"],
+                    started_at=r["started_at"],
+                    claims=r["claims"],
+                )
+                for r in conn.execute(
+                    "SELECT owner, node, seen_at, started_at, (SELECT COUNT(*) FROM messages m"
+                    "  WHERE m.state = 'processing' AND m.claimed_by = nodes.owner) AS claims"
+                    " FROM nodes WHERE seen_at >= ? ORDER BY owner",
+                    (since,),
+                )
+            ]
+
+        return await self._read(q)
 
     async def claim_due(self, limit: int) -> list[int]:
-        """Mark up to `limit` due messages `processing` (oldest first) and return their ids."""
+        """See `Spool.claim_due`. One writer at a time: two owners never get the same rows."""
         now = self.clock()
 
         def job(conn: sqlite3.Connection) -> list[int]:
@@ -532,9 +640,9 @@ class SqliteSpool:
             if ids:
                 conn.executemany(
                     "UPDATE messages SET state = 'processing', attempts = attempts + 1,"
-                    " first_attempt_at = COALESCE(first_attempt_at, ?), updated_at = ?"
-                    " WHERE id = ?",
-                    [(now, now, i) for i in ids],
+                    " first_attempt_at = COALESCE(first_attempt_at, ?), updated_at = ?,"
+                    " claimed_by = ?, lease_until = ? WHERE id = ?",
+                    [(now, now, self.owner, now + self.lease, i) for i in ids],
                 )
             return ids
 
@@ -548,6 +656,9 @@ class SqliteSpool:
             return row[0] if row and row[0] is not None else None
 
         return await self._read(q)
+
+    def on_work(self, callback: Callable[[], None]) -> None:
+        """No signal between processes here: the intake wakes its worker itself (workerproc)."""
 
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
@@ -564,27 +675,27 @@ class SqliteSpool:
         """The raw bytes of a message, None once purged."""
         return await self._read(lambda conn: read_body(conn, msg_id))
 
-    def open_body(self, msg_id: int) -> BodyReader | None:
-        """The raw bytes to read in pieces (a big mail), None once purged. Each on a connection
-        of its own: an open blob holds a read snapshot, which neither the other reads nor the
-        next big mail may share. Close it soon: it also holds back WAL checkpoints."""
-        conn = self._connect()
-        try:
-            blob = conn.blobopen("bodies", "raw", msg_id, readonly=True)
-        except sqlite3.OperationalError:  # no such row: purged
-            conn.close()
-            return None
-        return BodyReader(conn, blob)
+    async def open_body(self, msg_id: int) -> BodyReader | None:
+        """See `Spool.open_body`. Each on a connection of its own: an open blob holds a read
+        snapshot, which neither the other reads nor the next big mail may share. Close it soon:
+        it also holds back WAL checkpoints."""
+
+        def open_() -> BodyReader | None:
+            conn = self._connect()
+            try:
+                blob = conn.blobopen("bodies", "raw", msg_id, readonly=True)
+            except sqlite3.OperationalError:  # no such row: purged
+                conn.close()
+                return None
+            return BodyReader(conn, blob)
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, open_)
 
     async def set_identity(
         self, msg_id: int, message_id: str, digest: str, subject: str
     ) -> int | None:
-        """Record the parsed Message-ID/digest; return the id of an earlier copy of this mail.
-
-        An earlier copy is a message with the same digest (and the same Message-ID where there is
-        one) that is not dead or itself a duplicate. Done in the writer so two copies processed at
-        once cannot both miss each other.
-        """
+        """See `Spool.set_identity`. Done in the writer so that it is atomic."""
 
         def job(conn: sqlite3.Connection) -> int | None:
             conn.execute(
@@ -647,7 +758,8 @@ class SqliteSpool:
                 # a create call that failed in flight (timeout) may still have made the ticket
                 " uncertain = CASE WHEN inflight != '' THEN 1 ELSE uncertain END,"
                 " inflight = '', backend = CASE WHEN ? != '' THEN ? ELSE backend END,"
-                " attempts = attempts - ?, updated_at = ? WHERE id = ?",
+                " attempts = attempts - ?, updated_at = ?, claimed_by = '', lease_until = NULL"
+                " WHERE id = ?",
                 (
                     error[:4000],
                     now + delay,
@@ -662,7 +774,6 @@ class SqliteSpool:
         await self._write(job)
 
     async def release_deferred(self, backend: str) -> int:
-        """Make the deferred mails of `backend` due now (it answered again after failures)."""
         now = self.clock()
 
         def job(conn: sqlite3.Connection) -> int:
@@ -675,14 +786,13 @@ class SqliteSpool:
         return await self._write(job)
 
     async def finish(self, msg_id: int, outcome: Outcome) -> None:
-        """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
         now = self.clock()
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE messages SET state = ?, last_error = ?, backend = ?, rule = ?, action = ?,"
                 " ticket_ref = ?, ticket_id = ?, inflight = '', next_attempt_at = 0,"
-                " updated_at = ? WHERE id = ?",
+                " claimed_by = '', lease_until = NULL, updated_at = ? WHERE id = ?",
                 (
                     outcome.state.value,
                     outcome.reason[:4000],
@@ -715,18 +825,18 @@ class SqliteSpool:
                         " VALUES (?, ?, ?, ?)",
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
-            if outcome.ack is not None:
-                rcpt, mail_from, data, ack_msgid = outcome.ack
+            ack = outcome.ack
+            if ack is not None:
                 conn.execute(
                     "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
                     " next_attempt_at) VALUES (?, ?, ?, ?, 'pending', ?, 0)",
-                    (msg_id, rcpt, mail_from, data, now),
+                    (msg_id, ack.rcpt, ack.mail_from, ack.data, now),
                 )
-                if ack_msgid and outcome.ticket_ref:
+                if ack.message_id and outcome.ticket_ref:
                     conn.execute(
                         "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
                         " VALUES (?, ?, ?, ?)",
-                        (ack_msgid, outcome.backend, outcome.ticket_ref, now),
+                        (ack.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
 
         await self._write(job)
@@ -735,23 +845,15 @@ class SqliteSpool:
 
     async def ticket_by_ref(
         self, ref: str, *, prefer_backend: str | None = None
-    ) -> tuple[str, str, str, str] | None:
-        """(backend, system, ticket_id, requester) of a ticket the gateway made, by its ref.
-
-        Two systems may use the same reference (separate numbering); `prefer_backend` picks the
-        one the rules would choose for this mail, else the most recent wins.
-        """
-
+    ) -> TicketInfo | None:
         return await self._read(lambda conn: ticket_by_ref(conn, ref, prefer_backend))
 
-    async def thread_lookup(self, message_ids: list[str]) -> tuple[str, str] | None:
-        """(backend, ref) of the ticket a Message-ID among `message_ids` belongs to (first wins)."""
+    async def thread_lookup(self, message_ids: list[str]) -> ThreadHit | None:
         if not message_ids:
             return None
         return await self._read(lambda conn: thread_lookup(conn, message_ids))
 
     async def pending_original(self, message_ids: list[str], before_id: int) -> int | None:
-        """An earlier message, still waiting for its ticket, whose Message-ID is in the list."""
         if not message_ids:
             return None
 
@@ -769,8 +871,6 @@ class SqliteSpool:
     # -- outbox -----------------------------------------------------------------------------------
 
     async def acks_since(self, rcpt: str | None, since: float) -> int:
-        """Acknowledgements queued since `since` to `rcpt` (None: to anyone)."""
-
         def q(conn: sqlite3.Connection) -> int:
             if rcpt is None:
                 r = conn.execute(
@@ -786,9 +886,20 @@ class SqliteSpool:
         return await self._read(q)
 
     async def due_acks(self, limit: int = 50) -> list[AckRow]:
+        """See `Spool.due_acks`: claimed for this owner, so that two senders never send one."""
         now = self.clock()
 
-        def q(conn: sqlite3.Connection) -> list[AckRow]:
+        def job(conn: sqlite3.Connection) -> list[AckRow]:
+            rows = conn.execute(
+                "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
+                " AND (claimed_by = ? OR claimed_by = '' OR lease_until < ?)"
+                " ORDER BY id LIMIT ?",
+                (now, self.owner, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                [(self.owner, now + self.lease, r["id"]) for r in rows],
+            )
             return [
                 AckRow(
                     id=r["id"],
@@ -799,14 +910,10 @@ class SqliteSpool:
                     attempts=r["attempts"],
                     next_attempt_at=r["next_attempt_at"],
                 )
-                for r in conn.execute(
-                    "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
-                    " ORDER BY id LIMIT ?",
-                    (now, limit),
-                )
+                for r in rows
             ]
 
-        return await self._read(q)
+        return await self._write(job)
 
     async def ack_result(
         self, ack_id: int, *, sent: bool, error: str = "", retry_in: float | None = None
@@ -816,43 +923,121 @@ class SqliteSpool:
         def job(conn: sqlite3.Connection) -> None:
             if sent:
                 conn.execute(
-                    "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
+                    "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
+                    " claimed_by = '', lease_until = NULL WHERE id = ?",
                     (now, ack_id),
                 )
             elif retry_in is None:
                 conn.execute(
-                    "UPDATE outbox SET state = 'failed', last_error = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
+                    "UPDATE outbox SET state = 'failed', last_error = ?, attempts = attempts + 1,"
+                    " claimed_by = '', lease_until = NULL WHERE id = ?",
                     (error[:2000], ack_id),
                 )
             else:
                 conn.execute(
                     "UPDATE outbox SET last_error = ?, attempts = attempts + 1,"
-                    " next_attempt_at = ? WHERE id = ?",
+                    " next_attempt_at = ?, claimed_by = '', lease_until = NULL WHERE id = ?",
                     (error[:2000], now + retry_in, ack_id),
                 )
 
         await self._write(job)
 
+    # -- named leases, backend slots and pauses ---------------------------------------------------
+
+    async def try_lease(self, name: str, seconds: float) -> bool:
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO leases (name, owner, until) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until"
+                " WHERE leases.owner = excluded.owner OR leases.until < ?",
+                (name, self.owner, now + seconds, now),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(job)
+
+    async def drop_lease(self, name: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM leases WHERE name = ? AND owner = ?", (name, self.owner)
+            )
+        )
+
+    async def acquire_slot(self, backend: str, limit: int, msg_id: int) -> bool:
+        now = self.clock()
+
+        def job(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM slots WHERE backend = ? AND until < ?", (backend, now))
+            taken = conn.execute(
+                "SELECT COUNT(*) FROM slots WHERE backend = ? AND msg_id != ?", (backend, msg_id)
+            ).fetchone()[0]
+            if taken >= limit:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO slots (backend, msg_id, owner, until) VALUES (?, ?, ?, ?)",
+                (backend, msg_id, self.owner, now + self.lease),
+            )
+            return True
+
+        return await self._write(job)
+
+    async def release_slot(self, backend: str, msg_id: int) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM slots WHERE backend = ? AND msg_id = ?", (backend, msg_id)
+            )
+        )
+
+    async def pause_backend(self, backend: str, until: float, reason: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO pauses (backend, until, reason) VALUES (?, ?, ?)",
+                (backend, until, reason[:500]),
+            )
+        )
+
+    async def backend_pauses(self) -> dict[str, tuple[float, str]]:
+        now = self.clock()
+
+        def q(conn: sqlite3.Connection) -> dict[str, tuple[float, str]]:
+            return {
+                r[0]: (r[1], r[2])
+                for r in conn.execute(
+                    "SELECT backend, until, reason FROM pauses WHERE until > ?", (now,)
+                )
+            }
+
+        return await self._read(q)
+
+    async def clear_pause(self, backend: str) -> None:
+        await self._write(
+            lambda conn: conn.execute("DELETE FROM pauses WHERE backend = ?", (backend,))
+        )
+
     # -- inspection (CLI, health, metrics) ---------------------------------------------------------
 
-    def counts_sync(self) -> dict[str, int]:
-        def q(conn: sqlite3.Connection) -> dict[str, int]:
-            out = {s.value: 0 for s in State}
+    async def counts(self) -> QueueCounts:
+        def q(conn: sqlite3.Connection) -> QueueCounts:
+            by_state = {s.value: 0 for s in State}
             for r in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
-                out[r[0]] = r[1]
-            out["outbox_pending"] = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'"
-            ).fetchone()[0]
-            out["outbox_failed"] = conn.execute(
-                "SELECT COUNT(*) FROM outbox WHERE state = 'failed'"
-            ).fetchone()[0]
-            return out
+                by_state[r[0]] = r[1]
+            outbox = dict(
+                conn.execute(
+                    "SELECT state, COUNT(*) FROM outbox WHERE state IN ('pending', 'failed')"
+                    " GROUP BY state"
+                ).fetchall()
+            )
+            return QueueCounts(
+                by_state=by_state,
+                outbox_pending=outbox.get("pending", 0),
+                outbox_failed=outbox.get("failed", 0),
+            )
 
-        return self.read_sync(q)
+        return await self._read(q)
 
-    def oldest_pending_sync(self) -> float | None:
+    async def oldest_pending(self) -> float | None:
         def q(conn: sqlite3.Connection) -> float | None:
             r = conn.execute(
                 "SELECT MIN(received_at) FROM messages"
@@ -860,9 +1045,9 @@ class SqliteSpool:
             ).fetchone()
             return r[0] if r and r[0] is not None else None
 
-        return self.read_sync(q)
+        return await self._read(q)
 
-    def list_sync(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
+    async def list_messages(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
         def q(conn: sqlite3.Connection) -> list[MessageRow]:
             if state:
                 rows = conn.execute(
@@ -875,21 +1060,9 @@ class SqliteSpool:
                 )
             return [_row_to_message(r) for r in rows]
 
-        return self.read_sync(q)
+        return await self._read(q)
 
-    def get_sync(self, msg_id: int, with_raw: bool = False) -> MessageRow | None:
-        def q(conn: sqlite3.Connection) -> MessageRow | None:
-            r = conn.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?", (msg_id,)
-            ).fetchone()
-            if r is None:
-                return None
-            return _row_to_message(r, read_body(conn, msg_id) if with_raw else None)
-
-        return self.read_sync(q)
-
-    def retry_sync(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
-        """Put dead (or deferred) messages back in the queue now; returns how many."""
+    async def retry(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
         now = self.clock()
 
         def job(conn: sqlite3.Connection) -> int:
@@ -906,9 +1079,9 @@ class SqliteSpool:
                 (now, now, msg_id),
             ).rowcount
 
-        return self.write_sync(job)
+        return await self._write(job)
 
-    def drop_sync(self, msg_id: int) -> int:
+    async def drop(self, msg_id: int) -> int:
         def job(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM outbox WHERE message_id = ? AND state = 'pending'", (msg_id,))
             n = conn.execute(
@@ -918,7 +1091,60 @@ class SqliteSpool:
                 conn.execute("DELETE FROM bodies WHERE id = ?", (msg_id,))
             return n
 
-        return self.write_sync(job)
+        return await self._write(job)
+
+    async def stats(self) -> dict[str, Any]:
+        now = self.clock()
+        out = await self._read(lambda conn: retention.stats(conn, now, self.path))
+        out["engine"] = self.engine
+        return out
+
+    # -- data lifecycle ----------------------------------------------------------------------------
+
+    async def purge(self, policy: RetentionPolicy, *, pause: float = 0.0) -> PurgeResult:
+        """See `Spool.purge`: each batch is one job of the writer (intake shares its commit)."""
+        result = PurgeResult()
+        for name, step in retention.sqlite_steps(policy, self.clock()):
+            while True:
+                n, extra = await self._write(_batch(step, policy.batch))
+                retention.count(result, name, n, extra)
+                if n < policy.batch:
+                    break
+                await asyncio.sleep(pause)  # let intake's jobs have commits of their own
+        return result
+
+    async def find_erasure(self, address: str) -> Erasure:
+        return await self._read(lambda conn: retention.find_erasure(conn, address))
+
+    async def erase(self, address: str, scanned: Erasure) -> Erasure:
+        er = await self._write(retention.erase_job(address, scanned))
+        er.compacted = await asyncio.to_thread(retention.compact, self.path)
+        return er
+
+    async def backup(self, dest: Path) -> int:
+        """See `Spool.backup`: SQLite's online backup API on a connection of its own."""
+
+        def copy() -> int:
+            src = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            try:
+                src.execute("PRAGMA busy_timeout = 30000")
+                return migrations.online_backup(src, dest, mode_of=self.path)
+            finally:
+                src.close()
+
+        try:
+            return await asyncio.to_thread(copy)
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"backup of {self.path} to {dest} failed: {exc}") from exc
+
+    async def integrity_check(self) -> str:
+        return await self._read(lambda c: str(c.execute("PRAGMA integrity_check").fetchone()[0]))
+
+
+def _batch(
+    step: Callable[[sqlite3.Connection, int], tuple[int, int]], limit: int
+) -> Callable[[sqlite3.Connection], tuple[int, int]]:
+    return lambda conn: step(conn, limit)
 
 
 # -- the map look-ups, on any connection: the daemon's and the dry run's read-only one ---------------
@@ -926,8 +1152,8 @@ class SqliteSpool:
 
 def ticket_by_ref(
     conn: sqlite3.Connection, ref: str, prefer_backend: str | None = None
-) -> tuple[str, str, str, str] | None:
-    """See `SqliteSpool.ticket_by_ref`."""
+) -> TicketInfo | None:
+    """See `Spool.ticket_by_ref`."""
     rows = conn.execute(
         "SELECT backend, system, ticket_id, requester FROM tickets WHERE ref = ?"
         " ORDER BY created_at DESC",
@@ -935,14 +1161,14 @@ def ticket_by_ref(
     ).fetchall()
     for r in rows:
         if prefer_backend is None or r[0] == prefer_backend:
-            return (r[0], r[1], r[2], r[3])
-    return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
+            return TicketInfo(r[0], r[1], r[2], r[3])
+    return TicketInfo(rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
 
-def thread_lookup(conn: sqlite3.Connection, message_ids: list[str]) -> tuple[str, str] | None:
-    """See `SqliteSpool.thread_lookup`."""
+def thread_lookup(conn: sqlite3.Connection, message_ids: list[str]) -> ThreadHit | None:
+    """See `Spool.thread_lookup`."""
     for mid in message_ids:
         r = conn.execute("SELECT backend, ref FROM threads WHERE message_id = ?", (mid,)).fetchone()
         if r:
-            return r[0], r[1]
+            return ThreadHit(r[0], r[1])
     return None
