@@ -31,6 +31,7 @@ from typing import Any
 
 from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
+from gateway.backends.http import ResponseBudget
 from gateway.backends.registry import make_backend
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, GatewayError, Problem
@@ -200,6 +201,8 @@ class Daemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.retention: RetentionTask | None = None
         self._backend_keys: dict[str, tuple[Any, ...]] = {}
+        # what all backends' answers in flight may hold in this process (one budget for all)
+        self._response_budget = ResponseBudget(cfg.gateway.max_response_bytes_in_flight)
         self._retiring: dict[Backend, asyncio.Task[None]] = {}  # replaced on reload, closing
         self.executor: ProcessPoolExecutor | None = None
         self.should_exit = False
@@ -261,7 +264,9 @@ class Daemon:
             metrics = self.events
         for name, bcfg in cfg.backends.items():
             self._backend_keys[name] = backend_key(cfg, name)
-            self.backends[name] = make_backend(name, bcfg, base_dir=cfg.base_dir)
+            self.backends[name] = make_backend(
+                name, bcfg, base_dir=cfg.base_dir, budget=self._response_budget
+            )
         if cfg.gateway.parse_processes > 0:
             self.executor = ProcessPoolExecutor(
                 max_workers=cfg.gateway.parse_processes,
@@ -490,6 +495,7 @@ class Daemon:
         except OSError as exc:
             log.error("event=log_reopen_failed error=%r", str(exc))
         self.cfg = new_cfg
+        self._response_budget.limit = new_cfg.gateway.max_response_bytes_in_flight
         if self.worker is not None:
             # One assignment each: a mail is routed by the old set or the new set, never a mix.
             self.worker.rules = rules
@@ -510,7 +516,10 @@ class Daemon:
             for name, bcfg in new_cfg.backends.items():
                 key = backend_key(new_cfg, name)
                 if key != self._backend_keys.get(name):
-                    built[name] = (make_backend(name, bcfg, base_dir=new_cfg.base_dir), key)
+                    backend = make_backend(
+                        name, bcfg, base_dir=new_cfg.base_dir, budget=self._response_budget
+                    )
+                    built[name] = (backend, key)
         except GatewayError:
             for backend, _ in built.values():
                 self._retire(backend, wait=False)

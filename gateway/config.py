@@ -54,6 +54,10 @@ class GatewaySection(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr (journald under systemd); else a file, reopened on SIGHUP
     drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
+    # bytes that all backend answers being read at once may hold in the worker process; past it
+    # the calls fail as temporary (their mails are deferred), so a hostile endpoint cannot
+    # exhaust memory (each answer is also capped by [backends.NAME] max_response_bytes)
+    max_response_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
 
 class SpoolSection(_Model):

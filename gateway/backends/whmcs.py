@@ -12,16 +12,16 @@ this type) and `WhmcsBackend`, which speaks the form-encoded `action=...` API ov
   interrupted OpenTicket made (confirmed by comparing the first message's text).
 
 WHMCS's error signalling is mapped at one boundary (`_call`): authentication and IP refusals,
-unknown commands, missing permissions and other HTTP 4xx → `BackendUnavailable`; `result=error`
-with a business message → `PermanentError(message)`; HTTP 5xx/429, timeouts and connection
-errors → `TransientError` (honouring Retry-After).
+unknown commands and missing permissions (by their messages, whatever the status) →
+`BackendUnavailable`; `result=error` with a business message → `PermanentError(message)`; any
+other HTTP status, timeouts, connection errors and answers too large → the one mapping shared by
+all backends (`gateway.backends.http`: 5xx/429 transient with Retry-After, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import html
 import json
 import logging
@@ -36,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
-from gateway.backends.http import make_client
+from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import select_attachments, ticket_text
-from gateway.errors import BackendUnavailable, PermanentError, TransientError
+from gateway.errors import BackendUnavailable, PermanentError
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.secrets import resolve_secret
 
@@ -138,20 +138,6 @@ def encode_attachments(attachments: list[Attachment]) -> str:
     return base64.b64encode(json.dumps(items).encode("utf-8")).decode("ascii")
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _parse_body(text: str) -> dict[str, Any] | None:
     """The JSON object of an answer; tolerates a BOM or PHP notices printed before it."""
     text = text.lstrip("\ufeff \r\n\t")
@@ -190,7 +176,14 @@ class WhmcsBackend:
 
     system = SYSTEM
 
-    def __init__(self, name: str, cfg: WhmcsConfig, *, base_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: WhmcsConfig,
+        *,
+        base_dir: Path,
+        budget: ResponseBudget | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.url = api_url(cfg.url)
@@ -213,7 +206,10 @@ class WhmcsBackend:
         )
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._client = make_client(
-            timeout=cfg.timeout, concurrency=cfg.concurrency, follow_redirects=False
+            timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+            budget=budget,
         )
         self._clients: dict[str, tuple[float, str | None]] = {}  # e-mail → (expiry, client id)
 
@@ -234,36 +230,27 @@ class WhmcsBackend:
         async with self._sem:
             try:
                 resp = await self._client.post(self.url, data=form)
-            except httpx.TimeoutException as exc:
-                log.warning("event=whmcs_timeout backend=%s action=%s", self.name, action)
-                raise TransientError(f"WHMCS {action}: timeout ({type(exc).__name__})") from exc
-            except httpx.UnsupportedProtocol as exc:
-                raise BackendUnavailable(f"WHMCS url is not http(s): {self.url}") from exc
-            except httpx.TransportError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 log.warning(
                     "event=whmcs_connection_error backend=%s action=%s error=%s",
                     self.name,
                     action,
                     type(exc).__name__,
                 )
-                raise TransientError(
-                    f"WHMCS {action}: connection failed ({type(exc).__name__})"
-                ) from exc
-            except httpx.InvalidURL as exc:
-                raise BackendUnavailable(f"WHMCS url is invalid: {exc}") from exc
+                raise transport_error(f"WHMCS {action}", exc) from exc
         elapsed_ms = int((time.monotonic() - started) * 1000)
         status = resp.status_code
         if status == 429 or status >= 500:
-            retry = _retry_after(resp.headers.get("Retry-After"))
+            busy = status_error(f"WHMCS {action}", status, resp.headers)
             log.warning(
                 "event=whmcs_busy backend=%s action=%s http=%d retry_after=%s ms=%d",
                 self.name,
                 action,
                 status,
-                retry,
+                busy.retry_after,
                 elapsed_ms,
             )
-            raise TransientError(f"WHMCS {action}: HTTP {status}", retry_after=retry)
+            raise busy
         data = _parse_body(resp.text)
         message = str(data.get("message", "")).strip() if data else ""
         result = str(data.get("result", "")).lower() if data else ""
@@ -286,7 +273,8 @@ class WhmcsBackend:
             )
             raise BackendUnavailable(f"WHMCS refused the API credentials: {message or status}")
         if status >= 300:
-            raise BackendUnavailable(f"WHMCS {action}: HTTP {status} {message}".rstrip())
+            err = status_error(f"WHMCS {action}", status, resp.headers)
+            raise type(err)(f"{err} {message}".rstrip(), retry_after=err.retry_after)
         if data is None or result not in ("success", "error"):
             raise BackendUnavailable(f"WHMCS {action}: the answer is not a WHMCS API result")
         if result == "error":
