@@ -312,9 +312,7 @@ class Daemon:
             self._wakeup.set()
 
         self.tasks.append(
-            asyncio.create_task(
-                read_wakeups(worker.notify, parent_gone, worker.yield_to_intake), name="wakeups"
-            )
+            asyncio.create_task(read_wakeups(worker.notify, parent_gone), name="wakeups")
         )
         self.tasks.append(asyncio.create_task(self._report_status(), name="status-report"))
 
@@ -360,7 +358,6 @@ class Daemon:
         assert self.spool is not None
         if self.role == "intake":
             self.supervisor = WorkerSupervisor(cfg.path, self.status, self.metrics)
-            self.supervisor.yield_rate = cfg.gateway.worker_yield_rate
             self.supervisor.start()
         if cfg.smtp.enabled:
             smtp_status = self.status.register("intake:smtp", "intake")
@@ -414,14 +411,13 @@ class Daemon:
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
-        self.wake_worker(msg_id, smtp=True)
+        self.wake_worker(msg_id)
 
-    def wake_worker(self, msg_id: int, *, smtp: bool = False) -> None:
-        """`smtp`: stored by the SMTP intake, whose rate tells the worker process to step back."""
+    def wake_worker(self, msg_id: int) -> None:
         if self.worker is not None:
             self.worker.notify(msg_id)
         elif self.supervisor is not None:
-            self.supervisor.wake(smtp=smtp)
+            self.supervisor.wake()
 
     def _wake_acks(self) -> None:
         if self.ack_sender is not None:

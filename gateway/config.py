@@ -43,9 +43,6 @@ class GatewaySection(_Model):
     # a lower CPU priority, so that accepting mail never waits behind ticket creation.
     worker_process: bool = True
     worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
-    # SMTP intake rate (mails/s) above which the worker yields the spool and the CPU to it: one
-    # mail at a time, at most 4/s, until the burst has been over for half a second; 0 = never
-    worker_yield_rate: int = Field(200, ge=0)
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
@@ -207,11 +204,30 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
 
 
+# keys of earlier versions, with what took their place; a config naming one gets a clear problem
+REMOVED_KEYS = {
+    "worker_yield_rate": "the worker no longer steps back during SMTP bursts, the OS scheduler"
+    " decides (the worker runs at worker_nice)",
+}
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a config file; raise ConfigError listing every `file:line: problem`."""
     data, lines = load_toml(path)
     fname = str(path)
     problems: list[Problem] = []
+    gateway_raw = data.get("gateway")
+    if isinstance(gateway_raw, dict):
+        for key, why in REMOVED_KEYS.items():
+            if key in gateway_raw:
+                del gateway_raw[key]
+                problems.append(
+                    Problem(
+                        fname,
+                        lines.line_of(("gateway", key)),
+                        f"gateway.{key} is no longer supported: {why}; remove it",
+                    )
+                )
     backends_raw = data.pop("backends", {})
     try:
         cfg = Config.model_validate(data)

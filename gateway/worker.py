@@ -86,8 +86,6 @@ class WorkerSettings:
 
 
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
-YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
-YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
 
 
 class Worker:
@@ -124,8 +122,6 @@ class Worker:
         self._inflight: set[asyncio.Task[None]] = set()
         self._task_ids: dict[asyncio.Task[None], int] = {}  # in-flight task -> spool message id
         self._stopping = False
-        self._yield_until = 0.0  # monotonic: see yield_to_intake
-        self._next_yield_claim = 0.0
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._backend_status = {
             name: self.status.register(f"backend:{name}", "backend") for name in backends
@@ -137,22 +133,9 @@ class Worker:
     def notify(self, _msg_id: int | None = None) -> None:
         self.wake.set()
 
-    def yield_to_intake(self) -> None:
-        """The SMTP intake is taking a burst: for the next YIELD_FOR seconds take one mail at a
-        time, at most one per YIELD_GAP, so that the clients waiting for `250` get the spool's
-        write lock and the CPU first. Tickets for the burst follow right after it."""
-        self._yield_until = time.monotonic() + YIELD_FOR
-
     async def run(self) -> None:
         while not self._stopping:
             free = self.s.concurrency - len(self._inflight)
-            now = time.monotonic()
-            yielding = now < self._yield_until
-            if yielding:
-                free = min(free, 1 - len(self._inflight))
-                if free <= 0 or now < self._next_yield_claim:
-                    await asyncio.sleep(YIELD_GAP / 2)  # wake-ups are constant in a burst
-                    continue
             ids: list[int] = []
             if free > 0:
                 self.wake.clear()
@@ -162,8 +145,6 @@ class Worker:
                     log.error("event=claim_failed error=%r", str(exc))
                     await asyncio.sleep(1.0)
                     continue
-                if yielding and ids:
-                    self._next_yield_claim = now + YIELD_GAP
                 for msg_id in ids:
                     task = asyncio.create_task(self._process_guarded(msg_id))
                     self._inflight.add(task)
