@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiosmtplib
 
+from gateway import retry
 from gateway.models import ParsedMail
 
 log = logging.getLogger("gateway.ack")
@@ -337,7 +337,7 @@ class AckSender:
                 "event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error
             )
             return
-        delay = min(600.0, 2.0 ** min(ack.attempts, 10)) * random.uniform(0.8, 1.2)
+        delay = retry.ACK.delay(ack.attempts + 1)
         await self.spool.ack_result(ack.id, sent=False, error=error, retry_in=delay)
         if self.status is not None and unreachable:
             self.status.set_down(error)

@@ -19,6 +19,7 @@ from gateway.backends.registry import BACKEND_TYPES, config_model
 from gateway.classify import compile_token_pattern
 from gateway.errors import ConfigError, Problem
 from gateway.intake.imap import ImapConfig
+from gateway.retry import DEFAULT_BASE, DEFAULT_CAP
 from gateway.tomlpos import load_toml, pydantic_problems
 
 DEFAULT_CONFIG = "/etc/ticket-gateway/config.toml"
@@ -96,8 +97,8 @@ class RulesSection(_Model):
 
 
 class RetrySection(_Model):
-    base: float = Field(10.0, gt=0)  # first retry delay, seconds; doubles each attempt
-    max_delay: float = Field(3600.0, gt=0)  # cap of one delay
+    base: float = Field(DEFAULT_BASE, gt=0)  # first retry delay, seconds; doubles each attempt
+    max_delay: float = Field(DEFAULT_CAP, gt=0)  # cap of one delay (gateway.retry)
     deadline: float = Field(5 * 24 * 3600.0, gt=0)  # give up (dead-letter) after this long
     paused_check: float = Field(60.0, gt=0)  # how often a paused backend is tried again
     max_crashes: int = Field(5, ge=1)  # a mail that keeps killing the worker is set aside

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import fnmatch
 import logging
-import random
 import time
 import traceback
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from gateway.errors import (
 from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
+from gateway.retry import DEFAULT_BASE, DEFAULT_CAP, Backoff
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import MessageRow, Outcome, State
 from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
@@ -65,8 +65,8 @@ class SpoolProgress:
 @dataclasses.dataclass
 class WorkerSettings:
     concurrency: int = 8
-    retry_base: float = 30.0
-    retry_max_delay: float = 3600.0
+    retry_base: float = DEFAULT_BASE  # [retry] base, max_delay: see gateway.retry
+    retry_max_delay: float = DEFAULT_CAP
     retry_deadline: float = 5 * 24 * 3600.0
     paused_check: float = 60.0
     max_crashes: int = 5
@@ -531,12 +531,13 @@ class Worker:
                 decision=decision,
             )
             return
-        delay = min(self.s.retry_max_delay, self.s.retry_base * 2 ** max(0, row.attempts - 1))
+        backoff = Backoff(base=self.s.retry_base, cap=self.s.retry_max_delay)
+        ceiling = backoff.ceiling(row.attempts)
         # One mail per failing backend is its probe: it keeps trying every `retry_base` seconds
         # while the others back off; the probe's success releases them all (see _deliver).
         if self._probe.setdefault(backend, row.id) == row.id:
-            delay = min(delay, self.s.retry_base)
-        delay *= random.uniform(0.5, 1.0)  # full-ish jitter: spread a thundering herd
+            ceiling = min(ceiling, self.s.retry_base)
+        delay = backoff.delay(row.attempts, ceiling=ceiling)  # jitter spreads a herd
         if retry_after is not None:
             delay = max(delay, retry_after)
         await self.spool.defer(row.id, error=f"{backend}: {error}", delay=delay, backend=backend)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway import retry
 from gateway.metrics import Metrics
 from gateway.status import StatusBoard
 
@@ -153,7 +154,7 @@ class WorkerSupervisor:
         )
 
     async def _supervise(self) -> None:
-        backoff = 1.0
+        failures = 0
         while not self._stopping:
             started = time.monotonic()
             self.proc = await self._spawn()
@@ -167,10 +168,8 @@ class WorkerSupervisor:
             self.component.set_down(f"worker exited with {rc}; restarting")
             log.error("event=worker_died rc=%s restarts=%d", rc, self.restarts)
             # the next worker puts back what this one left `processing` (see Daemon.startup)
-            if time.monotonic() - started > 60:
-                backoff = 1.0
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            failures = 1 if time.monotonic() - started > 60 else failures + 1
+            await asyncio.sleep(retry.SUPERVISOR.delay(failures))
 
     async def _read_events(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
