@@ -59,6 +59,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
 EXIT_FAILED = 3
+CLOSE_TIMEOUT = 2.0  # seconds the backends' courtesy logouts may take at a stop
 
 
 def sd_notify(message: str) -> None:
@@ -572,8 +573,14 @@ class Daemon:
             sd_notify("STOPPING=1")
         log.info("event=stopping")
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
+        # Everything below fits in drain_timeout + 5 s: the SMTP sessions still open finish
+        # (at most 5 s) while the worker drains, and what is cut stays queued.
+        smtp_stopped: asyncio.Future[None] | None = None
         if self.smtp is not None:
             self.smtp.drain()
+            smtp_stopped = asyncio.ensure_future(
+                self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
+            )
         for intake in self.imaps:
             await intake.stop()
         cut = 0
@@ -600,8 +607,8 @@ class Daemon:
                     await draining
                 log.warning("event=drain_forced")
                 cut = await self.worker.drain(0.0)
-        if self.smtp is not None:
-            await self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
+        if smtp_stopped is not None:
+            await smtp_stopped
         if self.ack_sender is not None:
             self.ack_sender.stop()
         if self.retention is not None:
@@ -609,9 +616,12 @@ class Daemon:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for backend in self.backends.values():
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+        if self.backends:  # courtesy logouts, all at once and briefly
+            closing = [asyncio.ensure_future(b.aclose()) for b in self.backends.values()]
+            _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*closing, return_exceptions=True)
         if self._retiring:  # in-flight work is drained or cancelled by now
             await asyncio.wait(set(self._retiring.values()), timeout=5)
         if self.health is not None:

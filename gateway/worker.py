@@ -186,7 +186,7 @@ class Worker:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=2)
             # back in the queue now, as a clean stop (not counted as a crash)
             with contextlib.suppress(SpoolError):
                 await self.spool.release(cut)

@@ -39,6 +39,7 @@ from gateway.status import StatusBoard
 log = logging.getLogger("gateway.workerproc")
 
 WAKE = b"w"
+STOP_MARGIN = 4.0  # seconds the worker may take beyond the drain grace to stop
 
 
 class EventMetrics:
@@ -221,7 +222,10 @@ class WorkerSupervisor:
             if force:
                 proc.send_signal(signal.SIGTERM)  # a second one: the worker stops at once
             try:
-                await asyncio.wait_for(proc.wait(), timeout=grace + 10)
+                # the worker drains for `grace` and needs about 2 s more to put back what it cut
+                # and close; past that it is killed (its `processing` mails are requeued at
+                # the next start), so that a stop takes at most drain_timeout + 5 s
+                await asyncio.wait_for(proc.wait(), timeout=grace + STOP_MARGIN)
             except TimeoutError:
                 log.error("event=worker_kill reason=drain_timeout")
                 proc.kill()
