@@ -42,6 +42,7 @@ import html as htmllib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -209,6 +210,17 @@ class _Secret:
         changed = new != self.value
         self.value = new
         return changed
+
+
+_B64_PIECE = 3 * 65536  # bytes encoded at a time (a multiple of 3: no padding inside)
+
+
+async def _base64_json(head: bytes, data: bytes, tail: bytes) -> AsyncIterator[bytes]:
+    yield head
+    view = memoryview(data)
+    for start in range(0, len(view), _B64_PIECE):
+        yield base64.b64encode(view[start : start + _B64_PIECE])
+    yield tail
 
 
 class SuperOfficeRestBackend:
@@ -450,8 +462,16 @@ class SuperOfficeRestBackend:
             entity_call=False,
         )
         att_id = int(self._id_of(saved, "AttachmentId", "SaveAttachmentEntity"))
-        content = base64.b64encode(att.data).decode("ascii")
-        await self._call("UploadAttachment", json={"AttachmentId": att_id, "Content": content})
+        # {"AttachmentId": N, "Content": "<base64>"}, the base64 made piece by piece as it is
+        # sent: the attachment is never held encoded (nor inside a JSON string)
+        head = b'{"AttachmentId": %d, "Content": "' % att_id
+        await self._call(
+            "UploadAttachment",
+            body=lambda: (
+                _base64_json(head, att.data, b'"}'),
+                len(head) + 4 * ((len(att.data) + 2) // 3) + 2,
+            ),
+        )
         return att_id
 
     # ------------------------------------------------------------------------------ persons
@@ -505,6 +525,7 @@ class SuperOfficeRestBackend:
         method: str = "POST",
         path: str | None = None,
         entity_call: bool = True,
+        body: Callable[[], tuple[AsyncIterator[bytes], int]] | None = None,
     ) -> Any:
         """One WebAPI call with auth, the concurrency limit, one renewal on 401, error mapping.
 
@@ -519,9 +540,20 @@ class SuperOfficeRestBackend:
                 headers = await self._auth_headers()
                 started = time.monotonic()
                 try:
-                    resp = await self._http.request(
-                        method, url, json=json, params=params, headers=headers
-                    )
+                    if body is not None:  # a JSON body streamed with its length (new per try)
+                        stream, length = body()
+                        sized = {
+                            **headers,
+                            "Content-Type": "application/json",
+                            "Content-Length": str(length),
+                        }
+                        resp = await self._http.request(
+                            method, url, content=stream, params=params, headers=sized
+                        )
+                    else:
+                        resp = await self._http.request(
+                            method, url, json=json, params=params, headers=headers
+                        )
                 except (httpx.HTTPError, httpx.InvalidURL) as exc:
                     error = type(exc).__name__
                     log.warning("event=call_failed backend=%s op=%s error=%s", self.name, op, error)

@@ -27,9 +27,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -129,6 +130,37 @@ def encode_customfields(fields: Mapping[int, str | int | float | bool]) -> str:
     return base64.b64encode("".join(parts).encode("utf-8")).decode("ascii")
 
 
+_B64_PIECE = 3 * 65536  # bytes base64-encoded at a time (a multiple of 3: no padding inside)
+
+
+def _attachments_json(attachments: list[Attachment]) -> Iterator[bytes]:
+    """The JSON of `encode_attachments`, byte for byte, in pieces (each `data` encoded as it
+    goes)."""
+    yield b"["
+    for i, a in enumerate(attachments):
+        name = json.dumps(a.filename or "attachment").encode("ascii")
+        yield (b", " if i else b"") + b'{"name": ' + name + b', "data": "'
+        view = memoryview(a.data)
+        for start in range(0, len(view), _B64_PIECE):
+            yield base64.b64encode(view[start : start + _B64_PIECE])
+        yield b'"}'
+    yield b"]"
+
+
+def attachments_form_value(attachments: list[Attachment]) -> Iterator[bytes]:
+    """`encode_attachments(...)` form-encoded (as `urlencode` would), produced in pieces: the
+    outer base64 over the JSON as it is made, each piece quoted. Never holds the whole."""
+    pending = b""
+    for piece in _attachments_json(attachments):
+        pending += piece
+        if len(pending) >= _B64_PIECE:
+            cut = len(pending) - len(pending) % 3
+            yield quote_plus(base64.b64encode(pending[:cut])).encode("ascii")
+            pending = pending[cut:]
+    if pending:
+        yield quote_plus(base64.b64encode(pending)).encode("ascii")
+
+
 def encode_attachments(attachments: list[Attachment]) -> str:
     """base64 of a JSON list of `{name, data: base64}` (OpenTicket / AddTicketReply)."""
     items = [
@@ -169,6 +201,12 @@ def _listing(data: Mapping[str, Any], outer: str, inner: str) -> list[dict[str, 
     if not isinstance(items, list):
         return []
     return [i for i in items if isinstance(i, dict)]
+
+
+async def _form_stream(head: bytes, attachments: list[Attachment]) -> AsyncIterator[bytes]:
+    yield head
+    for piece in attachments_form_value(attachments):
+        yield piece
 
 
 class WhmcsBackend:
@@ -215,8 +253,16 @@ class WhmcsBackend:
 
     # -- the one boundary where WHMCS's and httpx's errors become ours ---------------------------
 
-    async def _call(self, action: str, params: Mapping[str, str]) -> dict[str, Any]:
-        """POST one API command; return the success answer or raise a `BackendError`."""
+    async def _call(
+        self,
+        action: str,
+        params: Mapping[str, str],
+        attachments: list[Attachment] | None = None,
+    ) -> dict[str, Any]:
+        """POST one API command; return the success answer or raise a `BackendError`.
+
+        `attachments` go out as the `attachments` field, encoded piece by piece as the request
+        is sent (a first pass over the pieces counts its length; nothing is held whole)."""
         form = {
             "action": action,
             "identifier": self.cfg.identifier,
@@ -229,7 +275,19 @@ class WhmcsBackend:
         started = time.monotonic()
         async with self._sem:
             try:
-                resp = await self._client.post(self.url, data=form)
+                if attachments:
+                    head = (urlencode(form) + "&attachments=").encode("ascii")
+                    length = len(head) + sum(len(p) for p in attachments_form_value(attachments))
+                    resp = await self._client.post(
+                        self.url,
+                        content=_form_stream(head, attachments),
+                        headers={
+                            "Content-Type": "application/x-www-form-urlencoded",
+                            "Content-Length": str(length),
+                        },
+                    )
+                else:
+                    resp = await self._client.post(self.url, data=form)
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 log.warning(
                     "event=whmcs_connection_error backend=%s action=%s error=%s",
@@ -386,14 +444,12 @@ class WhmcsBackend:
             params["serviceid"] = str(fields.serviceid)
         if fields.customfields:
             params["customfields"] = encode_customfields(fields.customfields)
-        if attachments:
-            params["attachments"] = encode_attachments(attachments)
         if fields.noemail if fields.noemail is not None else self.cfg.noemail:
             params["noemail"] = "1"
         if self.cfg.markdown:
             params["markdown"] = "1"
         await progress.begin(STEP_OPEN)
-        data = await self._call("OpenTicket", params)
+        data = await self._call("OpenTicket", params, attachments)
         ticket_id, tid = str(data.get("id") or ""), str(data.get("tid") or "")
         if not ticket_id or not tid:
             raise BackendUnavailable("WHMCS OpenTicket: success without id and tid")
@@ -416,12 +472,10 @@ class WhmcsBackend:
         ticket_id = await self._ticket_id(ref)
         text, attachments = self._text(mail, automatic=automatic)
         params = {"ticketid": ticket_id, "message": text, **self._sender(mail)}
-        if attachments:
-            params["attachments"] = encode_attachments(attachments)
         if self.cfg.markdown:
             params["markdown"] = "1"
         await progress.begin(STEP_REPLY)
-        await self._call("AddTicketReply", params)
+        await self._call("AddTicketReply", params, attachments)
         await progress.done(STEP_REPLY, ticketid=ticket_id)
         log.info(
             "event=message_added backend=%s id=%s ref=%s attachments=%d automatic=%s",
