@@ -30,6 +30,8 @@ what its own system says in a status (a WebAPI entity call's 404 is "no such ent
 from __future__ import annotations
 
 import email.utils
+import functools
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC
@@ -141,6 +143,13 @@ class BoundedTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (certificates checked against its CA bundle), made once per
+    process and shared: loading the CA bundle costs more than everything else a client needs."""
+    return httpx.create_ssl_context()
+
+
 def make_client(
     *,
     timeout: float,
@@ -155,6 +164,7 @@ def make_client(
     Other keyword arguments go to `httpx.AsyncClient` (headers, follow_redirects, ...).
     """
     inner = httpx.AsyncHTTPTransport(
+        verify=tls_context(),
         limits=httpx.Limits(
             max_connections=concurrency,
             max_keepalive_connections=concurrency,
