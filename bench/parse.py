@@ -62,6 +62,13 @@ from gateway.mail import parse  # noqa: E402
 MIB = 1024 * 1024
 RCPT = "support@example.com"
 BACKEND = "superoffice-soap"
+# the demo rules route each recipient to one backend type (config.example.toml + rules/)
+RECIPIENTS = {
+    "superoffice-soap": "support@example.com",
+    "superoffice-rest": "sales@example.com",
+    "interserver": "hosting@example.com",  # takes no attachments: they are named in the text
+    "whmcs": "billing@example.com",
+}
 TARGET_FACTOR = 4.0
 LIMIT = 30 * MIB  # max_size and the backend's attachment limits
 SIZES = {"5 KiB": (5 * 1024, 1), "200 KiB": (200 * 1024, 2), "10 MiB": (10 * MIB, 3)}
@@ -249,6 +256,10 @@ async def wait_ticket(sim_port: int, tag: str, attachments: int, within: float) 
             await asyncio.sleep(0.05)
 
 
+def _atts(n: int) -> int:
+    return 0 if BACKEND == "interserver" else n
+
+
 def _mib(kib: float) -> str:
     return f"{kib / 1024:.1f}"
 
@@ -267,7 +278,7 @@ def memory_part(root: Path, mail_mib: float, within: float) -> None:
             tag = f"warm-{uuid.uuid4().hex[:8]}"
             small = make_mail(20 * 1024, 1, tag)
             asyncio.run(common.send_one(ports.smtp, "joerg@customer.example", RCPT, small))
-            asyncio.run(wait_ticket(ports.sim_http, tag, 1, within))
+            asyncio.run(wait_ticket(ports.sim_http, tag, _atts(1), within))
             time.sleep(1.0)  # acknowledgement, spool writes, garbage collection
             idle, idle_per = idle_level(gw.pid)
             sim_idle, _ = idle_level(sim.pid, 0.3)
@@ -281,7 +292,7 @@ def memory_part(root: Path, mail_mib: float, within: float) -> None:
             simul.start()
             t0 = time.monotonic()
             acked = asyncio.run(common.send_one(ports.smtp, "joerg@customer.example", RCPT, big))
-            ticket = asyncio.run(wait_ticket(ports.sim_http, tag, 3, within))
+            ticket = asyncio.run(wait_ticket(ports.sim_http, tag, _atts(3), within))
             t_ticket = time.monotonic()
             time.sleep(1.0)
             daemon.stop()
@@ -404,11 +415,19 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="s to wait for a ticket")
     ap.add_argument("--skip-memory", action="store_true", help="parse times only")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, spool)")
+    ap.add_argument(
+        "--backends",
+        default="superoffice-soap",
+        help="comma-separated backend types for the memory part, or 'all' (default SOAP)",
+    )
     args = ap.parse_args()
+    global BACKEND, RCPT
+    types = list(RECIPIENTS) if args.backends == "all" else args.backends.split(",")
 
-    if not args.skip_memory:
-        root = Path(tempfile.mkdtemp(prefix="bench-parse-"))
-        common.log(f"work directory {root}; rules: rules/ of the repo")
+    for BACKEND in [] if args.skip_memory else types:
+        RCPT = RECIPIENTS[BACKEND]
+        root = Path(tempfile.mkdtemp(prefix=f"bench-parse-{BACKEND}-"))
+        common.log(f"{BACKEND}: work directory {root}; rules: rules/ of the repo")
         done = False
         try:
             memory_part(root, args.mail_mib, args.timeout)

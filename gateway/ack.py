@@ -9,26 +9,29 @@ by default (a bounce of an acknowledgement can never start a loop) and RFC 3834 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import random
 import re
 import time
 import uuid
-from email.header import Header
-from email.utils import formataddr, formatdate
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 
+from gateway import retry
 from gateway.models import ParsedMail
 from gateway.spool.base import AckRow, Spool
 
 log = logging.getLogger("gateway.ack")
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+# the relay may not offer 8BITMIME: a text that is not ASCII goes quoted-printable or base64
+SMTP_7BIT = policy.SMTP.clone(cte_type="7bit")
 PLACEHOLDERS = frozenset(
     {"ref", "token", "subject", "sender", "sender_name", "recipient", "backend", "date"}
 )
@@ -98,58 +101,43 @@ def build_ack(
     subject, body = template.render(values)
     if token not in subject:  # the token is how replies find their ticket: never lose it
         subject = f"{token} {subject}"
-    # written out directly: the email package's generator cost most of an acknowledgement's CPU
     msg_id = f"ack.{uuid.uuid4().hex}@{hostname}"
-    lines = ['Content-Type: text/plain; charset="utf-8"', "MIME-Version: 1.0"]
-    text = body.replace("\r\n", "\n").replace("\r", "\n")
-    if text.isascii() and all(len(line) <= 998 for line in text.split("\n")):
-        lines.append("Content-Transfer-Encoding: 7bit")
-        payload = text.replace("\n", "\r\n").encode("ascii")
-    else:
-        lines.append("Content-Transfer-Encoding: base64")
-        payload = base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
-    sender = formataddr((from_name, from_address)) if from_name else from_address
-    lines.append(_fold("From", _one_line(sender)))
-    lines.append(_fold("To", _one_line(rcpt)))
-    lines.append(_fold("Subject", _header(" ".join(subject.split()))))
-    lines.append("Date: " + formatdate(localtime=False, usegmt=True))
-    lines.append(f"Message-ID: <{msg_id}>")
+    # policy.SMTP folds long headers (RFC 2047 where a word alone is too long) and keeps lines
+    # within 998 octets; an address that is not ASCII needs SMTPUTF8 (policy.SMTPUTF8: headers
+    # in UTF-8), which the sender asks of the relay (`needs_smtputf8`)
+    utf8 = not (_one_line(rcpt).isascii() and from_address.isascii())
+    msg = EmailMessage(policy=policy.SMTPUTF8 if utf8 else SMTP_7BIT)
+    msg["From"] = (
+        Address(display_name=_one_line(from_name), addr_spec=from_address)
+        if from_name
+        else from_address
+    )
+    msg["To"] = _one_line(rcpt)
+    msg["Subject"] = " ".join(subject.split())
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = f"<{msg_id}>"
     if mail.message_id:
-        lines.append(_fold("In-Reply-To", f"<{_one_line(mail.message_id)}>"))
+        msg["In-Reply-To"] = f"<{_one_line(mail.message_id)}>"
         refs = [*mail.references[-10:], mail.message_id]
-        lines.append(_fold("References", " ".join(f"<{_one_line(r)}>" for r in refs)))
-    lines.append("Auto-Submitted: auto-replied")
-    lines.append("X-Auto-Response-Suppress: All")
-    lines.append("Precedence: auto_reply")
-    head = "\r\n".join(lines).encode("utf-8") + b"\r\n\r\n"
-    return head + payload, msg_id
+        msg["References"] = " ".join(f"<{_one_line(r)}>" for r in refs)
+    msg["Auto-Submitted"] = "auto-replied"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg["Precedence"] = "auto_reply"
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    msg.set_content(text, charset="utf-8")
+    if not text:
+        msg.set_payload("")  # set_content would end an empty text with a line break
+    return msg.as_bytes(), msg_id
+
+
+def needs_smtputf8(mail_from: str, rcpt: str, data: bytes) -> bool:
+    """True when an acknowledgement can only go out over SMTPUTF8 (RFC 6531)."""
+    return not (mail_from.isascii() and rcpt.isascii() and data.isascii())
 
 
 def _one_line(value: str) -> str:
     """No line breaks inside a header value (a crafted Message-ID must not add headers)."""
     return "".join(value.split("\r")).replace("\n", "").replace("\0", "")
-
-
-def _fold(name: str, value: str, width: int = 78) -> str:
-    """`Name: value`, folded at spaces so that lines stay within `width` where a space allows."""
-    if value.find("\n") >= 0:  # already folded (an encoded word sequence)
-        return f"{name}: {value}"
-    line = f"{name}:"
-    out: list[str] = []
-    for word in value.split(" "):
-        if len(line) + 1 + len(word) > width and line.strip() and not line.endswith(":"):
-            out.append(line)
-            line = ""
-        line += " " + word
-    out.append(line)
-    return "\r\n".join(out)
-
-
-def _header(text: str, name: str = "Subject") -> str:
-    """RFC 2047-encode a header value when it is not plain ASCII."""
-    if text.isascii():
-        return text
-    return Header(text, "utf-8", header_name=name).encode(linesep="\r\n")
 
 
 RELAY_IDLE = 10.0  # seconds a relay connection may stay open without a message
@@ -189,7 +177,11 @@ class _RelayConnection:
     async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> None:
         assert self.client is not None
         self.last_used = time.monotonic()
-        await self.client.sendmail(mail_from, rcpts, data)
+        utf8 = needs_smtputf8(mail_from, rcpts[0] if rcpts else "", data)
+        # aiosmtplib refuses with SMTPNotSupported when the relay does not offer SMTPUTF8
+        await self.client.sendmail(
+            mail_from, rcpts, data, mail_options=["SMTPUTF8"] if utf8 else []
+        )
         self.count += 1
         self.last_used = time.monotonic()
 
@@ -303,6 +295,11 @@ class AckSender:
                     # a connection the relay closed while it waited: once more on a new one
                     if not reused or attempt == 2:
                         raise
+        except aiosmtplib.SMTPNotSupported as exc:
+            # the relay works but cannot carry this one (a UTF-8 address without SMTPUTF8):
+            # a permanent failure of this acknowledgement, not an outage of the outbox
+            await self._failed(ack, f"relay cannot send it: {exc}", permanent=True)
+            return
         except aiosmtplib.SMTPRecipientsRefused as exc:
             await lane.close()
             codes = [e.code for e in exc.recipients]
@@ -316,7 +313,7 @@ class AckSender:
             return
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await lane.close()
-            await self._failed(ack, f"relay unreachable: {exc}", False)
+            await self._failed(ack, f"relay unreachable: {exc}", False, unreachable=True)
             return
         except Exception as exc:  # never let one acknowledgement stop the sender
             await lane.close()
@@ -329,7 +326,11 @@ class AckSender:
             self.status.set_ok()
         log.info("event=ack_sent ack=%d message=%d", ack.id, ack.message_id)
 
-    async def _failed(self, ack: AckRow, error: str, permanent: bool) -> None:
+    async def _failed(
+        self, ack: AckRow, error: str, permanent: bool, *, unreachable: bool = False
+    ) -> None:
+        """Record one acknowledgement's failure. Only an unreachable relay marks the outbox
+        down (/healthz); what the relay refused for this message concerns this message."""
         if permanent or ack.attempts + 1 >= self.max_attempts:
             self.failed += 1
             await self.spool.ack_result(ack.id, sent=False, error=error)
@@ -337,9 +338,9 @@ class AckSender:
                 "event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error
             )
             return
-        delay = min(600.0, 2.0 ** min(ack.attempts, 10)) * random.uniform(0.8, 1.2)
+        delay = retry.ACK.delay(ack.attempts + 1)
         await self.spool.ack_result(ack.id, sent=False, error=error, retry_in=delay)
-        if self.status is not None:
+        if self.status is not None and unreachable:
             self.status.set_down(error)
         log.info("event=ack_deferred ack=%d retry_in=%.1f error=%r", ack.id, delay, error)
 

@@ -32,6 +32,7 @@ from typing import Any
 from gateway import classify, ruletests
 from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
+from gateway.backends.http import ResponseBudget
 from gateway.backends.registry import make_backend
 from gateway.config import Config, load_config, spool_settings
 from gateway.errors import ConfigError, GatewayError, Problem
@@ -58,6 +59,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_STARTUP = 2
 EXIT_FAILED = 3
+CLOSE_TIMEOUT = 2.0  # seconds the backends' courtesy logouts may take at a stop
 
 
 def sd_notify(message: str) -> None:
@@ -226,6 +228,8 @@ class Daemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.retention: RetentionTask | None = None
         self._backend_keys: dict[str, tuple[Any, ...]] = {}
+        # what all backends' answers in flight may hold in this process (one budget for all)
+        self._response_budget = ResponseBudget(cfg.gateway.max_response_bytes_in_flight)
         self._retiring: dict[Backend, asyncio.Task[None]] = {}  # replaced on reload, closing
         self.executor: ProcessPoolExecutor | None = None
         self.should_exit = False
@@ -291,7 +295,9 @@ class Daemon:
             metrics = self.events
         for name, bcfg in cfg.backends.items():
             self._backend_keys[name] = backend_key(cfg, name)
-            self.backends[name] = make_backend(name, bcfg, base_dir=cfg.base_dir)
+            self.backends[name] = make_backend(
+                name, bcfg, base_dir=cfg.base_dir, budget=self._response_budget
+            )
         if cfg.gateway.parse_processes > 0:
             self.executor = ProcessPoolExecutor(
                 max_workers=cfg.gateway.parse_processes,
@@ -340,9 +346,7 @@ class Daemon:
             self._wakeup.set()
 
         self.tasks.append(
-            asyncio.create_task(
-                read_wakeups(worker.notify, parent_gone, worker.yield_to_intake), name="wakeups"
-            )
+            asyncio.create_task(read_wakeups(worker.notify, parent_gone), name="wakeups")
         )
         self.tasks.append(asyncio.create_task(self._report_status(), name="status-report"))
 
@@ -394,7 +398,6 @@ class Daemon:
         if self.role == "intake":
             for index in range(cfg.gateway.worker_processes):
                 sup = WorkerSupervisor(cfg.path, self.status, self.metrics, index=index)
-                sup.yield_rate = cfg.gateway.worker_yield_rate
                 sup.start()
                 self.supervisors.append(sup)
         if cfg.smtp.enabled:
@@ -503,15 +506,14 @@ class Daemon:
 
     def _on_stored(self, msg_id: int) -> None:
         self.metrics.received.labels(intake="smtp").inc()
-        self.wake_worker(msg_id, smtp=True)
+        self.wake_worker(msg_id)
 
-    def wake_worker(self, msg_id: int, *, smtp: bool = False) -> None:
-        """`smtp`: stored by the SMTP intake, whose rate tells the worker process to step back."""
+    def wake_worker(self, msg_id: int) -> None:
         if self.worker is not None:
             self.worker.notify(msg_id)
         else:
             for sup in self.supervisors:  # they claim from one spool: whoever is free takes it
-                sup.wake(smtp=smtp)
+                sup.wake()
 
     def _wake_acks(self) -> None:
         if self.ack_sender is not None:
@@ -601,6 +603,7 @@ class Daemon:
         except OSError as exc:
             log.error("event=log_reopen_failed error=%r", str(exc))
         self.cfg = new_cfg
+        self._response_budget.limit = new_cfg.gateway.max_response_bytes_in_flight
         if self.worker is not None:
             # One assignment each: a mail is routed by the old set or the new set, never a mix.
             self.worker.rules = rules
@@ -621,7 +624,10 @@ class Daemon:
             for name, bcfg in new_cfg.backends.items():
                 key = backend_key(new_cfg, name)
                 if key != self._backend_keys.get(name):
-                    built[name] = (make_backend(name, bcfg, base_dir=new_cfg.base_dir), key)
+                    backend = make_backend(
+                        name, bcfg, base_dir=new_cfg.base_dir, budget=self._response_budget
+                    )
+                    built[name] = (backend, key)
         except GatewayError:
             for backend, _ in built.values():
                 self._retire(backend, wait=False)
@@ -678,8 +684,14 @@ class Daemon:
             sd_notify("STOPPING=1")
         log.info("event=stopping")
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
+        # Everything below fits in drain_timeout + 5 s: the SMTP sessions still open finish
+        # (at most 5 s) while the worker drains, and what is cut stays queued.
+        smtp_stopped: asyncio.Future[None] | None = None
         if self.smtp is not None:
             self.smtp.drain()
+            smtp_stopped = asyncio.ensure_future(
+                self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
+            )
         for intake in list(self.imaps):
             await intake.stop()
         if self.spool is not None and self.role != "worker":
@@ -713,8 +725,8 @@ class Daemon:
                     await draining
                 log.warning("event=drain_forced")
                 cut = await self.worker.drain(0.0)
-        if self.smtp is not None:
-            await self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
+        if smtp_stopped is not None:
+            await smtp_stopped
         if self.ack_sender is not None:
             self.ack_sender.stop()
         if self.retention is not None:
@@ -722,9 +734,12 @@ class Daemon:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for backend in self.backends.values():
-            with contextlib.suppress(Exception):
-                await backend.aclose()
+        if self.backends:  # courtesy logouts, all at once and briefly
+            closing = [asyncio.ensure_future(b.aclose()) for b in self.backends.values()]
+            _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*closing, return_exceptions=True)
         if self._retiring:  # in-flight work is drained or cancelled by now
             await asyncio.wait(set(self._retiring.values()), timeout=5)
         if self.health is not None:

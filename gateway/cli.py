@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from gateway.config import Config, config_path, load_config
 from gateway.errors import ConfigError, GatewayError, ParseError
-from gateway.limits import raise_open_files, return_big_buffers
+from gateway.limits import raise_open_files
 from gateway.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -44,15 +44,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    role = "intake" if cfg.gateway.worker_process else "all"
     try:
-        setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
+        setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file, role=role)
     except OSError as exc:
         print(f"gateway: cannot open the log file {cfg.log_file}: {exc.strerror}", file=sys.stderr)
         return EXIT_STARTUP
     sock = _activation_socket()
     raise_open_files()
-    return_big_buffers()
-    role = "intake" if cfg.gateway.worker_process else "all"
     try:
         return asyncio.run(Daemon(cfg, smtp_sock=sock, role=role).serve())
     except ConfigError as exc:
@@ -69,8 +68,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
-    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file)
-    return_big_buffers()
+    setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file, role="worker")
     return asyncio.run(Daemon(cfg, role="worker", worker_index=args.index).serve())
 
 

@@ -28,6 +28,7 @@ from gateway.backends.registry import BACKEND_TYPES, config_model
 from gateway.classify import compile_token_pattern
 from gateway.errors import ConfigError, Problem
 from gateway.intake.imap import ImapConfig
+from gateway.retry import DEFAULT_BASE, DEFAULT_CAP
 from gateway.secrets import resolve_secret
 from gateway.spool.base import SpoolSettings
 from gateway.tomlpos import load_toml, pydantic_problems
@@ -54,9 +55,6 @@ class GatewaySection(_Model):
     # a lower CPU priority, so that accepting mail never waits behind ticket creation.
     worker_process: bool = True
     worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
-    # SMTP intake rate (mails/s) above which the worker yields the spool and the CPU to it: one
-    # mail at a time, at most 4/s, until the burst has been over for half a second; 0 = never
-    worker_yield_rate: int = Field(200, ge=0)
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
@@ -67,6 +65,10 @@ class GatewaySection(_Model):
     drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
     node: str = ""  # this node's name among several on one spool; "" = the host name
     worker_processes: int = Field(1, ge=1, le=64)  # worker processes claiming from the spool
+    # bytes that all backend answers being read at once may hold in the worker process; past it
+    # the calls fail as temporary (their mails are deferred), so a hostile endpoint cannot
+    # exhaust memory (each answer is also capped by [backends.NAME] max_response_bytes)
+    max_response_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
 
 
 class SpoolSection(_Model):
@@ -154,8 +156,8 @@ class MailSection(_Model):
 
 
 class RetrySection(_Model):
-    base: float = Field(10.0, gt=0)  # first retry delay, seconds; doubles each attempt
-    max_delay: float = Field(3600.0, gt=0)  # cap of one delay
+    base: float = Field(DEFAULT_BASE, gt=0)  # first retry delay, seconds; doubles each attempt
+    max_delay: float = Field(DEFAULT_CAP, gt=0)  # cap of one delay (gateway.retry)
     deadline: float = Field(5 * 24 * 3600.0, gt=0)  # give up (dead-letter) after this long
     paused_check: float = Field(60.0, gt=0)  # how often a paused backend is tried again
     max_crashes: int = Field(5, ge=1)  # a mail that keeps killing the worker is set aside
@@ -273,11 +275,30 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
 
 
+# keys of earlier versions, with what took their place; a config naming one gets a clear problem
+REMOVED_KEYS = {
+    "worker_yield_rate": "the worker no longer steps back during SMTP bursts, the OS scheduler"
+    " decides (the worker runs at worker_nice)",
+}
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a config file; raise ConfigError listing every `file:line: problem`."""
     data, lines = load_toml(path)
     fname = str(path)
     problems: list[Problem] = []
+    gateway_raw = data.get("gateway")
+    if isinstance(gateway_raw, dict):
+        for key, why in REMOVED_KEYS.items():
+            if key in gateway_raw:
+                del gateway_raw[key]
+                problems.append(
+                    Problem(
+                        fname,
+                        lines.line_of(("gateway", key)),
+                        f"gateway.{key} is no longer supported: {why}; remove it",
+                    )
+                )
     backends_raw = data.pop("backends", {})
     try:
         cfg = Config.model_validate(data)

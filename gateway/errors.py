@@ -13,6 +13,7 @@ GatewayError
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -42,6 +43,21 @@ class ConfigError(GatewayError):
 
 class SpoolError(GatewayError):
     """The spool could not store or update a message durably."""
+
+    @property
+    def disk_full(self) -> bool:
+        """True when the cause is a full disk (SMTP then answers 452 4.3.1, not 451)."""
+        exc: BaseException | None = self
+        while exc is not None:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                return True
+            if getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+                return True
+            text = str(exc).lower()
+            if "disk is full" in text or "no space left on device" in text:
+                return True
+            exc = exc.__cause__ or exc.__context__
+        return False
 
 
 class ParseError(GatewayError):

@@ -47,11 +47,6 @@ class Metrics:
         self.acks_sent = Counter(
             "gateway_acks_sent", "Acknowledgements delivered to the relay", registry=self.registry
         )
-        self.intake_bursts = Counter(
-            "gateway_intake_bursts",
-            "SMTP bursts above [gateway] worker_yield_rate, during which the worker stepped back",
-            registry=self.registry,
-        )
         self.recovered = Counter(
             "gateway_recovered",
             "Mails put back after their worker died (kind=requeued), of which a backend call was"

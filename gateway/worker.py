@@ -17,7 +17,6 @@ import dataclasses
 import fnmatch
 import functools
 import logging
-import random
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from gateway.errors import (
 from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
+from gateway.retry import DEFAULT_BASE, DEFAULT_CAP, SLOT_BACKOFF, SLOT_REQUEUE, Backoff
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import (
     BLOB_STREAM_MIN,
@@ -74,8 +74,8 @@ class SpoolProgress:
 class WorkerSettings:
     concurrency: int = 8
     fallback_charsets: tuple[str, ...] = ()  # [mail] fallback_charsets, for parse
-    retry_base: float = 30.0
-    retry_max_delay: float = 3600.0
+    retry_base: float = DEFAULT_BASE  # [retry] base, max_delay: see gateway.retry
+    retry_max_delay: float = DEFAULT_CAP
     retry_deadline: float = 5 * 24 * 3600.0
     paused_check: float = 60.0
     max_crashes: int = 5
@@ -99,8 +99,6 @@ class WorkerSettings:
 
 SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
-YIELD_FOR = 0.5  # seconds the worker steps back after the intake's last burst signal
-YIELD_GAP = 0.25  # seconds between the mails it takes meanwhile
 
 
 class Worker:
@@ -142,8 +140,6 @@ class Worker:
         self._pauses: dict[str, tuple[float, str]] = {}
         self._pauses_read = 0.0
         spool.on_work(self.wake.set)  # another node stored or released mail
-        self._yield_until = 0.0  # monotonic: see yield_to_intake
-        self._next_yield_claim = 0.0
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._backend_status = {
             name: self.status.register(f"backend:{name}", "backend") for name in backends
@@ -155,22 +151,9 @@ class Worker:
     def notify(self, _msg_id: int | None = None) -> None:
         self.wake.set()
 
-    def yield_to_intake(self) -> None:
-        """The SMTP intake is taking a burst: for the next YIELD_FOR seconds take one mail at a
-        time, at most one per YIELD_GAP, so that the clients waiting for `250` get the spool's
-        write lock and the CPU first. Tickets for the burst follow right after it."""
-        self._yield_until = time.monotonic() + YIELD_FOR
-
     async def run(self) -> None:
         while not self._stopping:
             free = self.s.concurrency - len(self._inflight)
-            now = time.monotonic()
-            yielding = now < self._yield_until
-            if yielding:
-                free = min(free, 1 - len(self._inflight))
-                if free <= 0 or now < self._next_yield_claim:
-                    await asyncio.sleep(YIELD_GAP / 2)  # wake-ups are constant in a burst
-                    continue
             ids: list[int] = []
             if free > 0:
                 self.wake.clear()
@@ -180,8 +163,6 @@ class Worker:
                     log.error("event=claim_failed error=%r", str(exc))
                     await asyncio.sleep(1.0)
                     continue
-                if yielding and ids:
-                    self._next_yield_claim = now + YIELD_GAP
                 for msg_id in ids:
                     task = asyncio.create_task(self._process_guarded(msg_id))
                     self._inflight.add(task)
@@ -251,7 +232,7 @@ class Worker:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=2)
             # back in the queue now, as a clean stop (not counted as a crash)
             with contextlib.suppress(SpoolError):
                 await self.spool.release(cut)
@@ -429,7 +410,7 @@ class Worker:
             await self.spool.defer(
                 msg_id,
                 error=f"backend {backend.name}: all {limit} call slots of the cluster busy",
-                delay=random.uniform(0.2, 1.0),
+                delay=SLOT_REQUEUE.delay(1),
                 backend=backend.name,
                 count_attempt=False,
             )
@@ -444,14 +425,14 @@ class Worker:
     async def _take_slot(self, backend: str, limit: int, msg_id: int) -> bool:
         """A call slot of `backend`, waiting a little while all are taken (then False)."""
         deadline = time.monotonic() + SLOT_WAIT
-        pause = 0.02
+        tries = 0
         while True:
             if await self.spool.acquire_slot(backend, limit, msg_id):
                 return True
             if time.monotonic() > deadline or self._stopping:
                 return False
-            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
-            pause = min(pause * 2, 0.25)
+            tries += 1
+            await asyncio.sleep(SLOT_BACKOFF.delay(tries))
 
     async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
         """The backend pauses recorded in the spool (by any process), read at most once a s."""
@@ -657,12 +638,13 @@ class Worker:
                 decision=decision,
             )
             return
-        delay = min(self.s.retry_max_delay, self.s.retry_base * 2 ** max(0, row.attempts - 1))
+        backoff = Backoff(base=self.s.retry_base, cap=self.s.retry_max_delay)
+        ceiling = backoff.ceiling(row.attempts)
         # One mail per failing backend is its probe: it keeps trying every `retry_base` seconds
         # while the others back off; the probe's success releases them all (see _deliver).
         if self._probe.setdefault(backend, row.id) == row.id:
-            delay = min(delay, self.s.retry_base)
-        delay *= random.uniform(0.5, 1.0)  # full-ish jitter: spread a thundering herd
+            ceiling = min(ceiling, self.s.retry_base)
+        delay = backoff.delay(row.attempts, ceiling=ceiling)  # jitter spreads a herd
         if retry_after is not None:
             delay = max(delay, retry_after)
         await self.spool.defer(row.id, error=f"{backend}: {error}", delay=delay, backend=backend)

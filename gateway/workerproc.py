@@ -28,18 +28,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway import retry
 from gateway.metrics import Metrics
 from gateway.status import StatusBoard
 
 log = logging.getLogger("gateway.workerproc")
 
 WAKE = b"w"
-BURST = b"b"  # a wake-up that also says: the SMTP intake is taking a burst, yield to it
-BURST_WINDOW = 0.25  # seconds over which the SMTP intake's rate is counted
-BURST_NOTE = 0.1  # seconds between BURST reminders to the worker during a burst
+STOP_MARGIN = 4.0  # seconds the worker may take beyond the drain grace to stop
 
 
 class EventMetrics:
@@ -131,11 +131,6 @@ class WorkerSupervisor:
         self._reported = asyncio.Event()
         self._wake_scheduled = False
         self.restarts = 0
-        self.yield_rate = 0  # SMTP mails/s that make a burst (0: never tell the worker)
-        self._window_start = 0.0
-        self._window_count = 0
-        self._burst = False
-        self._burst_noted = 0.0
 
     def start(self) -> None:
         """Start the worker (and restart it whenever it dies)."""
@@ -165,24 +160,11 @@ class WorkerSupervisor:
             # its own session: a Ctrl-C in a terminal reaches only the intake, which then
             # drains the worker with SIGTERM; if the intake dies, stdin EOF stops the worker
             start_new_session=True,
-            # systemd talks to the main process only (NotifyAccess=main, socket activation)
-            env={
-                k: v
-                for k, v in os.environ.items()
-                if k
-                not in (
-                    "NOTIFY_SOCKET",
-                    "WATCHDOG_USEC",
-                    "WATCHDOG_PID",
-                    "LISTEN_FDS",
-                    "LISTEN_PID",
-                    "LISTEN_FDNAMES",
-                )
-            },
+            env=worker_environment(os.environ),
         )
 
     async def _supervise(self) -> None:
-        backoff = 1.0
+        failures = 0
         while not self._stopping:
             started = time.monotonic()
             self.proc = await self._spawn()
@@ -196,10 +178,8 @@ class WorkerSupervisor:
             self.component.set_down(f"worker exited with {rc}; restarting")
             log.error("event=worker_died rc=%s restarts=%d", rc, self.restarts)
             # the next worker puts back what this one left `processing` (see Daemon.startup)
-            if time.monotonic() - started > 60:
-                backoff = 1.0
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            failures = 1 if time.monotonic() - started > 60 else failures + 1
+            await asyncio.sleep(retry.SUPERVISOR.delay(failures))
 
     async def _read_events(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -219,42 +199,14 @@ class WorkerSupervisor:
                 if event.get("t") == "status":
                     self._reported.set()
 
-    def wake(self, *, smtp: bool = False) -> None:
-        """Wake the worker; wake-ups within one turn of the event loop share one byte.
-
-        `smtp`: a mail the SMTP intake just stored. Above `yield_rate` such mails per second the
-        byte says BURST, and the worker steps back (see `Worker.yield_to_intake`): while clients
-        wait for their `250`, the spool's write lock and the CPU are theirs first.
+    def wake(self) -> None:
+        """Wake the worker; wake-ups within one turn of the event loop share one byte. How much
+        CPU the worker gets while the intake is busy is the OS scheduler's call (`worker_nice`).
         """
-        if smtp and self.yield_rate > 0:
-            was_burst = self._burst
-            now = time.monotonic()
-            if now - self._window_start >= BURST_WINDOW:
-                elapsed = now - self._window_start
-                full = self._window_count >= self.yield_rate * BURST_WINDOW
-                self._burst = full and elapsed < 2 * BURST_WINDOW  # a stale window says nothing
-                self._window_start, self._window_count = now, 0
-            self._window_count += 1
-            if self._window_count >= self.yield_rate * BURST_WINDOW:
-                self._burst = True
-            if self._burst and not was_burst:
-                self.metrics.intake_bursts.inc()
-                log.info("event=intake_burst worker=yielding")
-            if self._burst:
-                # the worker takes its next mail on its own clock meanwhile: a reminder every
-                # BURST_NOTE s keeps it stepping back without a write (and a wake-up) per mail
-                if now - self._burst_noted < BURST_NOTE:
-                    return
-                self._burst_noted = now
         if self._wake_scheduled:
             return
         self._wake_scheduled = True
         asyncio.get_running_loop().call_soon(self._write_wake)
-
-    def _in_burst(self) -> bool:
-        """A burst seen in the current or the last window; after that, wake-ups from the other
-        intakes must not keep the worker stepping back."""
-        return self._burst and time.monotonic() - self._window_start < 2 * BURST_WINDOW
 
     def _write_wake(self) -> None:
         self._wake_scheduled = False
@@ -265,7 +217,7 @@ class WorkerSupervisor:
         # one byte per stored mail is plenty; never let the pipe's buffer grow without bound
         if transport.get_write_buffer_size() < 64:
             with contextlib.suppress(ConnectionError, RuntimeError):
-                proc.stdin.write(BURST if self._in_burst() else WAKE)
+                proc.stdin.write(WAKE)
 
     def reload(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -279,7 +231,10 @@ class WorkerSupervisor:
             if force:
                 proc.send_signal(signal.SIGTERM)  # a second one: the worker stops at once
             try:
-                await asyncio.wait_for(proc.wait(), timeout=grace + 10)
+                # the worker drains for `grace` and needs about 2 s more to put back what it cut
+                # and close; past that it is killed (its `processing` mails are requeued at
+                # the next start), so that a stop takes at most drain_timeout + 5 s
+                await asyncio.wait_for(proc.wait(), timeout=grace + STOP_MARGIN)
             except TimeoutError:
                 log.error("event=worker_kill reason=drain_timeout")
                 proc.kill()
@@ -294,9 +249,9 @@ class WorkerSupervisor:
             self.proc.send_signal(sig)
 
 
-async def read_wakeups(notify: Any, on_eof: Any, on_burst: Any = None) -> None:
-    """Child side: call `notify()` per read of wake-up bytes on stdin, `on_burst()` as well when
-    one of them says BURST; `on_eof()` when the parent is gone."""
+async def read_wakeups(notify: Any, on_eof: Any) -> None:
+    """Child side: call `notify()` per read of wake-up bytes on stdin; `on_eof()` when the parent
+    is gone."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -305,9 +260,33 @@ async def read_wakeups(notify: Any, on_eof: Any, on_burst: Any = None) -> None:
         if not data:
             on_eof()
             return
-        if on_burst is not None and BURST in data:
-            on_burst()
         notify()
+
+
+# glibc's documented tunables (not mallopt through ctypes): big buffers in mappings of their own,
+# given back to the kernel when freed, so a large mail costs memory only while it is handled;
+# an admin's own GLIBC_TUNABLES wins, other C libraries ignore the variable
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=262144:glibc.malloc.trim_threshold=524288"
+
+
+def worker_environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: the parent's, less what systemd means for the main process only
+    (NotifyAccess=main, socket activation), plus `MALLOC_TUNABLES` unless the admin set some."""
+    env = {
+        k: v
+        for k, v in parent.items()
+        if k
+        not in (
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        )
+    }
+    env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    return env
 
 
 def lower_priority(steps: int) -> None:

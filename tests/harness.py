@@ -79,7 +79,7 @@ class DaemonProcess:
         self.log = config.parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 90.0) -> None:  # a loaded machine starts the worker slowly
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         with open(self.log, "ab") as log:

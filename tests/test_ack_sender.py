@@ -176,3 +176,84 @@ async def test_acknowledgement_waits_while_relay_is_down_then_goes(spool: Sqlite
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
     assert outbox_states(spool) == {"sent": 2}
+
+
+async def _queue_built(spool: SqliteSpool, rcpt: str, subject: str) -> None:
+    from gateway.ack import Template, build_ack
+    from gateway.models import ParsedMail
+
+    env = Envelope(mail_from=rcpt, rcpt_tos=("support@example.com",))
+    put = await spool.put(b"Subject: x\r\n\r\nbody\r\n", env)
+    data, msg_id = build_ack(
+        Template("t", "Subject: {token} Re: {subject}\n\nThanks, {sender_name}.\n"),
+        ParsedMail(subject=subject, from_addr=rcpt, message_id="orig@example.org"),
+        rcpt=rcpt,
+        ref="42",
+        token="[Ticket #42]",
+        from_address="support@example.com",
+        from_name="Support",
+        hostname="gw.test",
+        backend="b",
+    )
+    await spool.finish(put.id, Outcome(state=State.DONE, ack=(rcpt, "", data, f"<{msg_id}>")))
+
+
+async def test_subject_of_5000_characters_without_spaces_is_accepted_by_the_relay(
+    spool: SqliteSpool,
+) -> None:
+    import email
+    import email.policy
+
+    subject = "x" * 5000
+    await _queue_built(spool, "c@example.org", subject)
+    relay = Relay()
+    ctl = CountingController(relay, free_port())  # aiosmtpd: lines over 1000 octets are refused
+    ctl.start()
+    try:
+        sender = AckSender(spool, "127.0.0.1", ctl.port, parallel=1)
+        await run_until(sender, lambda: len(relay.messages) == 1)
+    finally:
+        ctl.stop()
+    assert outbox_states(spool) == {"sent": 1}
+    data = relay.messages[0][2]
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"] == f"[Ticket #42] Re: {subject}"
+
+
+class Utf8Controller(CountingController):
+    def __init__(self, relay: Relay, port: int, *, utf8: bool) -> None:
+        Controller.__init__(self, relay, hostname="127.0.0.1", port=port, enable_SMTPUTF8=utf8)
+        self.relay = relay
+
+
+@pytest.mark.parametrize("offers", [True, False])
+async def test_utf8_address_goes_over_smtputf8_or_fails_once_for_good(
+    spool: SqliteSpool, offers: bool
+) -> None:
+    from gateway.status import StatusBoard
+
+    await _queue_built(spool, "jürgen@exämple.org", "Grüße")
+    relay = Relay()
+    ctl = Utf8Controller(relay, free_port(), utf8=offers)
+    ctl.start()
+    board = StatusBoard()
+    outbox = board.register("outbox", "outbox")
+    try:
+        sender = AckSender(spool, "127.0.0.1", ctl.port, parallel=1, status=outbox)
+        await run_until(sender, lambda: outbox_states(spool) != {"pending": 1})
+    finally:
+        ctl.stop()
+    rows = spool.read_sync(
+        lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
+    )
+    if offers:
+        assert outbox_states(spool) == {"sent": 1}
+        assert relay.messages[0][1] == ["jürgen@exämple.org"]
+        assert "jürgen@exämple.org".encode() in relay.messages[0][2]
+    else:
+        assert outbox_states(spool) == {"failed": 1}, rows
+        assert relay.messages == []
+        assert "SMTPUTF8" in rows[0][1]
+        assert sender.failed == 1
+    assert outbox.ok  # one acknowledgement's failure is not an outage of the outbox

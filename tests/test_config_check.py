@@ -56,6 +56,11 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
             "HOST:PORT",
         ),
         (('timezone = "Europe/Berlin"', 'timezone = "Mars/Olympus"'), None, "time zone"),
+        (
+            ("workers = 16", "workers = 16\nworker_yield_rate = 200"),
+            "worker_yield_rate = 200",
+            "worker_yield_rate is no longer supported",
+        ),
     ],
 )
 def test_each_problem_is_reported_at_its_line(

@@ -140,29 +140,18 @@ def test_health_reports_components(stack: tuple[SimProcess, DaemonProcess]) -> N
     assert {"spool", "rules", "intake:smtp", "backend:superoffice-soap"} <= set(body["components"])
 
 
-def test_smtp_burst_makes_the_worker_step_back_then_every_mail_is_ticketed(
-    tmp_path: Path,
-) -> None:
+def test_smtp_burst_is_ticketed_once_per_mail(tmp_path: Path) -> None:
     import concurrent.futures
 
     sim = SimProcess(tmp_path)
     sim.start()
-    # a low threshold, so that a test-sized burst counts as one (2 mails per 0.25 s window)
-    cfg = write_config(
-        tmp_path / "gw",
-        sim_http=sim.http_port,
-        sim_smtp=sim.smtp_port,
-        replace={"worker_yield_rate = 200": "worker_yield_rate = 8"},
-    )
+    cfg = write_config(tmp_path / "gw", sim_http=sim.http_port, sim_smtp=sim.smtp_port)
     daemon = DaemonProcess(cfg)
     daemon.start()
     try:
         tag = uuid.uuid4().hex[:8]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: send(daemon.smtp_port, f"burst {tag} {i}"), range(60)))
-        metrics = httpx.get(f"http://127.0.0.1:{daemon.health_port}/metrics", timeout=5).text
-        bursts = [ln for ln in metrics.splitlines() if ln.startswith("gateway_intake_bursts_total")]
-        assert bursts and float(bursts[0].split()[1]) >= 1
 
         def all_ticketed() -> bool:
             titles = [t["title"] for t in sim.get("/_sim/tickets")]

@@ -16,6 +16,8 @@ class BackendConfigBase(BaseModel):
     url: str  # the system's endpoint or base URL
     timeout: float = Field(30.0, gt=0)  # seconds per HTTP call
     concurrency: int = Field(8, ge=1, le=256)  # calls in flight at once towards this system
+    # bytes one answer may have; past it the read stops and the call fails as temporary
+    max_response_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
     subject_token: str = "[Ticket #{ref}]"  # how acknowledgements and follow-ups name a ticket
     max_body_chars: int = Field(200_000, ge=1000)  # longer ticket text is truncated with a marker
     header_fields: list[str] = ["From", "To", "Cc", "Date"]  # header block above the body

@@ -19,12 +19,12 @@ else `127.0.0.1`.
 
 Error mapping (one boundary, `_call`):
 - login returns an empty session id, or a fresh session is refused at once → `BackendUnavailable`
-- HTTP 401/403/404/405/410 → `BackendUnavailable` (credentials or URL wrong)
+- an HTTP status other than 200 without a SOAP Fault, timeouts, connection errors, an answer
+  too large → the one mapping shared by all backends (`gateway.backends.http`)
 - a lost session (SOAP Fault or `status_text` naming the session) → log in again once, retry
 - `status` "Failed"/"error" in a `return` struct → `PermanentError(status_text)`
-- SOAP Fault with a Client faultcode, HTTP 400/413 and other 4xx → `PermanentError`
-- connection errors, timeouts, HTTP 408/429/5xx, Server faults, unreadable replies →
-  `TransientError`
+- SOAP Fault with a Client faultcode → `PermanentError`
+- Server faults, unreadable replies (a 200 that is not XML) → `TransientError`
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from zeep.transports import AsyncTransport
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
-from gateway.backends.http import make_client
+from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import reply_view, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Decision, ParsedMail, TicketRef
@@ -123,17 +123,26 @@ class _SessionLost(Exception):
     """The server refused the session id; log in again."""
 
 
+class _HttpStatus(Exception):
+    """An HTTP answer other than 200 that carries no SOAP Fault."""
+
+    def __init__(self, status: int, headers: httpx.Headers) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status, self.headers = status, headers
+
+
 class _QuietTransport(AsyncTransport):
     """zeep's AsyncTransport without its debug log of every request and reply (those bodies hold
     the password, session ids and mail text), and with HTTP errors that carry no SOAP Fault
-    turned into `TransportError(status_code)`: in non-strict mode zeep's parser would otherwise
-    read a text or HTML error page as an empty document and fail obscurely."""
+    raised as `_HttpStatus` (and a 200 that is not XML as `TransportError`): in non-strict mode
+    zeep's parser would otherwise read a text or HTML error page as an empty document and fail
+    obscurely."""
 
     async def post(self, address: str, message: bytes | str, headers: dict[str, str]) -> Any:
         response = await self.client.post(address, content=message, headers=headers)
         content = response.content.lstrip(b"\xef\xbb\xbf \t\r\n")
         if response.status_code != 200 and b"Fault" not in content:
-            raise TransportError(status_code=response.status_code)
+            raise _HttpStatus(response.status_code, response.headers)
         html = "html" in response.headers.get("content-type", "").lower()
         if html or not content.startswith(b"<"):
             raise TransportError(status_code=response.status_code)
@@ -251,7 +260,14 @@ class InterServerBackend:
 
     system = SYSTEM
 
-    def __init__(self, name: str, cfg: InterServerConfig, *, base_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: InterServerConfig,
+        *,
+        base_dir: Path,
+        budget: ResponseBudget | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         secret = resolve_secret(
@@ -266,7 +282,12 @@ class InterServerBackend:
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._login_lock = asyncio.Lock()
         self._sid: str | None = None
-        self._http = make_client(timeout=cfg.timeout, concurrency=cfg.concurrency)
+        self._http = make_client(
+            timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+            budget=budget,
+        )
         wsdl_http = httpx.Client(timeout=cfg.timeout)  # only for imports; ours has none
         try:
             transport = _QuietTransport(client=self._http, wsdl_client=wsdl_http)
@@ -299,19 +320,17 @@ class InterServerBackend:
                     f"InterServer {op} refused: SOAP fault {code}: {text}"
                 ) from None
             raise TransientError(f"InterServer {op}: SOAP fault {code or '?'}: {text}") from None
+        except _HttpStatus as exc:
+            outcome = f"http_{exc.status}"
+            raise status_error(f"InterServer {op}", exc.status, exc.headers) from None
         except TransportError as exc:
             outcome = f"http_{exc.status_code}"
-            raise self._http_error(op, int(exc.status_code or 0)) from None
-        except httpx.TimeoutException:
-            outcome = "timeout"
             raise TransientError(
-                f"InterServer {op}: no answer within {self.cfg.timeout:g}s"
+                f"InterServer {op}: HTTP {exc.status_code}: unreadable reply (not SOAP)"
             ) from None
-        except httpx.HTTPError as exc:
-            outcome = "connection"
-            raise TransientError(
-                f"InterServer {op}: {type(exc).__name__} talking to {httpx.URL(self.cfg.url).host}"
-            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            outcome = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
+            raise transport_error(f"InterServer {op}", exc) from None
         except (ZeepError, etree.LxmlError) as exc:
             outcome = "unreadable"
             raise TransientError(
@@ -325,18 +344,6 @@ class InterServerBackend:
                 outcome,
                 (time.monotonic() - started) * 1000,
             )
-
-    def _http_error(
-        self, op: str, status: int
-    ) -> TransientError | PermanentError | BackendUnavailable:
-        where = f"InterServer {op}: HTTP {status}"
-        if status in (401, 403):
-            return BackendUnavailable(f"{where}: access refused (credentials or IP)")
-        if status in (404, 405, 410):
-            return BackendUnavailable(f"{where}: no API at the configured url (check url)")
-        if status in (0, 200, 408, 429) or status >= 500:
-            return TransientError(f"{where}: temporary failure or unreadable reply")
-        return PermanentError(f"{where}: request refused")
 
     # ------------------------------------------------------------ sessions
 

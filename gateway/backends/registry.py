@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import Backend
 from gateway.backends.config import BackendConfigBase
+
+if TYPE_CHECKING:  # httpx is imported only when a backend is built
+    from gateway.backends.http import ResponseBudget
 
 # type -> (module, config model, backend class)
 BACKEND_TYPES: dict[str, tuple[str, str, str]] = {
@@ -36,8 +39,11 @@ def config_model(type_name: str) -> type[BackendConfigBase]:
     return cls
 
 
-def make_backend(name: str, cfg: BackendConfigBase, *, base_dir: Path) -> Backend:
+def make_backend(
+    name: str, cfg: BackendConfigBase, *, base_dir: Path, budget: ResponseBudget | None = None
+) -> Backend:
+    """Build the backend of `cfg.type`; `budget` is the process's shared `ResponseBudget`."""
     module, _, cls_name = BACKEND_TYPES[cfg.type]
     cls: Any = getattr(importlib.import_module(module), cls_name)
-    backend: Backend = cls(name, cfg, base_dir=base_dir)
+    backend: Backend = cls(name, cfg, base_dir=base_dir, budget=budget)
     return backend

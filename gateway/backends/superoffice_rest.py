@@ -27,10 +27,11 @@ scheme whose secret comes from a file or environment variable, it re-reads that 
 external renewer such as the SuperOffice system-user flow can keep `ticket_file` fresh) and
 retries; a second refusal, or a 403, is `BackendUnavailable`.
 
-Errors: 401/403 → BackendUnavailable; 400 and other 4xx → PermanentError with the server's message
-(404 too where it means "no such ticket"; a 404 on a call that names no entity means the URL is
-wrong → BackendUnavailable); 408, 429 and 5xx → TransientError with Retry-After; timeouts and
-connection errors → TransientError.
+Errors: the one mapping shared by all backends (`gateway.backends.http`: 401/403 →
+BackendUnavailable, 400 and other 4xx → PermanentError, 408/429/5xx → TransientError with
+Retry-After, timeouts and connection errors → TransientError), with the server's message added;
+the WebAPI's own addition: a 404 on a call that names an entity means "no such ticket" →
+PermanentError (on a call that names none the URL is wrong → BackendUnavailable, as shared).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ import html as htmllib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
-from gateway.backends.http import make_client
+from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import header_block, reply_view, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
@@ -157,22 +158,6 @@ def validate_ticket_fields(fields: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def _title(mail: ParsedMail) -> str:
     title = " ".join(mail.subject.split()) or "(no subject)"
     return title[:MAX_TITLE_CHARS]
@@ -227,6 +212,17 @@ class _Secret:
         return changed
 
 
+_B64_PIECE = 3 * 65536  # bytes encoded at a time (a multiple of 3: no padding inside)
+
+
+async def _base64_json(head: bytes, data: bytes, tail: bytes) -> AsyncIterator[bytes]:
+    yield head
+    view = memoryview(data)
+    for start in range(0, len(view), _B64_PIECE):
+        yield base64.b64encode(view[start : start + _B64_PIECE])
+    yield tail
+
+
 class SuperOfficeRestBackend:
     """A SuperOffice WebAPI tenant reached over HTTP(S). See `Backend`."""
 
@@ -238,6 +234,7 @@ class SuperOfficeRestBackend:
         cfg: SuperOfficeRestConfig,
         *,
         base_dir: Path,
+        budget: ResponseBudget | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -268,6 +265,8 @@ class SuperOfficeRestBackend:
         self._http = make_client(
             timeout=cfg.timeout,
             concurrency=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+            budget=budget,
             headers={"Accept": "application/json", "User-Agent": "ticket-gateway"},
         )
 
@@ -465,8 +464,16 @@ class SuperOfficeRestBackend:
             entity_call=False,
         )
         att_id = int(self._id_of(saved, "AttachmentId", "SaveAttachmentEntity"))
-        content = base64.b64encode(att.data).decode("ascii")
-        await self._call("UploadAttachment", json={"AttachmentId": att_id, "Content": content})
+        # {"AttachmentId": N, "Content": "<base64>"}, the base64 made piece by piece as it is
+        # sent: the attachment is never held encoded (nor inside a JSON string)
+        head = b'{"AttachmentId": %d, "Content": "' % att_id
+        await self._call(
+            "UploadAttachment",
+            body=lambda: (
+                _base64_json(head, att.data, b'"}'),
+                len(head) + 4 * ((len(att.data) + 2) // 3) + 2,
+            ),
+        )
         return att_id
 
     # ------------------------------------------------------------------------------ persons
@@ -520,6 +527,7 @@ class SuperOfficeRestBackend:
         method: str = "POST",
         path: str | None = None,
         entity_call: bool = True,
+        body: Callable[[], tuple[AsyncIterator[bytes], int]] | None = None,
     ) -> Any:
         """One WebAPI call with auth, the concurrency limit, one renewal on 401, error mapping.
 
@@ -534,16 +542,24 @@ class SuperOfficeRestBackend:
                 headers = await self._auth_headers()
                 started = time.monotonic()
                 try:
-                    resp = await self._http.request(
-                        method, url, json=json, params=params, headers=headers
-                    )
-                except httpx.TimeoutException as exc:
-                    log.warning("event=call_timeout backend=%s op=%s", self.name, op)
-                    raise TransientError(f"{self.name}: {op}: timed out") from exc
-                except httpx.HTTPError as exc:
+                    if body is not None:  # a JSON body streamed with its length (new per try)
+                        stream, length = body()
+                        sized = {
+                            **headers,
+                            "Content-Type": "application/json",
+                            "Content-Length": str(length),
+                        }
+                        resp = await self._http.request(
+                            method, url, content=stream, params=params, headers=sized
+                        )
+                    else:
+                        resp = await self._http.request(
+                            method, url, json=json, params=params, headers=headers
+                        )
+                except (httpx.HTTPError, httpx.InvalidURL) as exc:
                     error = type(exc).__name__
                     log.warning("event=call_failed backend=%s op=%s error=%s", self.name, op, error)
-                    raise TransientError(f"{self.name}: {op}: {error}: {exc}") from exc
+                    raise transport_error(f"{self.name}: {op}", exc) from exc
                 status = resp.status_code
                 log.debug(
                     "event=call backend=%s op=%s status=%d ms=%d",
@@ -567,16 +583,13 @@ class SuperOfficeRestBackend:
 
     def _error(self, op: str, resp: httpx.Response, entity_call: bool) -> BackendError:
         status = resp.status_code
-        text = f"{self.name}: {op}: HTTP {status}: {self._server_message(resp)}"
-        retry = _retry_after(resp.headers.get("Retry-After"))
+        message = self._server_message(resp)
+        if status == 404 and entity_call:  # the WebAPI's "no such entity"
+            return PermanentError(f"{self.name}: {op}: HTTP 404: {message}")
+        err = status_error(f"{self.name}: {op}", status, resp.headers)
         if status in (401, 403):
             log.error("event=auth_refused backend=%s op=%s status=%d", self.name, op, status)
-            return BackendUnavailable(text)
-        if status == 404 and not entity_call:
-            return BackendUnavailable(text + " (check the backend url)")
-        if status in (408, 425, 429) or status >= 500:
-            return TransientError(text, retry_after=retry)
-        return PermanentError(text)
+        return type(err)(f"{err}: {message}", retry_after=err.retry_after)
 
     def _server_message(self, resp: httpx.Response) -> str:
         try:
@@ -668,10 +681,8 @@ class SuperOfficeRestBackend:
             # Not under the call semaphore: the token endpoint is the login service, and a caller
             # holding a slot may be the one waiting for this refresh.
             resp = await self._http.post(cfg.token_url, data=form)
-        except httpx.TimeoutException as exc:
-            raise TransientError(f"{self.name}: token refresh: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise TransientError(f"{self.name}: token refresh: {type(exc).__name__}") from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise transport_error(f"{self.name}: token refresh", exc) from exc
         status = resp.status_code
         if status == 200:
             try:
@@ -691,11 +702,9 @@ class SuperOfficeRestBackend:
             log.info("event=token_refreshed backend=%s", self.name)
             return
         message = self._server_message(resp)
-        if status in (408, 429) or status >= 500:
-            raise TransientError(
-                f"{self.name}: token refresh: HTTP {status}: {message}",
-                retry_after=_retry_after(resp.headers.get("Retry-After")),
-            )
+        err = status_error(f"{self.name}: token refresh", status, resp.headers)
+        if isinstance(err, TransientError):
+            raise TransientError(f"{err}: {message}", retry_after=err.retry_after)
         log.error("event=token_refresh_refused backend=%s status=%d", self.name, status)
         raise BackendUnavailable(f"{self.name}: token refresh: HTTP {status}: {message}")
 

@@ -14,9 +14,9 @@ Every call answers an error-code string first ("0" = ok); the text of a failure 
     any other code (6 illegal, 7 custom, 8 category,       PermanentError, message
       9 priority, 10 sLevel, 12 extra field, 13 unknown      "superoffice-soap code N: <text of
       ticket, 16 attachment, 17 field, ...)                  getErrorMessage> (<operation>)"
-    httpx timeout / connect / read / protocol errors,
-      HTTP 5xx, 408, 425, 429                              TransientError (Retry-After honoured)
-    other HTTP 4xx, a 200 that is not SOAP, bad URL        BackendUnavailable (wrong URL or config)
+    an HTTP status other than 200/500, timeouts, connect
+      / read / protocol errors, an answer too large        the shared mapping, gateway.backends.http
+    a 200 that is not SOAP                                 BackendUnavailable (wrong URL or config)
     SOAP Fault, server side (faultcode Server/Receiver,
       or none: an HTTP 500 without a Fault element)        TransientError
     SOAP Fault, VersionMismatch / MustUnderstand           BackendUnavailable (protocol mismatch)
@@ -63,7 +63,7 @@ from zeep.wsdl.utils import etree_to_string
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
-from gateway.backends.http import make_client
+from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
@@ -133,29 +133,20 @@ class SuperOfficeSoapConfig(BackendConfigBase):
 class _HttpStatus(Exception):
     """An HTTP answer that carries no SOAP (anything but 200 and 500)."""
 
-    def __init__(self, status: int, retry_after: float | None) -> None:
+    def __init__(self, status: int, headers: httpx.Headers) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
+        self.headers = headers
 
 
 class _Transport(AsyncTransport):
     """zeep's async transport without its debug log of whole envelopes (password, mail text),
     and with HTTP statuses that carry no SOAP turned into `_HttpStatus` right away."""
 
-    _urls: dict[str, httpx.URL]
     _payloads: dict[str, bytes]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._urls = {}
         self._payloads = {}  # stand-in text -> bytes that go out base64-encoded in its place
 
     def stand_in(self, data: bytes) -> str:
@@ -176,25 +167,11 @@ class _Transport(AsyncTransport):
         headers: dict[str, str],
         length: int | None = None,
     ) -> httpx.Response:
-        # the request is built here, not by client.post: httpx's request building (URL merging,
-        # header merging) cost as much CPU as the exchange itself; the URL is parsed once
-        url = self._urls.get(address)
-        if url is None:
-            url = self._urls[address] = httpx.URL(address)
-        merged = self.client.headers.copy()
-        merged.update(headers)
+        # as zeep's own post, without its debug log of whole envelopes; a streamed body goes out
+        # with its length (httpx then sends it as it is produced, not chunked)
         if length is not None:
-            merged["Content-Length"] = str(length)
-        request = httpx.Request(
-            "POST",
-            url,
-            headers=merged,
-            content=message,
-            extensions={"timeout": self.client.timeout.as_dict()},
-        )
-        if self.client.cookies:  # what client.post would send (a load balancer's session)
-            httpx.Cookies(self.client.cookies).set_cookie_header(request)
-        return await self.client.send(request)
+            headers = {**headers, "Content-Length": str(length)}
+        return await self.client.post(address, content=message, headers=headers)
 
     async def post_xml(self, address: str, envelope: Any, headers: dict[str, str]) -> Any:
         message = etree_to_string(envelope)
@@ -209,9 +186,7 @@ class _Transport(AsyncTransport):
                 break
         response = await self.post(address, content, headers, length)
         if response.status_code not in (200, 500):
-            raise _HttpStatus(
-                response.status_code, _retry_after(response.headers.get("Retry-After"))
-            )
+            raise _HttpStatus(response.status_code, response.headers)
         return self.new_response(response)
 
 
@@ -278,17 +253,9 @@ def map_exception(op: str, exc: BaseException) -> BackendError:
     if isinstance(exc, BackendError):
         return exc
     if isinstance(exc, _HttpStatus):
-        status = exc.status
-        msg = f"superoffice-soap {op}: HTTP {status}"
-        if status >= 500 or status in (408, 425, 429):
-            return TransientError(msg, retry_after=exc.retry_after)
-        return BackendUnavailable(msg + " (check url)")
-    if isinstance(exc, httpx.TimeoutException):
-        return TransientError(f"superoffice-soap {op}: timeout ({type(exc).__name__})")
-    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-        return BackendUnavailable(f"superoffice-soap {op}: bad url: {exc}")
-    if isinstance(exc, httpx.HTTPError):
-        return TransientError(f"superoffice-soap {op}: {type(exc).__name__}: {exc}")
+        return status_error(f"superoffice-soap {op}", exc.status, exc.headers)
+    if isinstance(exc, httpx.HTTPError | httpx.InvalidURL):
+        return transport_error(f"superoffice-soap {op}", exc)
     if isinstance(exc, Fault):
         code = str(exc.code or "").rsplit(":", 1)[-1].strip().lower()
         msg = f"superoffice-soap {op}: SOAP fault {code or '?'}: {str(exc.message or '')[:300]}"
@@ -367,7 +334,14 @@ class SuperOfficeSoapBackend:
 
     system = SYSTEM
 
-    def __init__(self, name: str, cfg: SuperOfficeSoapConfig, *, base_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: SuperOfficeSoapConfig,
+        *,
+        base_dir: Path,
+        budget: ResponseBudget | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         password = resolve_secret(
@@ -380,7 +354,10 @@ class SuperOfficeSoapBackend:
         assert password is not None  # required=True
         self._password = password
         self._http = make_client(
-            timeout=cfg.timeout, concurrency=cfg.concurrency, follow_redirects=False
+            timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+            budget=budget,
         )
         wsdl_http = httpx.Client(timeout=cfg.timeout)
         try:

@@ -12,33 +12,34 @@ this type) and `WhmcsBackend`, which speaks the form-encoded `action=...` API ov
   interrupted OpenTicket made (confirmed by comparing the first message's text).
 
 WHMCS's error signalling is mapped at one boundary (`_call`): authentication and IP refusals,
-unknown commands, missing permissions and other HTTP 4xx → `BackendUnavailable`; `result=error`
-with a business message → `PermanentError(message)`; HTTP 5xx/429, timeouts and connection
-errors → `TransientError` (honouring Retry-After).
+unknown commands and missing permissions (by their messages, whatever the status) →
+`BackendUnavailable`; `result=error` with a business message → `PermanentError(message)`; any
+other HTTP status, timeouts, connection errors and answers too large → the one mapping shared by
+all backends (`gateway.backends.http`: 5xx/429 transient with Retry-After, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import html
 import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
-from gateway.backends.http import make_client
+from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import reply_view, select_attachments, ticket_text
-from gateway.errors import BackendUnavailable, PermanentError, TransientError
+from gateway.errors import BackendUnavailable, PermanentError
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.secrets import resolve_secret
 
@@ -129,6 +130,37 @@ def encode_customfields(fields: Mapping[int, str | int | float | bool]) -> str:
     return base64.b64encode("".join(parts).encode("utf-8")).decode("ascii")
 
 
+_B64_PIECE = 3 * 65536  # bytes base64-encoded at a time (a multiple of 3: no padding inside)
+
+
+def _attachments_json(attachments: list[Attachment]) -> Iterator[bytes]:
+    """The JSON of `encode_attachments`, byte for byte, in pieces (each `data` encoded as it
+    goes)."""
+    yield b"["
+    for i, a in enumerate(attachments):
+        name = json.dumps(a.filename or "attachment").encode("ascii")
+        yield (b", " if i else b"") + b'{"name": ' + name + b', "data": "'
+        view = memoryview(a.data)
+        for start in range(0, len(view), _B64_PIECE):
+            yield base64.b64encode(view[start : start + _B64_PIECE])
+        yield b'"}'
+    yield b"]"
+
+
+def attachments_form_value(attachments: list[Attachment]) -> Iterator[bytes]:
+    """`encode_attachments(...)` form-encoded (as `urlencode` would), produced in pieces: the
+    outer base64 over the JSON as it is made, each piece quoted. Never holds the whole."""
+    pending = b""
+    for piece in _attachments_json(attachments):
+        pending += piece
+        if len(pending) >= _B64_PIECE:
+            cut = len(pending) - len(pending) % 3
+            yield quote_plus(base64.b64encode(pending[:cut])).encode("ascii")
+            pending = pending[cut:]
+    if pending:
+        yield quote_plus(base64.b64encode(pending)).encode("ascii")
+
+
 def encode_attachments(attachments: list[Attachment]) -> str:
     """base64 of a JSON list of `{name, data: base64}` (OpenTicket / AddTicketReply)."""
     items = [
@@ -136,20 +168,6 @@ def encode_attachments(attachments: list[Attachment]) -> str:
         for a in attachments
     ]
     return base64.b64encode(json.dumps(items).encode("utf-8")).decode("ascii")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _parse_body(text: str) -> dict[str, Any] | None:
@@ -185,12 +203,25 @@ def _listing(data: Mapping[str, Any], outer: str, inner: str) -> list[dict[str, 
     return [i for i in items if isinstance(i, dict)]
 
 
+async def _form_stream(head: bytes, attachments: list[Attachment]) -> AsyncIterator[bytes]:
+    yield head
+    for piece in attachments_form_value(attachments):
+        yield piece
+
+
 class WhmcsBackend:
     """A WHMCS installation reached over its External API. See `Backend`."""
 
     system = SYSTEM
 
-    def __init__(self, name: str, cfg: WhmcsConfig, *, base_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: WhmcsConfig,
+        *,
+        base_dir: Path,
+        budget: ResponseBudget | None = None,
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.url = api_url(cfg.url)
@@ -213,14 +244,25 @@ class WhmcsBackend:
         )
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._client = make_client(
-            timeout=cfg.timeout, concurrency=cfg.concurrency, follow_redirects=False
+            timeout=cfg.timeout,
+            concurrency=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+            budget=budget,
         )
         self._clients: dict[str, tuple[float, str | None]] = {}  # e-mail → (expiry, client id)
 
     # -- the one boundary where WHMCS's and httpx's errors become ours ---------------------------
 
-    async def _call(self, action: str, params: Mapping[str, str]) -> dict[str, Any]:
-        """POST one API command; return the success answer or raise a `BackendError`."""
+    async def _call(
+        self,
+        action: str,
+        params: Mapping[str, str],
+        attachments: list[Attachment] | None = None,
+    ) -> dict[str, Any]:
+        """POST one API command; return the success answer or raise a `BackendError`.
+
+        `attachments` go out as the `attachments` field, encoded piece by piece as the request
+        is sent (a first pass over the pieces counts its length; nothing is held whole)."""
         form = {
             "action": action,
             "identifier": self.cfg.identifier,
@@ -233,37 +275,40 @@ class WhmcsBackend:
         started = time.monotonic()
         async with self._sem:
             try:
-                resp = await self._client.post(self.url, data=form)
-            except httpx.TimeoutException as exc:
-                log.warning("event=whmcs_timeout backend=%s action=%s", self.name, action)
-                raise TransientError(f"WHMCS {action}: timeout ({type(exc).__name__})") from exc
-            except httpx.UnsupportedProtocol as exc:
-                raise BackendUnavailable(f"WHMCS url is not http(s): {self.url}") from exc
-            except httpx.TransportError as exc:
+                if attachments:
+                    head = (urlencode(form) + "&attachments=").encode("ascii")
+                    length = len(head) + sum(len(p) for p in attachments_form_value(attachments))
+                    resp = await self._client.post(
+                        self.url,
+                        content=_form_stream(head, attachments),
+                        headers={
+                            "Content-Type": "application/x-www-form-urlencoded",
+                            "Content-Length": str(length),
+                        },
+                    )
+                else:
+                    resp = await self._client.post(self.url, data=form)
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 log.warning(
                     "event=whmcs_connection_error backend=%s action=%s error=%s",
                     self.name,
                     action,
                     type(exc).__name__,
                 )
-                raise TransientError(
-                    f"WHMCS {action}: connection failed ({type(exc).__name__})"
-                ) from exc
-            except httpx.InvalidURL as exc:
-                raise BackendUnavailable(f"WHMCS url is invalid: {exc}") from exc
+                raise transport_error(f"WHMCS {action}", exc) from exc
         elapsed_ms = int((time.monotonic() - started) * 1000)
         status = resp.status_code
         if status == 429 or status >= 500:
-            retry = _retry_after(resp.headers.get("Retry-After"))
+            busy = status_error(f"WHMCS {action}", status, resp.headers)
             log.warning(
                 "event=whmcs_busy backend=%s action=%s http=%d retry_after=%s ms=%d",
                 self.name,
                 action,
                 status,
-                retry,
+                busy.retry_after,
                 elapsed_ms,
             )
-            raise TransientError(f"WHMCS {action}: HTTP {status}", retry_after=retry)
+            raise busy
         data = _parse_body(resp.text)
         message = str(data.get("message", "")).strip() if data else ""
         result = str(data.get("result", "")).lower() if data else ""
@@ -286,7 +331,8 @@ class WhmcsBackend:
             )
             raise BackendUnavailable(f"WHMCS refused the API credentials: {message or status}")
         if status >= 300:
-            raise BackendUnavailable(f"WHMCS {action}: HTTP {status} {message}".rstrip())
+            err = status_error(f"WHMCS {action}", status, resp.headers)
+            raise type(err)(f"{err} {message}".rstrip(), retry_after=err.retry_after)
         if data is None or result not in ("success", "error"):
             raise BackendUnavailable(f"WHMCS {action}: the answer is not a WHMCS API result")
         if result == "error":
@@ -399,14 +445,12 @@ class WhmcsBackend:
             params["serviceid"] = str(fields.serviceid)
         if fields.customfields:
             params["customfields"] = encode_customfields(fields.customfields)
-        if attachments:
-            params["attachments"] = encode_attachments(attachments)
         if fields.noemail if fields.noemail is not None else self.cfg.noemail:
             params["noemail"] = "1"
         if self.cfg.markdown:
             params["markdown"] = "1"
         await progress.begin(STEP_OPEN)
-        data = await self._call("OpenTicket", params)
+        data = await self._call("OpenTicket", params, attachments)
         ticket_id, tid = str(data.get("id") or ""), str(data.get("tid") or "")
         if not ticket_id or not tid:
             raise BackendUnavailable("WHMCS OpenTicket: success without id and tid")
@@ -430,12 +474,10 @@ class WhmcsBackend:
         ticket_id = await self._ticket_id(ref)
         text, attachments = self._text(mail, automatic=automatic)
         params = {"ticketid": ticket_id, "message": text, **self._sender(mail)}
-        if attachments:
-            params["attachments"] = encode_attachments(attachments)
         if self.cfg.markdown:
             params["markdown"] = "1"
         await progress.begin(STEP_REPLY)
-        await self._call("AddTicketReply", params)
+        await self._call("AddTicketReply", params, attachments)
         await progress.done(STEP_REPLY, ticketid=ticket_id)
         log.info(
             "event=message_added backend=%s id=%s ref=%s attachments=%d automatic=%s",

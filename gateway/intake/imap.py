@@ -55,7 +55,6 @@ import email.parser
 import email.utils
 import ipaddress
 import logging
-import random
 import re
 import shlex
 import socket
@@ -69,6 +68,7 @@ from typing import Any, Literal, TypeVar
 import aioimaplib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from gateway import retry
 from gateway.errors import GatewayError, SpoolError
 from gateway.models import Envelope
 from gateway.secrets import SecretError, resolve_secret
@@ -710,8 +710,8 @@ class ImapIntake:
         status: Component,
         *,
         base_dir: Path,
-        retry_base: float = 1.0,
-        retry_cap: float = 300.0,
+        retry_base: float = retry.IMAP.base,
+        retry_cap: float = retry.IMAP.cap,
         login_retry: float = 60.0,
         spool_retry_cap: float = 60.0,
         down_after: int = 3,
@@ -793,9 +793,8 @@ class ImapIntake:
             self.status.set_ok(f"{len(self.cfg.folders)} folder(s) watched")
 
     def _delay(self, failures: int, base: float) -> float:
-        """Exponential backoff with jitter: between half and all of base * 2^(failures-1)."""
-        ceiling = min(self.retry_cap, base * 2 ** max(0, failures - 1))
-        return ceiling * random.uniform(0.5, 1.0)
+        """The one retry policy (gateway.retry) with this poller's bounds."""
+        return retry.IMAP.replace(base=base, cap=self.retry_cap).delay(failures)
 
     # -- per folder -------------------------------------------------------------------------
 

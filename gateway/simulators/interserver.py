@@ -37,6 +37,8 @@ from gateway.simulators.state import ACCOUNT_EMAIL, PASSWORD, SimMessage, SimSta
 
 log = logging.getLogger("gateway.simulators.interserver")
 
+XmlElement = Any  # an lxml element (lxml names its type only privately)
+
 SYSTEM = "interserver"
 PATH = "/interserver/api.php"
 NS = "urn:myapi"
@@ -96,7 +98,7 @@ def _wsdl_text(location: str) -> bytes:
 # ---------------------------------------------------------------- request parsing
 
 
-def _value(el: etree._Element, ids: Mapping[str, etree._Element]) -> str | None:
+def _value(el: XmlElement, ids: Mapping[str, XmlElement]) -> str | None:
     href = el.get("href")
     if href and href.startswith("#") and href[1:] in ids:
         el = ids[href[1:]]
@@ -134,7 +136,7 @@ def parse_call(body: bytes) -> tuple[str, dict[str, str | None]]:
 # ---------------------------------------------------------------- response writing
 
 
-def _fill(parent: etree._Element, value: Any) -> None:
+def _fill(parent: XmlElement, value: Any) -> None:
     if isinstance(value, Mapping):
         for key, sub in value.items():
             _fill(etree.SubElement(parent, key), sub)
@@ -147,7 +149,7 @@ def _fill(parent: etree._Element, value: Any) -> None:
         parent.text = str(value)
 
 
-def _envelope(content: etree._Element) -> web.Response:
+def _envelope(content: XmlElement) -> web.Response:
     env = etree.Element(
         f"{{{SOAP_ENV}}}Envelope", nsmap={"SOAP-ENV": SOAP_ENV, "ns1": NS, "xsi": XSI}
     )

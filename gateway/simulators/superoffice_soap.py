@@ -42,6 +42,8 @@ from gateway.simulators.state import ACCOUNT_EMAIL, PASSWORD, SimMessage, SimSta
 
 log = logging.getLogger("gateway.simulators.superoffice_soap")
 
+XmlElement = Any  # an lxml element (lxml names its type only privately)
+
 SYSTEM = "superoffice-soap"
 PATH = "/superoffice/soap/customer"
 TNS = "urn:superoffice:cs:customer"
@@ -114,7 +116,7 @@ class Call:
     """One parsed request: the operation name and its parameters by local name."""
 
     op: str
-    params: dict[str, etree._Element] = field(default_factory=dict)
+    params: dict[str, XmlElement] = field(default_factory=dict)
 
     def text(self, name: str) -> str:
         el = self.params.get(name)
@@ -125,7 +127,7 @@ class Call:
         el = self.params.get(name)
         return (el.text or "") if el is not None else ""
 
-    def items(self, name: str) -> list[etree._Element]:
+    def items(self, name: str) -> list[XmlElement]:
         el = self.params.get(name)
         return [c for c in el if isinstance(c.tag, str)] if el is not None else []
 
@@ -163,7 +165,7 @@ def _clean(value: str) -> str:
     return _XML_INVALID.sub("", value)
 
 
-def _add(parent: etree._Element, name: str, value: Any) -> None:
+def _add(parent: XmlElement, name: str, value: Any) -> None:
     el = etree.SubElement(parent, name)
     if isinstance(value, list):
         for item in value:
@@ -175,13 +177,13 @@ def _add(parent: etree._Element, name: str, value: Any) -> None:
         el.text = _clean(str(value))
 
 
-def _envelope() -> tuple[etree._Element, etree._Element]:
+def _envelope() -> tuple[XmlElement, XmlElement]:
     env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"SOAP-ENV": SOAP_ENV, "tns": TNS})
     body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
     return env, body
 
 
-def _xml_response(env: etree._Element, status: int = 200) -> web.Response:
+def _xml_response(env: XmlElement, status: int = 200) -> web.Response:
     return web.Response(
         body=etree.tostring(env, xml_declaration=True, encoding="UTF-8"),
         status=status,

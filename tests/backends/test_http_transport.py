@@ -1,6 +1,7 @@
-"""The backends' HTTP/1.1 transport against a real socket server on loopback that answers from a
-script: keep-alive, chunked and read-to-close bodies, interim answers, dead connections, timeouts,
-large bodies and TLS. Errors must be httpx's own classes (the backends map those)."""
+"""The backends' HTTP client (httpx's own transport as `make_client` sets it up) against a real
+socket server on loopback that answers from a script: keep-alive, chunked and read-to-close
+bodies, interim answers, dead connections, timeouts, large bodies and TLS. Errors must be httpx's
+own classes (the backends map those, `gateway.backends.http.transport_error`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.backends.http import Http11Transport, make_client
+from gateway.backends.http import make_client
 
 Responder = Callable[[bytes, bytes], bytes | None]  # (request head, body) -> raw answer or None
 
@@ -194,7 +195,8 @@ async def test_refused_connection_gives_connect_error() -> None:
 
 async def test_pool_timeout_when_every_connection_is_busy(serve) -> None:  # type: ignore[no-untyped-def]
     srv = await serve(lambda head, body: b"<stall>")
-    client = httpx.AsyncClient(timeout=httpx.Timeout(5, pool=0.2), transport=Http11Transport(1))
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1))
+    client = httpx.AsyncClient(timeout=httpx.Timeout(5, pool=0.2), transport=transport)
     async with client:
         first = asyncio.create_task(client.get(srv.url))
         await asyncio.sleep(0.1)
@@ -229,7 +231,7 @@ async def test_tls_with_a_private_ca_and_host_check(serve, tmp_path: Path) -> No
     server_ctx.load_cert_chain(crt, key)
     srv = await serve(lambda head, body: ok(b"secure"), tls=server_ctx)
     trusting = ssl.create_default_context(cafile=str(ca))
-    async with httpx.AsyncClient(transport=Http11Transport(2, ssl_context=trusting)) as client:
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(verify=trusting)) as client:
         assert (await client.get(srv.url)).text == "secure"
     # the system's CAs do not know the test CA: refused, as a connect error
     async with make_client(timeout=5, concurrency=1) as client:
@@ -253,7 +255,7 @@ async def test_streamed_body_of_known_length_arrives_whole(serve) -> None:  # ty
         assert srv.requests[0][1] == b"".join(pieces)
         assert b"transfer-encoding" not in srv.requests[0][0].lower()
         # a body that breaks its promised length is an error, not a request of another size
-        with pytest.raises(httpx.WriteError):
+        with pytest.raises(httpx.TransportError):
             await client.post(srv.url, content=gen(), headers={"Content-Length": "5"})
 
 

@@ -14,10 +14,10 @@ import pydantic
 import pytest
 
 from gateway.backends.base import MemoryProgress
+from gateway.backends.http import retry_after as _retry_after
 from gateway.backends.superoffice_rest import (
     SuperOfficeRestBackend,
     SuperOfficeRestConfig,
-    _retry_after,
     validate_ticket_fields,
 )
 from gateway.errors import BackendUnavailable, PermanentError, TransientError

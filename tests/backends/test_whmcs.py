@@ -378,3 +378,20 @@ def test_customfields_encoding_round_trips_through_the_simulator() -> None:
 def test_api_url() -> None:
     assert api_url("https://h/whmcs/") == "https://h/whmcs/includes/api.php"
     assert api_url("https://h/billing/includes/api.php") == "https://h/billing/includes/api.php"
+
+
+def test_streamed_attachments_field_is_the_form_encoding_of_encode_attachments() -> None:
+    import os
+    from urllib.parse import urlencode
+
+    from gateway.backends.whmcs import attachments_form_value, encode_attachments
+
+    for sizes in ([0], [1], [5, 7], [3 * 65536 * 2 + 5, 100, 1_000_001]):
+        atts = [
+            Attachment(f"f{i}é.bin", "application/octet-stream", os.urandom(n))
+            for i, n in enumerate(sizes)
+        ]
+        whole = urlencode({"attachments": encode_attachments(atts)}).split("=", 1)[1]
+        pieces = list(attachments_form_value(atts))
+        assert b"".join(pieces) == whole.encode()
+        assert max(len(p) for p in pieces) < 1024 * 1024  # never the whole at once

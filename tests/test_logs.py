@@ -1,0 +1,80 @@
+"""Log lines: fields taken from the template and the arguments (never split out of rendered text),
+the writing process named on every line, journald priorities kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from gateway import logs
+
+
+class Err:
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys, self.text = capsys, ""
+
+    def getvalue(self) -> str:
+        self.text += self.capsys.readouterr().err
+        return self.text
+
+
+@pytest.fixture
+def captured(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[tuple[Err, logging.Logger]]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    yield Err(capsys), logging.getLogger("gateway.test")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_json_fields_come_from_the_template_and_the_arguments(
+    captured: tuple[Err, logging.Logger],
+) -> None:
+    stream, log = captured
+    logs.setup_logging("info", "json", role="worker")
+    tricky = "it's a value with spaces, = and 'quotes'"
+    log.info("event=deferred id=%d error=%r ms=%.0f kind=x", 7, tricky, 12.6)
+    log.info("stored", extra={"fields": {"id": 3, "note": "a b"}})
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["event"] == "deferred" and first["id"] == 7 and first["error"] == tricky
+    assert first["ms"] == "13" and first["kind"] == "x"
+    assert first["role"] == "worker" and first["pid"] == os.getpid()
+    assert second["event"] == "stored" and second["id"] == 3 and second["note"] == "a b"
+
+
+def test_key_value_lines_name_the_process_and_quote_what_needs_it(
+    captured: tuple[Err, logging.Logger],
+) -> None:
+    stream, log = captured
+    logs.setup_logging("info", "kv", role="intake")
+    log.warning("event=refused peer=%s reason=%s", "127.0.0.1", "too many")
+    line = stream.getvalue().strip()
+    assert f" role=intake pid={os.getpid()} " in line
+    assert line.endswith("event=refused peer=127.0.0.1 reason='too many'")
+    assert " level=warning logger=gateway.test " in line
+    logs.setup_logging("info", "kv")  # a reload keeps the role
+    log.info("event=again")
+    assert "role=intake" in stream.getvalue().splitlines()[-1]
+
+
+def test_journald_keeps_the_priority(
+    captured: tuple[Err, logging.Logger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream, log = captured
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    logs.setup_logging("info", "kv", role="worker")
+    log.error("event=boom")
+    log.info("free text without fields")
+    err, info = stream.getvalue().splitlines()
+    assert err.startswith("<3>gateway.test role=worker pid=") and err.endswith(" event=boom")
+    assert info.startswith("<6>") and info.endswith("free text without fields")
