@@ -409,6 +409,8 @@ class Daemon:
             queue_info=self.queue_info,
             oldest_queued_max=cfg.health.oldest_queued_max,
             backend_down_max=cfg.health.backend_down_max,
+            disk_free=self._spool_disk_free if cfg.spool.min_free else None,
+            min_free=int(cfg.spool.min_free),
         )
         self.metrics.on_scrape(self._refresh_gauges)
         await self.health.start()
@@ -450,6 +452,11 @@ class Daemon:
             "outbox_pending": counts["outbox_pending"],
             "oldest_queued_age": round(time.time() - oldest, 1) if oldest else None,
         }
+
+    def _spool_disk_free(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's file system."""
+        st = os.statvfs(self.cfg.spool_path.parent)
+        return st.f_bavail * st.f_frsize
 
     def _refresh_gauges(self) -> None:
         q = self.queue_info()

@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.registry import BACKEND_TYPES, config_model
@@ -58,6 +66,9 @@ class GatewaySection(_Model):
 
 class SpoolSection(_Model):
     path: str = "var/gateway.sqlite"
+    # /healthz fails below this much free space on the spool's file system (an int in bytes, or
+    # "500MiB", "2GB"...); 0 = no check. Below it the intake soon refuses mail (452).
+    min_free: ByteSize = ByteSize(256 * 1024 * 1024)
 
 
 class SmtpSection(_Model):

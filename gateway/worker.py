@@ -458,13 +458,16 @@ class Worker:
                     ref = target
             if ref is None:
                 action = "new"
-                if row.uncertain and not progress.data:
+                recreate = row.uncertain and not progress.data
+                if recreate:
                     found = await backend.find_existing(decision, mail)
                     if found is not None:
                         notes.append(f"uncertain after crash: found existing ticket {found.ref}")
                         ref = found
                 if ref is None:
                     ref = await backend.open_ticket(decision, mail, progress)
+                    if recreate and not backend.searchable:
+                        await self._possible_duplicate(row, backend, ref, mail, notes)
         except TransientError as exc:
             self._observe(backend.name, started, ok=False)
             self._failing[backend.name] = True
@@ -648,6 +651,29 @@ class Worker:
             domain=domain,
             limits=s.ack_limits,
         )
+
+    async def _possible_duplicate(
+        self, row: MessageRow, backend: Backend, ref: TicketRef, mail: ParsedMail, notes: list[str]
+    ) -> None:
+        """A create call was in flight at a crash and the system cannot be searched: the ticket
+        just made may be the second one. Say so with both ids (the first one as far as the
+        system lets us find it) and count it, so that an admin can merge them."""
+        try:
+            first = await backend.possible_first(ref, mail)
+        except Exception:  # best effort: the ticket exists, the mail is done
+            first = None
+        log.warning(
+            "event=possible_duplicate id=%d backend=%s ticket=%s first_ticket=%s",
+            row.id,
+            backend.name,
+            ref.id,
+            first or "unknown",
+        )
+        notes.append(
+            f"possible duplicate: created again after a crash cut the create call; the first"
+            f" ticket is {first or 'unknown'} ({backend.system} cannot be searched)"
+        )
+        self._count("possible_duplicates", backend=backend.name)
 
     def _withheld(self, reason: str) -> None:
         label = _withheld_label(reason)

@@ -250,6 +250,7 @@ class InterServerBackend:
     """InterServer MyAdmin SOAP API. See `Backend`."""
 
     system = SYSTEM
+    searchable = True  # find_existing searches the system
 
     def __init__(self, name: str, cfg: InterServerConfig, *, base_dir: Path) -> None:
         self.name = name
@@ -473,6 +474,10 @@ class InterServerBackend:
         if not title:
             return None
         return "closed" if "closed" in title or "resolved" in title else "open"
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
+        """See `Backend`. Searchable: `find_existing` answers instead."""
+        return None
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
         subject = _subject(mail)
