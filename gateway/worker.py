@@ -602,7 +602,8 @@ class Worker:
             ack_name = "default"
         if ack_name is None or decision.automatic:
             for reason in decision.reasons:
-                if reason.startswith(NO_ACK):
+                if reason.startswith(NO_ACK):  # the policy's (apply_policy), not the rules'
+                    log.info("event=ack_skipped id=%d reason=%r", row.id, reason[len(NO_ACK) :])
                     self._withheld(reason.removeprefix(NO_ACK))
             return None
         return await self._reply(mail, row, ack_name, ref)
