@@ -216,7 +216,7 @@ def parse_authentication_results(value: str) -> tuple[str, list[AuthResult]] | N
             continue  # "none": no authentication was done
         method, result = pairs[0]
         method = method.split("/", 1)[0].lower()
-        props = {}
+        props: dict[str, str] = {}
         for k, v in pairs[1:]:
             props.setdefault(k.lower(), v.strip('"').lower())
         results.append(AuthResult(method, result.strip('"').lower(), props))
