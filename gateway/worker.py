@@ -39,7 +39,7 @@ from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.rules import RouteContext, RuleSet
-from gateway.spool.base import AckLimits, MessageRow, Outcome, OutgoingAck, State
+from gateway.spool.base import AckDraft, AckLimits, MessageRow, Outcome, State
 from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
 from gateway.status import StatusBoard
 
@@ -594,7 +594,7 @@ class Worker:
 
     async def _ack(
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
-    ) -> OutgoingAck | None:
+    ) -> AckDraft | None:
         ack_name = decision.ack
         if ack_name is None and decision.action == "followup" and action == "new":
             # the follow-up's ticket was unknown or closed: it became a new ticket, which the
@@ -610,7 +610,7 @@ class Worker:
 
     async def _reply(
         self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
-    ) -> OutgoingAck | None:
+    ) -> AckDraft | None:
         """Render an acknowledgement (or a suppress rule's notice) if the policy allows one
         (`gateway.ackpolicy`: RFC 3834, own and no-reply addresses, sender authentication).
         The hourly limits are checked by the spool when it queues it (`AckLimits`)."""
@@ -643,7 +643,7 @@ class Worker:
             backend=ref.backend if ref else "",
         )
         sender_key, domain = rate_keys(rcpt)
-        return OutgoingAck(
+        return AckDraft(
             rcpt=rcpt,
             mail_from=s.ack_envelope_from,
             data=data,

@@ -19,7 +19,7 @@ from gateway.ackpolicy import (
     safe_subject,
 )
 from gateway.models import Decision, Envelope, ParsedMail
-from gateway.spool.base import AckLimits, Outcome, OutgoingAck, State
+from gateway.spool.base import AckDraft, AckLimits, Outcome, State
 from gateway.spool.sqlite import SqliteSpool
 
 TRUSTED = AckPolicy(require="authenticated", trusted_authserv_ids=frozenset({"mx.example.com"}))
@@ -224,7 +224,7 @@ async def _queue(spool: SqliteSpool, rcpt: str, limits: AckLimits, *, ticket_fro
             ticket_ref=f"T{put.id}",
             ticket_id=f"T{put.id}",
             requester=ticket_from or rcpt,
-            ack=OutgoingAck(rcpt, "", b"ack", f"ack{put.id}@gw", key, domain, limits),
+            ack=AckDraft(rcpt, "", b"ack", f"ack{put.id}@gw", key, domain, limits),
         ),
     )
 

@@ -32,7 +32,7 @@ from gateway.errors import SpoolError
 from gateway.logs import reopen_logs, setup_logging
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import Outcome, OutgoingAck, State
+from gateway.spool.base import AckDraft, Outcome, State
 from gateway.spool.retention import (
     DAY,
     RetentionPolicy,
@@ -260,7 +260,7 @@ async def _finish(
             requester=sender,
             subject=f"mail {n}",
             message_id=f"<m{n}@example.org>",
-            ack=OutgoingAck(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>")
+            ack=AckDraft(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>")
             if ack_to
             else None,
         ),

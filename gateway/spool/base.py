@@ -84,7 +84,7 @@ class Outcome:
     requester: str = ""
     subject: str = ""
     message_id: str = ""  # the mail's Message-ID: mapped to the ticket for threading
-    ack: OutgoingAck | None = None  # the acknowledgement to queue with it (subject to limits)
+    ack: AckDraft | None = None  # the acknowledgement to queue with it (subject to limits)
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,13 @@ class AckLimits:
 
 
 @dataclass(frozen=True)
-class OutgoingAck:
-    """An acknowledgement to queue in the outbox with a mail's outcome."""
+class AckDraft:
+    """An acknowledgement to queue in the outbox together with an outcome."""
 
     rcpt: str
-    mail_from: str  # envelope sender; "" = the null sender
+    mail_from: str  # envelope sender ("" = null sender)
     data: bytes
-    message_id: str = ""  # the acknowledgement's own Message-ID (threads replies to the ticket)
+    message_id: str = ""  # the ack's own Message-ID: a reply to it threads to the ticket
     sender_key: str = ""  # the normalised recipient the per-sender limit counts ("" = rcpt)
     domain: str = ""  # the recipient's organisational domain ("" = from rcpt)
     limits: AckLimits | None = None  # None: queue it without checking limits
