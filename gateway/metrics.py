@@ -47,6 +47,20 @@ class Metrics:
         self.acks_sent = Counter(
             "gateway_acks_sent", "Acknowledgements delivered to the relay", registry=self.registry
         )
+        self.acks_withheld = Counter(
+            "gateway_acks_withheld",
+            "Acknowledgements the rules asked for that did not go out, by reason"
+            " (unauthenticated, rate_sender, rate_domain, rate_global, no_reply_address, ...)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.possible_duplicates = Counter(
+            "gateway_possible_duplicates",
+            "Tickets created again for a mail whose create call was in flight at a crash, where"
+            " the ticket system cannot be searched for the first one",
+            ["backend"],
+            registry=self.registry,
+        )
         self.recovered = Counter(
             "gateway_recovered",
             "Mails put back after their worker died (kind=requeued), of which a backend call was"
@@ -71,6 +85,13 @@ class Metrics:
     def recovered_mails(self, requeued: int, uncertain: int) -> None:
         self.recovered.labels(kind="requeued").inc(requeued)
         self.recovered.labels(kind="uncertain").inc(uncertain)
+
+    def count(self, name: str, **labels: str) -> None:
+        """Add one to the counter `name` (an attribute: acks_sent, acks_withheld, ...)."""
+        counter = getattr(self, name, None)
+        if not isinstance(counter, Counter):
+            raise ValueError(f"no counter named {name!r}")
+        (counter.labels(**labels) if labels else counter).inc()
 
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self.latency.labels(backend=backend, result="ok" if ok else "error").observe(seconds)

@@ -131,8 +131,11 @@ async def test_upgrading_the_v1_fixture_loses_nothing(tmp_path: Path) -> None:
         assert _rows(path, "bodies", ["id", "raw"]) == _rows(FIXTURE, "messages", ["id", "raw"])
         for table in ("tickets", "threads"):
             assert _rows(path, table) == before[table]
-        outbox_v1 = _columns(sqlite3.connect(FIXTURE), "outbox")
-        assert _rows(path, "outbox", outbox_v1) == before["outbox"]
+        v1_outbox = _columns(sqlite3.connect(FIXTURE), "outbox")
+        assert _rows(path, "outbox", v1_outbox) == before["outbox"]
+        # v6: the rate-limit keys of acknowledgements already queued are filled in
+        keys = _rows(path, "outbox", ["rcpt", "sender_key", "domain"])
+        assert keys and all(k == r.lower() and d == r.rpartition("@")[2] for r, k, d in keys)
         assert {r[0] for r in _rows(path, "messages", ["purged_at"])} == {None}
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

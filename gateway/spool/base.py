@@ -123,13 +123,32 @@ class AckRow:
 
 
 @dataclass(frozen=True)
+class AckLimits:
+    """Hourly acknowledgement limits, checked by the spool in the transaction that queues the
+    acknowledgement (so that concurrent workers and nodes cannot slip past them together).
+
+    `per_sender` counts on the normalised address, `per_domain` on the organisational domain
+    (0 = no limit for either; per_sender 0 means none at all). `global_limit` (0 = none) is split:
+    senders without a ticket conversation ("strangers") may use `stranger_share` of it, so that
+    a flood of strangers leaves the rest to senders who already have a ticket."""
+
+    per_sender: int = 5
+    per_domain: int = 100
+    global_limit: int = 5000
+    stranger_share: float = 0.8
+
+
+@dataclass(frozen=True)
 class AckDraft:
     """An acknowledgement to queue in the outbox together with an outcome."""
 
     rcpt: str
     mail_from: str  # envelope sender ("" = null sender)
     data: bytes
-    message_id: str  # the ack's own Message-ID: a reply to it threads to the ticket
+    message_id: str = ""  # the ack's own Message-ID: a reply to it threads to the ticket
+    sender_key: str = ""  # the normalised recipient the per-sender limit counts ("" = rcpt)
+    domain: str = ""  # the recipient's organisational domain ("" = from rcpt)
+    limits: AckLimits | None = None  # None: queue it without checking limits
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ class Outcome:
     requester: str = ""
     subject: str = ""
     message_id: str = ""  # the mail's Message-ID: mapped to the ticket for threading
-    ack: AckDraft | None = None
+    ack: AckDraft | None = None  # the acknowledgement to queue with it (subject to limits)
 
 
 @dataclass(frozen=True)
@@ -382,8 +401,13 @@ class Spool(Protocol):
         """Make the deferred mails of `backend` due now (it answered again after failures)."""
         ...
 
-    async def finish(self, msg_id: int, outcome: Outcome) -> None:
-        """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
+    async def finish(self, msg_id: int, outcome: Outcome) -> str:
+        """Record the final outcome, the ticket/thread maps and the acknowledgement at once.
+
+        The acknowledgement's hourly limits (`AckLimits`) are checked in the same transaction
+        (so that concurrent workers and nodes cannot slip past them together): returns "" when
+        it was queued (or there was none), else the limit that withheld it ("sender", "domain"
+        or "global")."""
         ...
 
     # -- ticket and thread maps --------------------------------------------------------------
@@ -404,8 +428,9 @@ class Spool(Protocol):
         ...
 
     # -- outbox and limits -------------------------------------------------------------------
-    async def acks_since(self, rcpt: str | None, since: float) -> int:
-        """Acknowledgements queued since `since` to `rcpt` (None: to anyone), cluster-wide."""
+    async def acks_since(self, sender_key: str | None, since: float) -> int:
+        """Acknowledgements queued since `since` to the normalised sender `sender_key` (None: to
+        anyone), cluster-wide."""
         ...
 
     async def due_acks(self, limit: int = 50) -> list[AckRow]:

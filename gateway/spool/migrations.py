@@ -30,6 +30,9 @@ History:
      (heartbeats), `leases` (one holder at a time: IMAP mailboxes, retention), `slots`
      (backend calls in flight) and `pauses` (paused backends), so that several worker processes
      share one spool (see `_V5_LEASES`).
+  6  acknowledgement limits that cannot be dodged: `outbox.sender_key` (normalised address),
+     `outbox.domain` (organisational domain), `outbox.known` (the recipient had a ticket
+     before), their indexes, and `tickets_requester` (who has a ticket conversation).
 """
 
 from __future__ import annotations
@@ -179,6 +182,20 @@ CREATE TABLE IF NOT EXISTS pauses (         -- backends paused for every worker 
 );
 """
 
+# -- version 6: acknowledgement limit keys -----------------------------------------------------------
+
+_V6_COLUMNS = (
+    "ALTER TABLE outbox ADD COLUMN sender_key TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN domain TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN known INTEGER NOT NULL DEFAULT 0",
+)
+_V6_INDEXES = """
+CREATE INDEX IF NOT EXISTS outbox_sender ON outbox (sender_key, created_at);
+CREATE INDEX IF NOT EXISTS outbox_domain ON outbox (domain, created_at);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at, known);
+CREATE INDEX IF NOT EXISTS tickets_requester ON tickets (requester);
+"""
+
 # -- the current schema, for a new spool ----------------------------------------------------------
 
 SCHEMA = (
@@ -194,7 +211,10 @@ SCHEMA = (
         "    created_at REAL NOT NULL,\n    sent_at REAL\n",
         "    created_at REAL NOT NULL,\n    sent_at REAL,\n"
         "    claimed_by TEXT NOT NULL DEFAULT '', -- the sender sending it now (v5)\n"
-        "    lease_until REAL\n",
+        "    lease_until REAL,\n"
+        "    sender_key TEXT NOT NULL DEFAULT '', -- normalised rcpt: the per-sender limit (v6)\n"
+        "    domain TEXT NOT NULL DEFAULT '',     -- organisational domain: the per-domain limit (v6)\n"
+        "    known INTEGER NOT NULL DEFAULT 0     -- rcpt had a ticket before: global split (v6)\n",
     )
     .replace("    raw BLOB,                           -- NULL once purged by retention\n", "")
     + _V2_INDEXES.replace(
@@ -204,10 +224,12 @@ SCHEMA = (
     )
     + _V4_BODIES
     + _V5_LEASES
+    + _V6_INDEXES
 )
 assert "purged_at" in SCHEMA and "raw BLOB,  " not in SCHEMA  # the replaces above matched
 assert "WHERE purged_at IS NULL" in SCHEMA
 assert "outbox" in SCHEMA and SCHEMA.count("claimed_by TEXT") == 2
+assert "sender_key TEXT" in SCHEMA
 
 
 @dataclass(frozen=True)
@@ -249,11 +271,24 @@ def _v5(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v6(conn: sqlite3.Connection) -> None:
+    for statement in _V6_COLUMNS:
+        conn.execute(statement)
+    # acks of the last hour keep counting: their exact address and domain are close enough
+    conn.execute(
+        "UPDATE outbox SET sender_key = LOWER(rcpt),"
+        " domain = LOWER(SUBSTR(rcpt, INSTR(rcpt, '@') + 1))"
+    )
+    for statement in statements(_V6_INDEXES):
+        conn.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "messages.purged_at; indexes for retention and erasure", _v2),
     Migration(3, "messages.crashes: set aside a mail that keeps killing the worker", _v3),
     Migration(4, "bodies: the raw bytes apart from the often-updated messages row", _v4),
     Migration(5, "claims and leases: several worker processes share the spool", _v5),
+    Migration(6, "outbox sender_key, domain, known: acknowledgement limits by key", _v6),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1

@@ -46,6 +46,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway.errors import SpoolError
 from gateway.models import Envelope
 from gateway.spool.base import (
+    AckLimits,
     AckRow,
     Erasure,
     MessageRow,
@@ -68,6 +69,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 MIGRATE_LOCK = 0x67617465  # pg_advisory_xact_lock key for schema changes ("gate")
+ACK_LIMIT_LOCK = 0x61636B6C  # pg_advisory_xact_lock key for queueing a limited ack ("ackl")
 CHANNEL = "gateway_work"
 CONNECT_TIMEOUT = 3.0  # s to get a connection before the spool counts as unreachable
 MAX_BATCH = 256  # puts in one transaction
@@ -151,12 +153,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at DOUBLE PRECISION NOT NULL,
     sent_at DOUBLE PRECISION,
     claimed_by TEXT NOT NULL DEFAULT '',
-    lease_until DOUBLE PRECISION
+    lease_until DOUBLE PRECISION,
+    sender_key TEXT NOT NULL DEFAULT '',  -- normalised rcpt: the per-sender ack limit
+    domain TEXT NOT NULL DEFAULT '',      -- organisational domain: the per-domain ack limit
+    known INTEGER NOT NULL DEFAULT 0      -- rcpt had a ticket before: the global limit's split
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_rcpt ON outbox (rcpt, created_at);
 CREATE INDEX IF NOT EXISTS outbox_age ON outbox (state, created_at);
 CREATE INDEX IF NOT EXISTS outbox_message ON outbox (message_id);
+CREATE INDEX IF NOT EXISTS outbox_sender ON outbox (sender_key, created_at);
+CREATE INDEX IF NOT EXISTS outbox_domain ON outbox (domain, created_at);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at, known);
+CREATE INDEX IF NOT EXISTS tickets_requester ON tickets (requester);
 CREATE TABLE IF NOT EXISTS nodes (
     owner TEXT PRIMARY KEY,
     node TEXT NOT NULL,
@@ -797,10 +806,10 @@ class PostgresSpool:
 
         return await self._run(go)
 
-    async def finish(self, msg_id: int, outcome: Outcome) -> None:
+    async def finish(self, msg_id: int, outcome: Outcome) -> str:
         now = self.clock()
 
-        async def go(conn: Conn) -> None:
+        async def go(conn: Conn) -> str:
             await conn.execute(
                 "UPDATE messages SET state = %s, last_error = %s, backend = %s, rule = %s,"
                 " action = %s, ticket_ref = %s, ticket_id = %s, inflight = '',"
@@ -838,22 +847,42 @@ class PostgresSpool:
                         " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
-            ack = outcome.ack
-            if ack is not None:
-                await conn.execute(
-                    "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
-                    " next_attempt_at) VALUES (%s, %s, %s, %s, 'pending', %s, 0)",
-                    (msg_id, ack.rcpt, ack.mail_from, ack.data, now),
-                )
-                if ack.message_id and outcome.ticket_ref:
-                    await conn.execute(
-                        "INSERT INTO threads (message_id, backend, ref, created_at)"
-                        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (ack.message_id, outcome.backend, outcome.ticket_ref, now),
-                    )
             await conn.execute("DELETE FROM slots WHERE msg_id = %s", (msg_id,))
+            ack = outcome.ack
+            if ack is None:
+                return ""
+            rcpt = ack.rcpt.lower()
+            sender_key = ack.sender_key or rcpt
+            domain = ack.domain or rcpt.rpartition("@")[2]
+            cur = await conn.execute(
+                "SELECT 1 FROM tickets WHERE requester = %s AND created_at < %s LIMIT 1",
+                (rcpt, now),
+            )
+            known = await cur.fetchone() is not None  # a ticket conversation from before
+            if ack.limits is not None:
+                # counted and queued under one cluster-wide lock (held to the commit), so that
+                # workers of several nodes cannot slip past a limit together
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ACK_LIMIT_LOCK,))
+                withheld = await _ack_limited(
+                    conn, ack.limits, sender_key, domain, known, now - 3600
+                )
+                if withheld:
+                    return withheld
+            await conn.execute(
+                "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
+                " next_attempt_at, sender_key, domain, known)"
+                " VALUES (%s, %s, %s, %s, 'pending', %s, 0, %s, %s, %s)",
+                (msg_id, rcpt, ack.mail_from, ack.data, now, sender_key, domain, int(known)),
+            )
+            if ack.message_id and outcome.ticket_ref:
+                await conn.execute(
+                    "INSERT INTO threads (message_id, backend, ref, created_at)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (ack.message_id, outcome.backend, outcome.ticket_ref, now),
+                )
+            return ""
 
-        await self._run(go)
+        return await self._run(go)
 
     # -- ticket and thread maps ------------------------------------------------------------------------
 
@@ -898,15 +927,15 @@ class PostgresSpool:
 
     # -- outbox --------------------------------------------------------------------------------------------
 
-    async def acks_since(self, rcpt: str | None, since: float) -> int:
-        if rcpt is None:
+    async def acks_since(self, sender_key: str | None, since: float) -> int:
+        if sender_key is None:
             row = await self._one(
                 "SELECT COUNT(*) AS n FROM outbox WHERE created_at >= %s", (since,)
             )
         else:
             row = await self._one(
-                "SELECT COUNT(*) AS n FROM outbox WHERE rcpt = %s AND created_at >= %s",
-                (rcpt.lower(), since),
+                "SELECT COUNT(*) AS n FROM outbox WHERE sender_key = %s AND created_at >= %s",
+                (sender_key.lower(), since),
             )
         return int(row["n"]) if row else 0
 
@@ -1403,3 +1432,29 @@ class PostgresSpool:
             await conn.execute(f"NOTIFY {CHANNEL}")
 
         await self._run(go)
+
+
+async def _ack_limited(
+    conn: Conn, limits: AckLimits, sender_key: str, domain: str, known: bool, since: float
+) -> str:
+    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or "".
+    The same rules as the SQLite spool's."""
+
+    async def count(where: str, *args: object) -> int:
+        cur = await conn.execute(
+            f"SELECT COUNT(*) AS n FROM outbox WHERE {where} AND created_at >= %s", (*args, since)
+        )
+        row = await cur.fetchone()
+        return int(row["n"]) if row else 0
+
+    if limits.per_sender <= 0 or await count("sender_key = %s", sender_key) >= limits.per_sender:
+        return "sender"
+    if limits.per_domain and await count("domain = %s", domain) >= limits.per_domain:
+        return "domain"
+    if limits.global_limit:
+        if await count("TRUE") >= limits.global_limit:
+            return "global"
+        strangers = max(1, int(limits.global_limit * limits.stranger_share))
+        if not known and await count("known = 0") >= strangers:
+            return "global"
+    return ""

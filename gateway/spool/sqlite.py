@@ -40,6 +40,7 @@ from gateway.models import Envelope
 from gateway.spool import migrations, retention
 from gateway.spool.base import (
     BLOB_STREAM_MIN,
+    AckLimits,
     AckRow,
     Erasure,
     MessageRow,
@@ -785,10 +786,10 @@ class SqliteSpool:
 
         return await self._write(job)
 
-    async def finish(self, msg_id: int, outcome: Outcome) -> None:
+    async def finish(self, msg_id: int, outcome: Outcome) -> str:
         now = self.clock()
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> str:
             conn.execute(
                 "UPDATE messages SET state = ?, last_error = ?, backend = ?, rule = ?, action = ?,"
                 " ticket_ref = ?, ticket_id = ?, inflight = '', next_attempt_at = 0,"
@@ -826,20 +827,38 @@ class SqliteSpool:
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
             ack = outcome.ack
-            if ack is not None:
+            if ack is None:
+                return ""
+            rcpt = ack.rcpt.lower()
+            sender_key = ack.sender_key or rcpt
+            domain = ack.domain or rcpt.rpartition("@")[2]
+            # a sender with a ticket conversation from before this mail
+            known = (
                 conn.execute(
-                    "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
-                    " next_attempt_at) VALUES (?, ?, ?, ?, 'pending', ?, 0)",
-                    (msg_id, ack.rcpt, ack.mail_from, ack.data, now),
+                    "SELECT 1 FROM tickets WHERE requester = ? AND created_at < ? LIMIT 1",
+                    (rcpt, now),
+                ).fetchone()
+                is not None
+            )
+            if ack.limits is not None:
+                withheld = _ack_limited(conn, ack.limits, sender_key, domain, known, now - 3600)
+                if withheld:
+                    return withheld
+            conn.execute(
+                "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
+                " next_attempt_at, sender_key, domain, known)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, 0, ?, ?, ?)",
+                (msg_id, rcpt, ack.mail_from, ack.data, now, sender_key, domain, int(known)),
+            )
+            if ack.message_id and outcome.ticket_ref:
+                conn.execute(
+                    "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (ack.message_id, outcome.backend, outcome.ticket_ref, now),
                 )
-                if ack.message_id and outcome.ticket_ref:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (ack.message_id, outcome.backend, outcome.ticket_ref, now),
-                    )
+            return ""
 
-        await self._write(job)
+        return await self._write(job)
 
     # -- ticket and thread maps -------------------------------------------------------------------
 
@@ -870,16 +889,16 @@ class SqliteSpool:
 
     # -- outbox -----------------------------------------------------------------------------------
 
-    async def acks_since(self, rcpt: str | None, since: float) -> int:
+    async def acks_since(self, sender_key: str | None, since: float) -> int:
         def q(conn: sqlite3.Connection) -> int:
-            if rcpt is None:
+            if sender_key is None:
                 r = conn.execute(
                     "SELECT COUNT(*) FROM outbox WHERE created_at >= ?", (since,)
                 ).fetchone()
             else:
                 r = conn.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE rcpt = ? AND created_at >= ?",
-                    (rcpt.lower(), since),
+                    "SELECT COUNT(*) FROM outbox WHERE sender_key = ? AND created_at >= ?",
+                    (sender_key.lower(), since),
                 ).fetchone()
             return int(r[0])
 
@@ -1148,6 +1167,35 @@ def _batch(
 
 
 # -- the map look-ups, on any connection: the daemon's and the dry run's read-only one ---------------
+
+
+def _ack_limited(
+    conn: sqlite3.Connection,
+    limits: AckLimits,
+    sender_key: str,
+    domain: str,
+    known: bool,
+    since: float,
+) -> str:
+    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
+
+    def count(where: str, *args: object) -> int:
+        row = conn.execute(
+            f"SELECT COUNT(*) FROM outbox WHERE {where} AND created_at >= ?", (*args, since)
+        ).fetchone()
+        return int(row[0])
+
+    if limits.per_sender <= 0 or count("sender_key = ?", sender_key) >= limits.per_sender:
+        return "sender"
+    if limits.per_domain and count("domain = ?", domain) >= limits.per_domain:
+        return "domain"
+    if limits.global_limit:
+        if count("1 = 1") >= limits.global_limit:
+            return "global"
+        strangers = max(1, int(limits.global_limit * limits.stranger_share))
+        if not known and count("known = 0") >= strangers:
+            return "global"
+    return ""
 
 
 def ticket_by_ref(

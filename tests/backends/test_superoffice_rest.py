@@ -158,7 +158,7 @@ async def test_attachments_uploaded_and_connected(make: Make, sim: httpx.AsyncCl
     [m] = t["messages"]
     # the inline image goes as a file: the ticket text cannot show it where it stood
     assert m["attachments"] == ["report.pdf", "logo.png", "notes.txt"]
-    assert "Attachments not forwarded: evil.exe (blocked type)" in m["body"]
+    assert "Attachments not forwarded (1): evil.exe (blocked type)" in m["body"]
     assert progress.begun == ["ticket", "attachments", "message"]
     assert len(progress.data["attachments"]["ids"]) == 3
 

@@ -151,7 +151,7 @@ async def test_attachments_forwarded_and_listed(
     # the inline image goes as a file: the ticket text cannot show it where it stood
     assert m["attachments"] == ["report.pdf", "logo.png", "notes.txt"]
     assert (
-        "Attachments not forwarded: setup.exe (blocked type), huge.zip (too large: 5000 bytes)"
+        "Attachments not forwarded (2): setup.exe (blocked type), huge.zip (too large: 5000 bytes)"
         in m["body"]
     )
     assert progress.data["addAttachment.0"]["filename"] == "report.pdf"
