@@ -732,7 +732,7 @@ FIELDS: dict[str, dict[str, _FieldCheck]] = {
         "person": _lookup_or_id,
         "notify": _bool,
     },
-    "interserver": {"product": _text, "box_auth_value": _text},
+    "interserver": {"product": _text},
     "whmcs": {
         "deptid": _id,
         "priority": _whmcs_priority,
@@ -744,7 +744,19 @@ FIELDS: dict[str, dict[str, _FieldCheck]] = {
 }
 
 
+# Fields a rule must never set, whatever its backend, and why (where they come from instead).
+CONFIG_ONLY_FIELDS: dict[str, str] = {
+    "box_auth_value": (
+        "box_auth_value may not be set by a rule: InterServer stores it encrypted as the "
+        "ticket's 'Root Password (VPS / Dedicated Server)' field, so it must never come from "
+        "mail content; set it (if at all) in config: [backends.NAME] box_auth_value_file"
+    ),
+}
+
+
 def _field_error(backend_type: str, name: str, value: Any) -> str | None:
+    if name in CONFIG_ONLY_FIELDS:
+        return CONFIG_ONLY_FIELDS[name]
     checks = FIELDS.get(backend_type, {})
     if name not in checks:
         return f"{name!r} is not a {backend_type} field (those are: {', '.join(checks)})"
@@ -933,7 +945,9 @@ class _Loader:
         out: dict[str, Any] = {}
         for name, value in raw.items():
             where = (*loc, name)
-            if backend_type == "?":  # unknown backend: already reported
+            if name in CONFIG_ONLY_FIELDS:
+                error = CONFIG_ONLY_FIELDS[name]
+            elif backend_type == "?":  # unknown backend: already reported
                 error = None
             elif backend_type is not None:
                 error = _field_error(backend_type, name, value)
