@@ -64,8 +64,14 @@ def sim(tmp_path: Path) -> Iterator[SimProcess]:
     s.stop()
 
 
-def start(sim: SimProcess, directory: Path, *, product: str = "", extra: str = "") -> DaemonProcess:
-    cfg = write_config(directory, sim_http=sim.http_port, sim_smtp=sim.smtp_port, extra=extra)
+def start(
+    sim: SimProcess,
+    directory: Path,
+    *,
+    product: str = "",
+    replace: dict[str, str] | None = None,
+) -> DaemonProcess:
+    cfg = write_config(directory, sim_http=sim.http_port, sim_smtp=sim.smtp_port, replace=replace)
     if product:
         set_product(cfg, product)
     daemon = DaemonProcess(cfg)
@@ -151,5 +157,66 @@ def test_interserver_ack_carries_the_mask_and_a_reply_with_it_is_a_follow_up(
         cur = wait_for(two, timeout=30)
         assert cur, (tickets(sim, "interserver"), daemon.log.read_text()[-3000:])
         assert cur["messages"][1]["body"].rstrip().endswith("second")
+    finally:
+        daemon.stop()
+
+
+# ---------------------------------------------------------------- WHMCS
+
+
+def test_whmcs_client_reply_and_custom_closed_status(sim: SimProcess, tmp_path: Path) -> None:
+    daemon = start(
+        sim,
+        tmp_path / "gw",
+        replace={
+            'type = "whmcs"': 'type = "whmcs"\nclosed_statuses = ["Closed", "Resolved"]',
+            'followup_closed = "append"': 'followup_closed = "new"',
+        },
+    )
+    try:
+        sim.post(
+            "/_sim/clients",
+            {"system": "whmcs", "email": "carla@example.org", "id": "42", "name": "Carla C"},
+        )
+        send(daemon.smtp_port, mail("Invoice 17", to="billing@example.com", body="too high"))
+        ack = wait_for(
+            lambda: [m for m in sim.get("/_sim/outbox") if "Invoice 17" in m["subject"]],
+            timeout=30,
+        )
+        assert ack, daemon.log.read_text()[-3000:]
+        (t,) = tickets(sim, "whmcs")
+        assert t["fields"]["clientid"] == "42"
+        assert f"[Ticket #{t['ref']}]" in ack[0]["subject"]
+        send(
+            daemon.smtp_port,
+            mail(f"Re: {ack[0]['subject']}", to="billing@example.com", body="any news?"),
+        )
+
+        def replied() -> dict | None:  # type: ignore[type-arg]
+            cur = tickets(sim, "whmcs")
+            return cur[0] if len(cur) == 1 and len(cur[0]["messages"]) == 2 else None
+
+        cur = wait_for(replied, timeout=30)
+        assert cur, daemon.log.read_text()[-3000:]
+        reply = cur["messages"][1]
+        assert reply["author"] == "client:42"  # a client reply, not a guest's
+        assert "name" not in reply["fields"] and "email" not in reply["fields"]
+        assert reply["fields"]["noemail"] is True
+
+        # the installation's own closed status: the closed-ticket policy ("new") applies
+        sim.post(f"/_sim/tickets/whmcs/{t['id']}/close", {"status": "Resolved"})
+        send(
+            daemon.smtp_port,
+            mail(f"Re: {ack[0]['subject']}", to="billing@example.com", body="still wrong"),
+        )
+        two = wait_for(lambda: len(tickets(sim, "whmcs")) == 2, timeout=30)
+        assert two, (tickets(sim, "whmcs"), daemon.log.read_text()[-3000:])
+        first, second = tickets(sim, "whmcs")
+        assert len(first["messages"]) == 2 and first["status"] == "Resolved"
+        assert "still wrong" in second["messages"][0]["body"]
+        assert wait_for(lambda: settled(daemon), timeout=30)
+        rows = json.loads(daemon.gateway("queue", "-c", str(daemon.config), "ls", "--json").stdout)
+        last = max(rows, key=lambda r: r["id"])
+        assert last["state"] == "done" and last["ticket_ref"] == second["ref"]
     finally:
         daemon.stop()

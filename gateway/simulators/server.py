@@ -79,10 +79,19 @@ def build_app(state: SimState) -> web.Application:
         return _json(ticket.to_json(), status=201)
 
     async def close_ticket(request: web.Request) -> web.Response:
-        t = state.find(request.match_info["system"], request.match_info["id"])
+        """Close a ticket; WHMCS also takes {"status": "Resolved"}: a custom closed status."""
+        system = request.match_info["system"]
+        t = state.find(system, request.match_info["id"])
         if t is None:
             raise web.HTTPNotFound(text="no such ticket")
-        t.status = "closed"
+        status = "closed"
+        if request.can_read_body and (await request.read()).strip():
+            custom = str((await _body(request)).get("status") or "").strip()
+            if custom and system != whmcs.SYSTEM:
+                raise web.HTTPBadRequest(text="only whmcs has custom statuses")
+            if custom and custom.lower() != "closed":
+                status = custom
+        t.status = status
         return _json(t.to_json())
 
     async def add_client(request: web.Request) -> web.Response:

@@ -38,6 +38,7 @@ class SimMessage:
     author: str
     attachments: list[str] = field(default_factory=list)
     html: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)  # what the call carried besides text
 
 
 @dataclass
@@ -69,6 +70,7 @@ class SimTicket:
                     "author": m.author,
                     "attachments": list(m.attachments),
                     "html": m.html,
+                    "fields": copy.deepcopy(m.fields),
                 }
                 for m in self.messages
             ],
