@@ -220,3 +220,56 @@ def test_whmcs_client_reply_and_custom_closed_status(sim: SimProcess, tmp_path: 
         assert last["state"] == "done" and last["ticket_ref"] == second["ref"]
     finally:
         daemon.stop()
+
+
+# ---------------------------------------------------------------- SuperOffice SOAP
+
+
+def test_superoffice_soap_with_the_installations_wsdl(sim: SimProcess, tmp_path: Path) -> None:
+    alt = f"{sim.url}/superoffice/soap/customer-alt"
+    daemon = start(
+        sim,
+        tmp_path / "gw",
+        replace={
+            'type = "superoffice-soap"': f'type = "superoffice-soap"\nwsdl = "{alt}?wsdl"',
+            '/superoffice/soap/customer"': '/superoffice/soap/customer-alt"',
+            'followup_closed = "append"': 'followup_closed = "new"',
+        },
+    )
+    try:
+        assert "customer-alt" in daemon.config.read_text()
+        send(daemon.smtp_port, mail("Printer jam", to="support@example.com", body="paper stuck"))
+        ack = wait_for(
+            lambda: [m for m in sim.get("/_sim/outbox") if "Printer jam" in m["subject"]],
+            timeout=30,
+        )
+        assert ack, daemon.log.read_text()[-3000:]
+        (t,) = tickets(sim, "superoffice-soap")
+        assert f"[Ticket #{t['ref']}]" in ack[0]["subject"]
+        assert t["messages"][0]["body"].rstrip().endswith("paper stuck")
+        send(
+            daemon.smtp_port,
+            mail(f"Re: {ack[0]['subject']}", to="support@example.com", body="more"),
+        )
+
+        def two() -> dict | None:  # type: ignore[type-arg]
+            cur = tickets(sim, "superoffice-soap")
+            return cur[0] if len(cur) == 1 and len(cur[0]["messages"]) == 2 else None
+
+        assert wait_for(two, timeout=30), daemon.log.read_text()[-3000:]
+        # closed (numeric status 2 in the encoded answer): the closed-ticket policy applies
+        sim.post(f"/_sim/tickets/superoffice-soap/{t['id']}/close", {})
+        send(
+            daemon.smtp_port,
+            mail(f"Re: {ack[0]['subject']}", to="support@example.com", body="again"),
+        )
+        assert wait_for(lambda: len(tickets(sim, "superoffice-soap")) == 2, timeout=30), (
+            daemon.log.read_text()[-3000:]
+        )
+        first, second = tickets(sim, "superoffice-soap")
+        assert len(first["messages"]) == 2 and first["status"] == "closed"
+        assert second["messages"][0]["body"].rstrip().endswith("again")
+        calls = sim.get("/_sim/calls")
+        assert calls["superoffice-soap"] > 0
+    finally:
+        daemon.stop()
