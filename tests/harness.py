@@ -79,7 +79,7 @@ class DaemonProcess:
         self.log = config.parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:  # generous: a loaded CI machine
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         with open(self.log, "ab") as log:
@@ -195,7 +195,7 @@ class SimProcess:
                 stdout=log,
                 stderr=log,
             )
-        ok = wait_for(self._up, timeout=20)
+        ok = wait_for(self._up, timeout=60)
         if not ok:
             raise RuntimeError(f"simulators did not come up: {self.log.read_text()[-2000:]}")
 

@@ -75,7 +75,11 @@ def start(
     if product:
         set_product(cfg, product)
     daemon = DaemonProcess(cfg)
-    daemon.start()
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()  # came up too late: never leave it running
+        raise
     return daemon
 
 
