@@ -104,6 +104,7 @@ class DaemonProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.kill9()  # never leave a half-started daemon (and its worker) behind
         raise RuntimeError(f"daemon did not come up:\n{self.log.read_text()[-3000:]}")
 
     def signal(self, sig: int) -> None:
