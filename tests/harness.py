@@ -79,7 +79,7 @@ class DaemonProcess:
         self.log = config.parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> None:  # a loaded machine starts the worker slowly
+    def start(self, timeout: float = 120.0) -> None:  # generous: a loaded CI machine
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         with open(self.log, "ab") as log:
@@ -104,6 +104,7 @@ class DaemonProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        self.kill9()  # never leave a half-started daemon (and its worker) behind
         raise RuntimeError(f"daemon did not come up:\n{self.log.read_text()[-3000:]}")
 
     def signal(self, sig: int) -> None:
@@ -195,7 +196,7 @@ class SimProcess:
                 stdout=log,
                 stderr=log,
             )
-        ok = wait_for(self._up, timeout=20)
+        ok = wait_for(self._up, timeout=60)
         if not ok:
             raise RuntimeError(f"simulators did not come up: {self.log.read_text()[-2000:]}")
 

@@ -136,3 +136,30 @@ def test_acks_off_are_not_warned_about(tmp_path: Path) -> None:
     assert "[ack]\nenabled = false" in cfg.read_text()
     out = gateway("check", "-c", str(cfg))
     assert out.returncode == 0 and "ack.require" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "ticket",
+    [
+        'box_auth_value = "{header:X-Root-Password}"',  # from mail content: the danger
+        'box_auth_value = "fixed"',
+    ],
+)
+def test_check_refuses_box_auth_value_in_a_rule(tmp_path: Path, ticket: str) -> None:
+    cfg = setup_config(tmp_path)
+    rules = tmp_path / "rules" / "10-demo.toml"
+    text = rules.read_text()
+    anchor = 'product = ""              # InterServer product (empty: none)'
+    assert anchor in text
+    rules.write_text(text.replace(anchor, f"{anchor}\n{ticket}"))
+    # a rule without backend is refused as well
+    with (tmp_path / "rules" / "05-extra.toml").open("w") as f:
+        f.write('[[rule]]\nname = "root"\ncontinue = true\n[rule.ticket]\nbox_auth_value = "x"\n')
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 1
+    line = line_of(rules, "box_auth_value = ")
+    assert f"10-demo.toml:{line}: " in out.stdout + out.stderr
+    assert "05-extra.toml:5: " in out.stdout + out.stderr
+    problems = [p for p in (out.stdout + out.stderr).splitlines() if "box_auth_value" in p]
+    assert len(problems) == 2
+    assert all("Root Password" in p and "config" in p for p in problems)

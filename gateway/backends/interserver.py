@@ -17,12 +17,32 @@ sender); the SMTP peer in the `X-Gateway-Peer` header, which the worker adds to 
 (replacing any copy the sender wrote) because the envelope is not part of the `Backend` call;
 else `127.0.0.1`.
 
-Error mapping (one boundary, `_call`):
+What the server's own code shows (`detain/myadmin-kayako-support` `src/api.php`, see
+shared/contracts/interserver.md "Corrections"), and how the backend meets it:
+- `api_openTicket` succeeds with `status "success"` (other calls say "ok"/"Success"); success is
+  also any non-empty `ticket_reference_id` that is not a number <= 0. The reference is Kayako's
+  display id, a mask such as `KVO-530-34143` (the WSDL says int): it is kept as a string
+  everywhere (ack token, spool maps, follow-up calls).
+- A non-empty `product` makes the server rewrite the ticket: body `"<product>\n\n<body>"`, and
+  a subject shorter than 30 characters becomes `"<product> : <subject>"`; `find_existing`
+  allows for both.
+- Kayako's own failures are lowercase `status "failed"` with "... Please try again!": temporary.
+  One of them ("updating root/admin pass") comes after the ticket was created, as does an "ok"
+  without a usable reference: then the ticket is looked up instead of being made again, and
+  until it is found the mail is retried (the spool records that it exists, so no retry ever
+  creates a second one).
+- `box_auth_value` is encrypted into the Kayako custom field "Root Password (VPS / Dedicated
+  Server)": it comes only from config (`box_auth_value` / `_file` / `_env`), never from a rule
+  or the mail; empty by default.
+- `user_ip` must not be empty (see below: it never is).
+
+Error mapping (one boundary, `_call`, and `_failure` for the `status` of a `return` struct):
 - login returns an empty session id, or a fresh session is refused at once → `BackendUnavailable`
 - an HTTP status other than 200 without a SOAP Fault, timeouts, connection errors, an answer
   too large → the one mapping shared by all backends (`gateway.backends.http`)
 - a lost session (SOAP Fault or `status_text` naming the session) → log in again once, retry
-- `status` "Failed"/"error" in a `return` struct → `PermanentError(status_text)`
+- lowercase `status "failed"` whose text says "try again" → `TransientError(status_text)`
+- any other `status` "Failed"/"error" in a `return` struct → `PermanentError(status_text)`
 - SOAP Fault with a Client faultcode → `PermanentError`
 - Server faults, unreadable replies (a 200 that is not XML) → `TransientError`
 """
@@ -73,6 +93,10 @@ FIND_VIEWS = 5  # candidates whose text find_existing compares at most
 
 _OK = frozenset({"ok", "success"})
 _FAILED = frozenset({"failed", "fail", "error"})
+_TRY_AGAIN = re.compile(r"try\s+again", re.IGNORECASE)
+# Kayako failures the server reports after the ticket was made (api.php, openTicket)
+_AFTER_CREATE = re.compile(r"root/admin\s+pass", re.IGNORECASE)
+SHORT_SUBJECT = 30  # the server prefixes the product to subjects shorter than this
 _SESSION_RE = re.compile(r"session|\bsid\b", re.IGNORECASE)
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _RECEIVED_FROM = re.compile(r"^\s*from\s+(?P<clause>.*?)(?:\bby\b|;|$)", re.IGNORECASE | re.DOTALL)
@@ -105,6 +129,12 @@ class InterServerConfig(BackendConfigBase):
     password_env: str | None = None
     account_email: str | None = None  # user_email of new tickets; default: username
     default_product: str = ""  # product when no rule sets `product`
+    # The "Root Password (VPS / Dedicated Server)" custom field of new tickets (the API's
+    # box_auth_value, stored encrypted by InterServer). Only from here, never from a rule or a
+    # mail; empty (the default) sends "".
+    box_auth_value: SecretStr | None = None
+    box_auth_value_file: str | None = None
+    box_auth_value_env: str | None = None
 
     @model_validator(mode="after")
     def _password_source(self) -> InterServerConfig:
@@ -235,6 +265,45 @@ def _business_failure(result: Any) -> str | None:
     return None
 
 
+def _temporary(result: Any) -> bool:
+    """Kayako's own failure: lowercase "failed" with "Please try again!" (api.php)."""
+    data = _as_dict(result)
+    status = str(data.get("status") or "").strip()
+    return status == "failed" and bool(_TRY_AGAIN.search(str(data.get("status_text") or "")))
+
+
+def _raise_failure(what: str, result: Any) -> None:
+    """Raise the error a failed `return` struct stands for; return when it is no failure."""
+    failure = _business_failure(result)
+    if failure is None:
+        return
+    if _temporary(result):
+        raise TransientError(f"{what}: {failure}")
+    raise PermanentError(f"{what}: {failure}")
+
+
+def usable_reference(value: Any) -> str | None:
+    """A ticket reference from an answer as a string: a mask or a positive number, else None.
+
+    The WSDL declares int but the server sends Kayako's mask; a PHP SoapServer may turn the
+    mask into 0, and failures carry -1.
+    """
+    text = "" if value is None else str(value).strip()
+    if not text or (re.fullmatch(r"[-+]?\d+", text) and int(text) <= 0):
+        return None
+    return text
+
+
+def rewritten(product: str, subject: str, body: str) -> tuple[str, str]:
+    """Subject and body as the server stores them when `product` is not empty."""
+    if not product:
+        return subject, body
+    body = f"{product}\n\n{body}"
+    if len(subject) < SHORT_SUBJECT:
+        subject = f"{product} : {subject}"
+    return subject, body
+
+
 def _float(value: Any) -> float | None:
     try:
         return float(str(value).strip())
@@ -280,6 +349,14 @@ class InterServerBackend:
         )
         assert secret is not None  # required=True: resolve_secret raised otherwise
         self._password = secret
+        self._box_auth_value = resolve_secret(
+            cfg.box_auth_value,
+            cfg.box_auth_value_file,
+            cfg.box_auth_value_env,
+            what=f"backends.{name}.box_auth_value",
+            base_dir=base_dir,
+            required=False,
+        )
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._login_lock = asyncio.Lock()
         self._sid: str | None = None
@@ -407,16 +484,20 @@ class InterServerBackend:
             )
         )
 
-    def _open_params(self, decision: Decision, mail: ParsedMail) -> dict[str, str]:
+    def _product(self, decision: Decision) -> str:
         product = decision.ticket.get("product", self.cfg.default_product)
-        box = decision.ticket.get("box_auth_value", "")
+        return _xml_safe("" if product is None else str(product))
+
+    def _open_params(self, decision: Decision, mail: ParsedMail) -> dict[str, str]:
+        # box_auth_value: config only (a rule may not set it: gateway check refuses it).
+        box = self._box_auth_value.get_secret_value() if self._box_auth_value else ""
         return {
             "user_email": self.cfg.user_email,
-            "user_ip": originating_ip(mail),
+            "user_ip": originating_ip(mail) or DEFAULT_IP,
             "subject": _subject(mail),
-            "product": _xml_safe("" if product is None else str(product)),
+            "product": self._product(decision),
             "body": self._text(mail, automatic=decision.automatic),
-            "box_auth_value": _xml_safe("" if box is None else str(box)),
+            "box_auth_value": _xml_safe(box),
         }
 
     def _ref(self, ticket_id: str) -> TicketRef:
@@ -429,33 +510,46 @@ class InterServerBackend:
         done = progress.data.get(STEP_OPEN)
         if isinstance(done, dict) and done.get("id"):
             return self._ref(str(done["id"]))  # made before a restart
+        if isinstance(done, dict) and done.get("created"):
+            # made by an earlier attempt that got no usable reference: look, never create again
+            return self._ref(await self._look_for_made(decision, mail, progress))
         params = self._open_params(decision, mail)
         await progress.begin(STEP_OPEN)
         result = await self._with_session("api_openTicket", **params)
-        ticket_id = await self._created_id(result, decision, mail)
+        ticket_id = await self._created_id(result, decision, mail, progress)
         await progress.done(STEP_OPEN, id=ticket_id)
         log.info("event=ticket_opened backend=%s id=%s", self.name, ticket_id)
         return self._ref(ticket_id)
 
-    async def _created_id(self, result: Any, decision: Decision, mail: ParsedMail) -> str:
-        """The ticket_reference_id (as a string) of a successful api_openTicket reply."""
+    async def _created_id(
+        self, result: Any, decision: Decision, mail: ParsedMail, progress: Progress
+    ) -> str:
+        """The ticket_reference_id (a string) of the ticket an api_openTicket call made."""
         data = _as_dict(result)
         status, text = _status(result)
-        raw = data.get("ticket_reference_id")
-        ticket_id = "" if raw is None else str(raw).strip()
-        number = int(ticket_id) if re.fullmatch(r"-?\d+", ticket_id) else None
-        if not ((number is not None and number > 0) or status in _OK):
+        ticket_id = usable_reference(data.get("ticket_reference_id"))
+        after_create = _temporary(result) and bool(_AFTER_CREATE.search(text))
+        if status in _FAILED and not after_create:
+            log.info("event=open_failed backend=%s status=%s", self.name, status)
+            _raise_failure("InterServer api_openTicket", result)
+        if ticket_id is not None and not after_create:
+            return ticket_id
+        if not (after_create or status in _OK):
             log.info("event=open_failed backend=%s status=%s", self.name, status or "-")
             raise PermanentError(f"InterServer api_openTicket: {text or f'status {status!r}'}")
-        if ticket_id and (number is None or number > 0):
-            return ticket_id
-        # "ok" without a usable id: the ticket exists; find it rather than make another.
+        # The ticket exists (a failure after creating it, or "success" without a usable
+        # reference): record that, so that no retry makes a second one, and look it up.
+        log.info("event=created_without_reference backend=%s status=%s", self.name, status)
+        await progress.done(STEP_OPEN, created=True)
+        return await self._look_for_made(decision, mail, progress)
+
+    async def _look_for_made(self, decision: Decision, mail: ParsedMail, progress: Progress) -> str:
         found = await self.find_existing(decision, mail)
         if found is not None:
             return found.id
-        raise PermanentError(
-            "InterServer api_openTicket answered ok without a ticket_reference_id "
-            "and the ticket was not found in the list; check the helpdesk before retrying"
+        raise TransientError(
+            "InterServer api_openTicket made a ticket without returning its reference and it is "
+            "not in the ticket list yet; looking again later (it is never created twice)"
         )
 
     async def add_message(
@@ -467,17 +561,13 @@ class InterServerBackend:
         content = self._text(mail, automatic=automatic)
         await progress.begin(STEP_POST)
         result = await self._with_session("api_ticketPost", ticketID=ref.id, content=content)
-        failure = _business_failure(result)
-        if failure is not None:
-            raise PermanentError(f"InterServer api_ticketPost on ticket {ref.id}: {failure}")
+        _raise_failure(f"InterServer api_ticketPost on ticket {ref.id}", result)
         await progress.done(STEP_POST)
         log.info("event=message_added backend=%s id=%s", self.name, ref.id)
 
     async def _view(self, ticket_id: str) -> dict[str, Any]:
         result = await self._with_session("api_viewTicket", ticketID=ticket_id)
-        failure = _business_failure(result)
-        if failure is not None:
-            raise PermanentError(f"InterServer api_viewTicket on ticket {ticket_id}: {failure}")
+        _raise_failure(f"InterServer api_viewTicket on ticket {ticket_id}", result)
         return _as_dict(_as_dict(result).get("result"))
 
     async def ticket_status(self, ref: TicketRef) -> str | None:
@@ -492,8 +582,14 @@ class InterServerBackend:
         return None
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
+        """See `Backend`. The list is searched for our subject, as sent or as the server
+        rewrites it for a product; a candidate is ours when one of its posts starts with our
+        text (with or without the product line the server puts in front)."""
+        product = self._product(decision)
         subject = _subject(mail)
-        expected = _norm(self._text(mail, automatic=decision.automatic))[:500]
+        text = self._text(mail, automatic=decision.automatic)
+        subjects = {subject, rewritten(product, subject, "")[0]}
+        expected = {_norm(text)[:500], _norm(rewritten(product, subject, text)[1])[:500]}
         now = time.time()
         candidates: list[str] = []
         for page in range(1, FIND_PAGES + 1):
@@ -506,12 +602,12 @@ class InterServerBackend:
                 raise TransientError(f"InterServer api_getTicketList: {failure}")
             tickets = _items(_as_dict(result).get("tickets"))
             for t in tickets:
-                if " ".join(str(t.get("subject") or "").split()) != subject:
+                if " ".join(str(t.get("subject") or "").split()) not in subjects:
                     continue
                 stamp = _float(t.get("lastactivity"))
                 if stamp is not None and stamp > 1e9 and now - stamp > FIND_WINDOW:
                     continue
-                ticket_id = str(t.get("ticket_reference_id") or "").strip()
+                ticket_id = usable_reference(t.get("ticket_reference_id"))
                 if ticket_id:
                     candidates.append(ticket_id)
             if not tickets or page >= _total_pages(_as_dict(result).get("totalPages")):
@@ -522,9 +618,8 @@ class InterServerBackend:
             except PermanentError:
                 continue
             posts = _items(detail.get("posts"))
-            if not posts or any(
-                _norm(str(p.get("contents") or "")).startswith(expected) for p in posts
-            ):
+            contents = [_norm(str(p.get("contents") or "")) for p in posts]
+            if not posts or any(c.startswith(e) for c in contents for e in expected):
                 log.info("event=found_existing backend=%s id=%s", self.name, ticket_id)
                 return self._ref(ticket_id)
         return None

@@ -31,10 +31,18 @@ Every call answers an error-code string first ("0" = ok); the text of a failure 
 
 The WSDL (our synthetic one, or an installation's own via `wsdl`) is loaded once, at construction
 (a `wsdl` URL is fetched there, synchronously: point it at a saved file to keep start-up offline),
-and the service is bound to `url`; calls use zeep's async transport over one httpx.AsyncClient and
-pass parameters in the documented order, so an installation's WSDL with other part names still
-fits. Answers are read leniently (by part name, dict-like or object). The password and the session
-key are never logged, nor is any text of the mail.
+and the service is bound to `url`; calls use zeep's async transport over one httpx.AsyncClient.
+SuperOffice publishes no WSDL, only each call's parameter order and that the error code comes
+first (shared/contracts/superoffice-soap.md), so nothing here depends on names we chose:
+- parameters are passed by position, in the documented order;
+- answers are read by the shape of the WSDL's output message (`WsdlShape`): its first part is
+  the error code, the next ones the out parameters in the documented order, whatever their names;
+- arrays are built as the WSDL's types define them: a literal wrapper of repeated elements, or a
+  SOAP-encoded array (`soapenc:Array`; the SOAP encoding schema ships with the package, so such a
+  WSDL loads without a network fetch).
+Ticket status is numeric in the real system (EnumTicketBaseStatus: 0 unknown, 1 active, 2 closed,
+3 postponed, 4 deleted, 5 merged); words are understood too, and `closed_statuses` says which
+count as closed. The password and the session key are never logged, nor is any text of the mail.
 """
 
 from __future__ import annotations
@@ -54,12 +62,15 @@ from urllib.parse import urlparse
 import httpx
 import zeep
 from pydantic import Field, SecretStr
+from zeep.cache import InMemoryCache
 from zeep.exceptions import Error as ZeepError
 from zeep.exceptions import Fault, TransportError
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 from zeep.wsdl.bindings.soap import SoapBinding
 from zeep.wsdl.utils import etree_to_string
+from zeep.xsd import AnyObject
+from zeep.xsd import Element as XsdElement
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
@@ -80,6 +91,11 @@ log = logging.getLogger("gateway.backend.superoffice_soap")
 
 SYSTEM = "superoffice-soap"
 PACKAGED_WSDL = ("gateway.backends", "wsdl", "superoffice_customer.wsdl")
+SOAP_ENCODING = "http://schemas.xmlsoap.org/soap/encoding/"
+SOAP_ENCODING_XSD = ("gateway.backends", "wsdl", "soap-encoding.xsd")
+# EnumTicketBaseStatus (0 unknown, 1 active, 2 closed, 3 postponed, 4 deleted, 5 merged) and words
+DEFAULT_CLOSED_STATUSES = ["2", "4", "5", "closed", "deleted", "merged"]
+OPEN_STATUSES = frozenset({"1", "3", "open", "active", "postponed"})
 MAX_TITLE_CHARS = 255  # the title column's length is undocumented; keep it to a safe size
 LOGOUT_TIMEOUT = 2.0  # seconds aclose() waits for a courtesy logout
 
@@ -129,6 +145,8 @@ class SuperOfficeSoapConfig(BackendConfigBase):
     default_category: Annotated[int, Field(ge=1)] = 1  # categoryId when no rule sets `category`
     # priorityId when no rule sets `priority`; -1 = let the system decide
     default_priority: Annotated[int, Field(ge=-1)] = -1
+    # getTicket's ticket.status values (numbers or words, case-insensitive) that mean closed
+    closed_statuses: list[str] = Field(default_factory=lambda: list(DEFAULT_CLOSED_STATUSES))
 
 
 class _HttpStatus(Exception):
@@ -215,15 +233,83 @@ def _get(obj: Any, name: str) -> Any:
 
 
 def _items(obj: Any) -> list[Any]:
-    """The items of an array part: `{item: [...]}`, a plain list, one item, or nothing."""
+    """The items of an array answer: a list (SOAP-encoded arrays, repeated elements), or a
+    wrapper holding one repeated member whatever its name, one item, or nothing."""
     if obj is None:
         return []
     if isinstance(obj, list | tuple):
         return list(obj)
-    inner = _get(obj, "item")
-    if inner is None:
-        return []
-    return list(inner) if isinstance(inner, list | tuple) else [inner]
+    if isinstance(obj, Mapping):
+        members = list(obj.values())
+    else:
+        try:
+            members = [obj[k] for k in obj]
+        except TypeError:
+            return [obj]
+    if len(members) == 1:
+        inner = members[0]
+        if inner is None:
+            return []
+        return list(inner) if isinstance(inner, list | tuple) else [inner]
+    return [obj]
+
+
+class WsdlShape:
+    """What the loaded WSDL says about each operation the gateway calls: the names of its
+    output parts in order (read by position) and the types of its input parts (to build
+    arrays as the WSDL defines them). Built from zeep's public binding objects."""
+
+    def __init__(self, binding: Any) -> None:
+        self.binding = binding
+        self._outputs: dict[str, list[str]] = {}
+
+    def _operation(self, op: str) -> Any:
+        try:
+            return self.binding.get(op)
+        except (ValueError, KeyError, ZeepError) as exc:
+            raise BackendUnavailable(f"superoffice-soap: the WSDL has no operation {op}") from exc
+
+    def outputs(self, op: str) -> list[str]:
+        names = self._outputs.get(op)
+        if names is None:
+            body = self._operation(op).output.body
+            elements = getattr(getattr(body, "type", None), "elements", None)
+            names = [name for name, _ in elements] if elements else [getattr(body, "name", "")]
+            self._outputs[op] = names
+        return names
+
+    def parts(self, op: str, result: Any) -> list[Any]:
+        """The answer's parts in the order of the output message (one part: the value)."""
+        names = self.outputs(op)
+        if len(names) <= 1:
+            return [result]
+        if isinstance(result, str):  # a server that sent only the code
+            return [result] + [None] * (len(names) - 1)
+        return [_get(result, name) for name in names]
+
+    def array(self, op: str, index: int, items: list[Any]) -> Any:
+        """The value of input part `index` (counting the session key) holding `items`."""
+        elements = self._operation(op).input.body.type.elements
+        if index >= len(elements):
+            raise BackendUnavailable(f"superoffice-soap: the WSDL's {op} has too few parts")
+        kind = elements[index][1].type
+        item_type = next(
+            (
+                a.array_type
+                for _, a in getattr(kind, "attributes", [])
+                if getattr(a, "array_type", None) is not None
+            ),
+            None,
+        )
+        if item_type is not None:  # soapenc:Array: <item> elements of the declared type
+            element = XsdElement("item", item_type)
+            return kind(
+                [AnyObject(element, item_type(**i) if isinstance(i, dict) else i) for i in items]
+            )
+        members = getattr(kind, "elements", [])
+        if len(members) == 1:  # a literal wrapper of one repeated element
+            return {members[0][0]: items}
+        return items
 
 
 def _clean(text: str) -> str:
@@ -297,6 +383,15 @@ def _int_field(value: Any, what: str) -> int:
         ) from None
 
 
+def _known_schemas() -> InMemoryCache:
+    """A cache that holds the SOAP encoding schema, which WSDLs with SOAP-encoded arrays use
+    and zeep would otherwise fetch from the network."""
+    cache = InMemoryCache()
+    ref = resources.files(SOAP_ENCODING_XSD[0]).joinpath(*SOAP_ENCODING_XSD[1:])
+    cache.add(SOAP_ENCODING, ref.read_bytes())
+    return cache
+
+
 def _load_client(wsdl: str, transport: _Transport, base_dir: Path) -> Any:
     """Load the WSDL (file or URL) once; returns the zeep client."""
     settings = zeep.Settings(strict=False, xml_huge_tree=True, forbid_entities=True)
@@ -315,19 +410,24 @@ def _load_client(wsdl: str, transport: _Transport, base_dir: Path) -> Any:
         ) from exc
 
 
-def _service(client: Any, url: str) -> Any:
-    """Bind the first SOAP binding of the WSDL's services to `url` (async proxy).
+def _binding(client: Any, url: str) -> Any:
+    """The first SOAP binding of the WSDL's services (else its first binding)."""
+    for service in client.wsdl.services.values():
+        for port in service.ports.values():
+            if isinstance(port.binding, SoapBinding):
+                return port.binding
+    for binding in client.wsdl.bindings.values():
+        return binding
+    raise ConfigError([Problem(url, 0, "superoffice-soap: the WSDL has no SOAP binding")])
+
+
+def _service(client: Any, binding: Any, url: str) -> Any:
+    """Bind `binding` to `url` as an async proxy.
 
     `zeep.AsyncClient.create_service` returns a synchronous proxy (zeep 4.3), so the async proxy
     is built the same way by hand.
     """
-    for service in client.wsdl.services.values():
-        for port in service.ports.values():
-            if isinstance(port.binding, SoapBinding):
-                return AsyncServiceProxy(client, port.binding, address=url)
-    for binding in client.wsdl.bindings.values():
-        return AsyncServiceProxy(client, binding, address=url)
-    raise ConfigError([Problem(url, 0, "superoffice-soap: the WSDL has no SOAP binding")])
+    return AsyncServiceProxy(client, binding, address=url)
 
 
 class SuperOfficeSoapBackend:
@@ -363,19 +463,24 @@ class SuperOfficeSoapBackend:
         )
         wsdl_http = httpx.Client(timeout=cfg.timeout)
         try:
-            transport = self._transport = _Transport(client=self._http, wsdl_client=wsdl_http)
+            transport = self._transport = _Transport(
+                client=self._http, wsdl_client=wsdl_http, cache=_known_schemas()
+            )
             if cfg.wsdl:
                 client = _load_client(cfg.wsdl, transport, base_dir)
             else:
                 ref = resources.files(PACKAGED_WSDL[0]).joinpath(*PACKAGED_WSDL[1:])
                 with resources.as_file(ref) as path:
                     client = _load_client(str(path), transport, base_dir)
-            self._service = _service(client, cfg.url)
+            binding = _binding(client, cfg.url)
+            self._shape = WsdlShape(binding)
+            self._service = _service(client, binding, cfg.url)
         finally:
             wsdl_http.close()
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._login_lock = asyncio.Lock()
         self._session: str | None = None
+        self._closed = frozenset(v.strip().lower() for v in cfg.closed_statuses)
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -404,9 +509,8 @@ class SuperOfficeSoapBackend:
         )
         return result
 
-    @staticmethod
-    def _code(op: str, result: Any) -> int:
-        raw = result if isinstance(result, str) else _get(result, "errorCode")
+    def _code(self, op: str, result: Any) -> int:
+        raw = self._shape.parts(op, result)[0]
         try:
             return int(str(raw).strip())
         except ValueError:
@@ -417,7 +521,7 @@ class SuperOfficeSoapBackend:
     async def _login(self) -> str:
         result = await self._call("login", self.cfg.username, self._password.get_secret_value())
         code = self._code("login", result)
-        key = _get(result, "sessionKey")
+        key = self._out(result, "login")
         if code != 0 or not key:
             log.error("event=login_refused backend=%s code=%d", self.name, code)
             name = CODE_NAMES.get(code, "no session key")
@@ -444,8 +548,13 @@ class SuperOfficeSoapBackend:
             result = await self._call("getErrorMessage", key)
         except BackendError:
             return ""
-        text = result if isinstance(result, str) or result is None else _get(result, "errorMessage")
+        text = self._shape.parts("getErrorMessage", result)[0]
         return str(text or "")
+
+    def _out(self, result: Any, op: str, n: int = 1) -> Any:
+        """Out parameter `n` of an answer (0 is the error code), by its position."""
+        parts = self._shape.parts(op, result)
+        return parts[n] if n < len(parts) else None
 
     async def _session_call(self, op: str, *args: Any) -> Any:
         """Call `op(sessionKey, *args)`; log in when needed and once more on code 5."""
@@ -491,7 +600,8 @@ class SuperOfficeSoapBackend:
             {"field": str(k), "value": _clean(self._expand(str(v), mail))} for k, v in extra.items()
         ]
         title = _clean(mail.subject.strip() or "(no subject)")[:MAX_TITLE_CHARS]
-        return (title, str(slevel), str(category), str(priority), {"item": pairs})
+        extra_field = self._shape.array("newTicket", 5, pairs)
+        return (title, str(slevel), str(category), str(priority), extra_field)
 
     @staticmethod
     def _expand(value: str, mail: ParsedMail) -> str:
@@ -521,7 +631,7 @@ class SuperOfficeSoapBackend:
                 )
             finally:
                 self._transport.release(marker)
-            att_id = _get(result, "attachmentId")
+            att_id = self._out(result, "addAttachment")
             if not att_id:
                 raise BackendUnavailable(
                     "superoffice-soap addAttachment: answer has no attachmentId"
@@ -551,9 +661,13 @@ class SuperOfficeSoapBackend:
         )
         await progress.begin("addMessage")
         result = await self._session_call(
-            "addMessage", _clean(text), ticket_id, str(self.cfg.message_slevel), {"item": att_ids}
+            "addMessage",
+            _clean(text),
+            ticket_id,
+            str(self.cfg.message_slevel),
+            self._shape.array("addMessage", 4, att_ids),
         )
-        message_id = str(_get(result, "messageId") or "")
+        message_id = str(self._out(result, "addMessage") or "")
         await progress.done("addMessage", message_id=message_id)
         log.info(
             "event=message_added backend=%s ticket_id=%s attachments=%d skipped=%d",
@@ -578,7 +692,7 @@ class SuperOfficeSoapBackend:
             params = self._ticket_params(decision, mail)
             await progress.begin("newTicket")
             result = await self._session_call("newTicket", *params)
-            ticket_id = str(_get(result, "ticketId") or "")
+            ticket_id = str(self._out(result, "newTicket") or "")
             if not ticket_id:
                 raise BackendUnavailable("superoffice-soap newTicket: answer has no ticketId")
             await progress.done("newTicket", ticket_id=ticket_id)
@@ -599,21 +713,21 @@ class SuperOfficeSoapBackend:
         await self._message(ref.id, mail, progress, automatic=automatic)
 
     async def ticket_status(self, ref: TicketRef) -> str | None:
-        """See `Backend`. Values other than open/closed (or an installation's status ids) → None."""
+        """See `Backend`. `ticket.status` is a number (EnumTicketBaseStatus) or a word; those in
+        `closed_statuses` are closed, 1/3 and open/active/postponed open, others → None."""
+        fields = self._shape.array("getTicket", 2, ["ticket.id", "ticket.status"])
         try:
-            result = await self._session_call(
-                "getTicket", ref.id, {"item": ["ticket.id", "ticket.status"]}
-            )
+            result = await self._session_call("getTicket", ref.id, fields)
         except CodeRefused as exc:
             if exc.code == CODE_UNKNOWN_TICKET:
                 raise PermanentError(f"superoffice-soap: unknown ticket {ref.id}") from exc
             raise
-        for item in _items(_get(result, "ticketResult")):
+        for item in _items(self._out(result, "getTicket")):
             if str(_get(item, "field") or "") == "ticket.status":
                 value = str(_get(item, "value") or "").strip().lower()
-                if value in ("closed", "deleted"):
+                if value in self._closed:
                     return "closed"
-                if value in ("open", "active", "postponed"):
+                if value in OPEN_STATUSES:
                     return "open"
                 return None
         return None

@@ -6,10 +6,15 @@ this type) and `WhmcsBackend`, which speaks the form-encoded `action=...` API ov
 - new ticket: optional client look-up (GetClientsDetails by the sender's e-mail, cached), then one
   OpenTicket call carrying text, custom fields (base64 of PHP `serialize()`) and attachments
   (base64 of a JSON list); the ticket's `id` is the internal id, its `ref` the public `tid`;
-- follow-up: AddTicketReply on the internal id (a ref the spool did not make, whose id is the
-  public `tid`, is first resolved with GetTicket `ticketnum`);
-- status: GetTicket; after a crash, GetTickets by e-mail and subject finds the ticket an
-  interrupted OpenTicket made (confirmed by comparing the first message's text).
+- follow-up: GetTicket (whose ticket; a ref the spool did not make, whose id is the public
+  `tid`, is resolved by `ticketnum`), then AddTicketReply on the internal id: with `clientid`
+  when the ticket belongs to a client and the sender is that client (WHMCS records a reply
+  with `name`/`email` as a guest's), else with the sender's `name` and `email`; `noemail` as on
+  OpenTicket; Markdown asked for under both documented spellings (`markdown`, `useMarkdown`);
+- status: GetTicket; closed is any of `closed_statuses`, by default what the installation's
+  GetSupportStatuses marks as closed (asked once an hour; "Closed" when it cannot tell);
+- after a crash, GetTickets by e-mail and subject finds the ticket an interrupted OpenTicket
+  made (confirmed by comparing the first message's text).
 
 WHMCS's error signalling is mapped at one boundary (`_call`): authentication and IP refusals,
 unknown commands and missing permissions (by their messages, whatever the status) →
@@ -39,7 +44,7 @@ from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import reply_view, select_attachments, ticket_text
-from gateway.errors import BackendUnavailable, PermanentError
+from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.secrets import resolve_secret
 
@@ -62,6 +67,10 @@ _UNAVAILABLE_MESSAGES = (
     "invalid api action",
 )
 _NOT_FOUND = "not found"
+DEFAULT_CLOSED = frozenset({"closed"})
+STATUSES_TTL = 3600.0  # seconds GetSupportStatuses' answer is kept
+TICKET_TTL = 30.0  # seconds a GetTicket answer serves the follow-up that asked for its status
+_FALSE = ("0", "false", "no", "off", "")
 _TAG_RE = re.compile(r"<[^>]*>")
 _SPACE_RE = re.compile(r"\s+")
 
@@ -85,6 +94,8 @@ class WhmcsConfig(BackendConfigBase):
     client_cache_seconds: float = Field(
         300.0, ge=0
     )  # look-up results (found or not) kept this long
+    # statuses that count as closed (case-insensitive); unset: asked of GetSupportStatuses
+    closed_statuses: list[str] | None = None
 
 
 class WhmcsTicket(BaseModel):
@@ -251,6 +262,8 @@ class WhmcsBackend:
             budget=budget,
         )
         self._clients: dict[str, tuple[float, str | None]] = {}  # e-mail → (expiry, client id)
+        self._closed: tuple[float, frozenset[str]] | None = None  # (expiry, lower-case titles)
+        self._tickets: dict[str, tuple[float, dict[str, Any]]] = {}  # id or tid → GetTicket
 
     # -- the one boundary where WHMCS's and httpx's errors become ours ---------------------------
 
@@ -413,16 +426,62 @@ class WhmcsBackend:
         )
         return text, keep
 
-    async def _ticket_id(self, ref: TicketRef) -> str:
-        """The internal id AddTicketReply takes. A ref whose id is its public `tid` (a ticket
-        the spool did not make) is resolved with GetTicket `ticketnum`."""
+    async def _get_ticket(self, ref: TicketRef) -> dict[str, Any]:
+        """GetTicket by internal id, or by `ticketnum` for a ref whose id is the public `tid`
+        (a ticket the spool did not make). Kept briefly: a follow-up asks for the status first,
+        then who the ticket belongs to."""
         if ref.id.isdigit() and ref.id != ref.ref:
-            return ref.id
-        data = await self._call("GetTicket", {"ticketnum": ref.ref or ref.id})
-        ticket_id = str(data.get("ticketid") or data.get("id") or "")
-        if not ticket_id:
-            raise PermanentError(f"WHMCS GetTicket: no ticket id for {ref.ref}")
-        return ticket_id
+            key, params = ref.id, {"ticketid": ref.id}
+        else:
+            key, params = f"tid:{ref.ref or ref.id}", {"ticketnum": ref.ref or ref.id}
+        now = time.monotonic()
+        cached = self._tickets.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        data = await self._call("GetTicket", params)
+        self._tickets = {k: v for k, v in self._tickets.items() if v[0] > now}
+        self._tickets[key] = (now + TICKET_TTL, data)
+        return data
+
+    async def _reply_author(self, ticket: Mapping[str, Any], mail: ParsedMail) -> dict[str, str]:
+        """`clientid` when the ticket is a client's and the sender is that client; else the
+        sender's `name` and `email` (a guest reply)."""
+        userid = str(ticket.get("userid") or "0").strip()
+        if userid not in ("", "0") and mail.from_addr:
+            owner = str(ticket.get("email") or "").strip().lower()
+            if mail.from_addr.lower() == owner:
+                return {"clientid": userid}
+            if self.cfg.client_lookup and await self.lookup_client(mail.from_addr) == userid:
+                return {"clientid": userid}
+        return self._sender(mail)
+
+    async def closed_statuses(self) -> frozenset[str]:
+        """Lower-case titles of the statuses that count as closed (see the module docstring).
+
+        GetSupportStatuses documents `title` and `count` per status; a status entry that says
+        it is not active (`showactive` false, as WHMCS stores "Include in Active Tickets") or
+        closed (`closed` true) is taken as closed besides "Closed". Any failure: "Closed".
+        """
+        if self.cfg.closed_statuses is not None:
+            return frozenset(s.strip().lower() for s in self.cfg.closed_statuses if s.strip())
+        now = time.monotonic()
+        if self._closed is not None and self._closed[0] > now:
+            return self._closed[1]
+        closed = set(DEFAULT_CLOSED)
+        try:
+            data = await self._call("GetSupportStatuses", {})
+        except (PermanentError, TransientError, BackendUnavailable) as exc:
+            log.info("event=whmcs_statuses_unknown backend=%s error=%s", self.name, exc)
+            data = {}
+        for entry in _listing(data, "statuses", "status"):
+            title = str(entry.get("title") or "").strip().lower()
+            active = str(entry.get("showactive", "1")).strip().lower()
+            flagged = str(entry.get("closed", "0")).strip().lower()
+            if title and (active in _FALSE or flagged not in _FALSE):
+                closed.add(title)
+        self._closed = (now + STATUSES_TTL, frozenset(closed))
+        log.info("event=whmcs_closed_statuses backend=%s closed=%s", self.name, sorted(closed))
+        return self._closed[1]
 
     # -- Backend --------------------------------------------------------------------------------
 
@@ -448,8 +507,8 @@ class WhmcsBackend:
             params["customfields"] = encode_customfields(fields.customfields)
         if fields.noemail if fields.noemail is not None else self.cfg.noemail:
             params["noemail"] = "1"
-        if self.cfg.markdown:
-            params["markdown"] = "1"
+        if self.cfg.markdown:  # the docs name it both ways
+            params["markdown"] = params["useMarkdown"] = "1"
         await progress.begin(STEP_OPEN)
         data = await self._call("OpenTicket", params, attachments)
         ticket_id, tid = str(data.get("id") or ""), str(data.get("tid") or "")
@@ -472,33 +531,37 @@ class WhmcsBackend:
         mail = reply_view(mail, self.cfg.quoted, followup=True)
         if STEP_REPLY in progress.data:
             return
-        ticket_id = await self._ticket_id(ref)
+        ticket = await self._get_ticket(ref)
+        ticket_id = str(ticket.get("ticketid") or ticket.get("id") or "")
+        if not ticket_id:
+            raise PermanentError(f"WHMCS GetTicket: no ticket id for {ref.ref}")
         text, attachments = self._text(mail, automatic=automatic)
-        params = {"ticketid": ticket_id, "message": text, **self._sender(mail)}
-        if self.cfg.markdown:
-            params["markdown"] = "1"
+        who = await self._reply_author(ticket, mail)
+        params = {"ticketid": ticket_id, "message": text, **who}
+        if self.cfg.noemail:
+            params["noemail"] = "1"
+        if self.cfg.markdown:  # the docs name it both ways
+            params["markdown"] = params["useMarkdown"] = "1"
         await progress.begin(STEP_REPLY)
         await self._call("AddTicketReply", params, attachments)
         await progress.done(STEP_REPLY, ticketid=ticket_id)
         log.info(
-            "event=message_added backend=%s id=%s ref=%s attachments=%d automatic=%s",
+            "event=message_added backend=%s id=%s ref=%s attachments=%d automatic=%s as=%s",
             self.name,
             ticket_id,
             ref.ref,
             len(attachments),
             automatic,
+            "client" if "clientid" in who else "guest",
         )
 
     async def ticket_status(self, ref: TicketRef) -> str | None:
-        if ref.id.isdigit() and ref.id != ref.ref:
-            params = {"ticketid": ref.id}
-        else:
-            params = {"ticketnum": ref.ref or ref.id}
-        data = await self._call("GetTicket", params)
+        self._tickets.clear()  # a fresh answer: the status is what is asked
+        data = await self._get_ticket(ref)
         status = str(data.get("status", "")).strip()
         if not status:
             return None
-        return "closed" if status.lower() == "closed" else "open"
+        return "closed" if status.lower() in await self.closed_statuses() else "open"
 
     async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
         """See `Backend`. Searchable: `find_existing` answers instead."""

@@ -86,7 +86,7 @@ FIELDS: dict[str, dict[str, _FieldCheck]] = {
         "person": _lookup_or_id,
         "notify": _bool,
     },
-    "interserver": {"product": _text, "box_auth_value": _text},
+    "interserver": {"product": _text},
     "whmcs": {
         "deptid": _id,
         "priority": _whmcs_priority,
@@ -98,7 +98,19 @@ FIELDS: dict[str, dict[str, _FieldCheck]] = {
 }
 
 
+# Fields a rule must never set, whatever its backend, and why (where they come from instead).
+CONFIG_ONLY_FIELDS: dict[str, str] = {
+    "box_auth_value": (
+        "box_auth_value may not be set by a rule: InterServer stores it encrypted as the "
+        "ticket's 'Root Password (VPS / Dedicated Server)' field, so it must never come from "
+        "mail content; set it (if at all) in config: [backends.NAME] box_auth_value_file"
+    ),
+}
+
+
 def _field_error(backend_type: str, name: str, value: Any) -> str | None:
+    if name in CONFIG_ONLY_FIELDS:
+        return CONFIG_ONLY_FIELDS[name]
     checks = FIELDS.get(backend_type, {})
     if name not in checks:
         return f"{name!r} is not a {backend_type} field (those are: {', '.join(checks)})"

@@ -14,7 +14,7 @@ import re2
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from gateway.errors import ConfigError, Problem
-from gateway.rules.fields import FIELDS, _field_error, _is_int
+from gateway.rules.fields import CONFIG_ONLY_FIELDS, FIELDS, _field_error, _is_int
 from gateway.rules.match import (
     _BOOL_TESTS,
     _DAYS,
@@ -194,7 +194,9 @@ class _Loader:
         out: dict[str, Any] = {}
         for name, value in raw.items():
             where = (*loc, name)
-            if backend_type == "?":  # unknown backend: already reported
+            if name in CONFIG_ONLY_FIELDS:
+                error = CONFIG_ONLY_FIELDS[name]
+            elif backend_type == "?":  # unknown backend: already reported
                 error = None
             elif backend_type is not None:
                 error = _field_error(backend_type, name, value)

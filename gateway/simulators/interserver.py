@@ -9,24 +9,38 @@ SOAPAction is ignored. Answers use the literal shape of the bundled WSDL
 (`gateway/backends/wsdl/interserver.wsdl`): `<api_xResponse><return>...</return>`, arrays as
 `<item>` elements.
 
-How it signals (our choices where the contract is silent, marked [U] there):
+How it signals (as the server's own code does, `detain/myadmin-kayako-support` `src/api.php`;
+our choices where that is silent):
 - Failed login: `return` is the empty string (documented).
 - Invalid, expired (`POST /_sim/sessions/expire`) or refused session: a SOAP Fault, faultcode
-  `SOAP-ENV:Client`, faultstring `Invalid Session ID` (the contract says faults are for
-  protocol-level problems; a business call never starts without a session).
-- Business errors: `status` "Failed" with a `status_text` in the `return` struct (documented).
-- Faults injected via `/_sim/fault`: `error` → HTTP 503 with a text body; `reject` → status
-  "Failed" with a business text (login is unaffected); `auth` → `api_login` returns "" and every
-  session is refused while the fault lasts; `down`/`slow` are applied by `SimState.gate`.
-- `api_openTicket` also refuses an empty subject (`Subject is required!`), so that clients have to
-  supply one.
+  `SOAP-ENV:Client`, faultstring `Invalid Session ID` (not in the public code: our choice).
+- `api_openTicket` answers `status "success"` ("created ticket successfully.") with a Kayako mask
+  such as `KVO-530-34143` as `ticket_reference_id`; it refuses (`status "Failed"`) an empty
+  `user_email` or `user_ip`, an invalid address, another account's address, an empty subject.
+  A non-empty `product` rewrites the ticket as the server does: body `"<product>\n\n<body>"`,
+  and a subject shorter than 30 characters becomes `"<product> : <subject>"`.
+- `api_viewTicket` / `api_ticketPost` answer `status "Success"`; a ticket is found by its mask or
+  its numeric Kayako id. Business errors: `status "Failed"` with a `status_text`.
+- `api_getTicketList` ignores its `status` argument, lists the account's tickets that are not
+  closed (the server's Kayako status ids 4, 5, 6), newest activity first; `totalPages` is the
+  unrounded quotient rows / limit.
+- Faults injected via `/_sim/fault`: `error` → what Kayako's failures look like: lowercase
+  `status "failed"` with "Kayako exception occurred ... Please try again!" for `api_openTicket`
+  (nothing created; but with a non-empty `box_auth_value` the ticket IS created and the answer is
+  the "updating root/admin pass" failure, as on the real server) and `api_getTicketList`; HTTP 503
+  for the others; `reject` → `status "Failed"` with a business text (login is unaffected);
+  `auth` → `api_login` returns "" and every session is refused while the fault lasts;
+  `down`/`slow` are applied by `SimState.gate`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
-from collections.abc import Mapping, Sequence
+import string
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -49,7 +63,7 @@ WSDL_SOAP = "http://schemas.xmlsoap.org/wsdl/soap/"
 INVALID_SESSION = "Invalid Session ID"
 WRONG_EMAIL = "Invalid Email Address - Does not match your account email!"
 NO_TICKET = "Error loading ticket details!"
-REJECT_OPEN = "Ticket could not be created: request refused by the helpdesk (simulated)"
+REJECT_OPEN = "Kayako ticket creation failed"
 REJECT_LIST = "Error loading ticket list!"
 
 # Parameter order per operation (the contract's table); used for positional requests.
@@ -190,6 +204,35 @@ def _statustitle(ticket: SimTicket) -> str:
     return "Closed" if ticket.status == "closed" else "Open"
 
 
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+TRY_AGAIN_OPEN = "Kayako exception occurred creating ticket. Please try again!"
+TRY_AGAIN_ROOT_PASS = "Kayako exception occurred updating root/admin pass. Please try again!"
+TRY_AGAIN_LIST = "Kayako exception occurred searching tickets. Please try again!"
+SHORT_SUBJECT = 30  # a subject shorter than this gets the product in front (mb_strlen)
+
+
+def new_mask(taken: Callable[[str], bool]) -> str:
+    """A Kayako display id such as `KVO-530-34143` that `taken` does not know yet."""
+    while True:
+        mask = "{}-{:03d}-{:05d}".format(
+            "".join(secrets.choice(string.ascii_uppercase) for _ in range(3)),
+            secrets.randbelow(1000),
+            secrets.randbelow(100000),
+        )
+        if not taken(mask):
+            return mask
+
+
+def rewrite(product: str, subject: str, body: str) -> tuple[str, str]:
+    """What the server does with a non-empty `product` before it creates the ticket."""
+    if not product:
+        return subject, body
+    body = f"{product}\n\n{body}"
+    if len(subject) < SHORT_SUBJECT:
+        subject = f"{product} : {subject}"
+    return subject, body
+
+
 class InterServerSim:
     """The calls of one simulated InterServer account (ACCOUNT_EMAIL / PASSWORD)."""
 
@@ -214,15 +257,18 @@ class InterServerSim:
         if op == "api_login":
             return self.login(p, mode)
         self._check_session(p.get("sid"), mode)
-        handler = {
-            "api_openTicket": self.open_ticket,
-            "api_ticketPost": self.ticket_post,
-            "api_viewTicket": self.view_ticket,
-            "api_getTicketList": self.ticket_list,
-        }[op]
+        if op == "api_openTicket":
+            return self.open_ticket(p, mode)
+        if op == "api_getTicketList":
+            return self.ticket_list(p, mode)
+        if mode == "error":
+            raise Busy
+        handler = {"api_ticketPost": self.ticket_post, "api_viewTicket": self.view_ticket}[op]
         return handler(p, mode == "reject")
 
     def login(self, p: dict[str, str | None], mode: str | None) -> str:
+        if mode == "error":
+            raise Busy
         if mode == "auth" or p.get("username") != ACCOUNT_EMAIL or p.get("password") != PASSWORD:
             log.info("event=sim_login result=refused")
             return ""
@@ -230,46 +276,79 @@ class InterServerSim:
         self.sessions[sid] = (self.state.session_epoch, self.state.calls)
         return sid
 
-    def open_ticket(self, p: dict[str, str | None], reject: bool) -> dict[str, Any]:
-        def failed(text: str) -> dict[str, Any]:
-            return {"status": "Failed", "status_text": text, "ticket_reference_id": -1}
+    def open_ticket(self, p: dict[str, str | None], mode: str | None) -> dict[str, Any]:
+        def failed(text: str, status: str = "Failed") -> dict[str, Any]:
+            return {"status": status, "status_text": text, "ticket_reference_id": -1}
 
-        if reject:
-            return failed(REJECT_OPEN)
-        if (p.get("user_email") or "").strip().lower() != ACCOUNT_EMAIL:
+        email = (p.get("user_email") or "").strip()
+        if not email:
+            return failed("User email is required. Please try again!")
+        if not (p.get("user_ip") or "").strip():
+            return failed("User IP is required. Please try again!")
+        if not _EMAIL.match(email):
+            return failed("User email is not valid. Please try again!")
+        if email.lower() != ACCOUNT_EMAIL:
             return failed(WRONG_EMAIL)
-        subject = (p.get("subject") or "").strip()
-        if not subject:
+        if mode == "reject":
+            return failed(REJECT_OPEN)
+        box = p.get("box_auth_value") or ""
+        if mode == "error" and not box:
+            return failed(TRY_AGAIN_OPEN, status="failed")
+        product = p.get("product") or ""
+        subject, body = rewrite(product, p.get("subject") or "", p.get("body") or "")
+        if not subject.strip():
             return failed("Subject is required!")
-        number = self.state.next_id(SYSTEM)
+        mask = new_mask(lambda m: self.state.find(SYSTEM, m) is not None)
+        number = str(self.state.next_id(SYSTEM))
         ticket = SimTicket(
             system=SYSTEM,
-            id=str(number),
-            ref=str(number),
+            id=mask,
+            ref=mask,
             title=subject,
             requester=ACCOUNT_EMAIL,
             fields={
-                "user_email": p.get("user_email") or "",
+                "user_email": email,
                 "user_ip": p.get("user_ip") or "",
-                "product": p.get("product") or "",
-                "box_auth_value": p.get("box_auth_value") or "",
+                "product": product,
+                "box_auth_value": box,
             },
-            messages=[SimMessage(body=p.get("body") or "", author=ACCOUNT_EMAIL)],
+            messages=[SimMessage(body=body, author=ACCOUNT_EMAIL)],
+            internal={"ticket_id": number},
         )
         self.state.add_ticket(ticket)
         log.info("event=sim_open_ticket id=%s", ticket.id)
-        return {"status": "ok", "status_text": "Ticket Created", "ticket_reference_id": number}
+        if mode == "error":  # created, then the custom-field update failed (real server)
+            return failed(TRY_AGAIN_ROOT_PASS, status="failed")
+        return {
+            "status": "success",
+            "status_text": "created ticket successfully.",
+            "ticket_reference_id": mask,
+        }
 
     def _ticket(self, p: dict[str, str | None]) -> SimTicket | None:
-        return self.state.find(SYSTEM, (p.get("ticketID") or "").strip())
+        key = (p.get("ticketID") or "").strip()
+        found = self.state.find(SYSTEM, key)
+        if found is None and key.isdigit():  # Kayako also takes its numeric ticket id
+            found = next(
+                (
+                    t
+                    for t in self.state.tickets
+                    if t.system == SYSTEM and str(t.internal.get("ticket_id", "")) == key
+                ),
+                None,
+            )
+        return found
 
     def ticket_post(self, p: dict[str, str | None], reject: bool) -> dict[str, Any]:
         ticket = None if reject else self._ticket(p)
         if ticket is None:
             return {"status": "Failed", "status_text": NO_TICKET}
+        if not (p.get("content") or ""):
+            return {"status": "Failed", "status_text": "Content is required"}
         ticket.messages.append(SimMessage(body=p.get("content") or "", author=ACCOUNT_EMAIL))
         ticket.status = "open"  # a customer's reply reopens a closed ticket
-        return {"status": "ok", "status_text": "Reply posted"}
+        ticket.internal["last_activity"] = time.time()
+        return {"status": "Success", "status_text": "Post added successfully"}
 
     def view_ticket(self, p: dict[str, str | None], reject: bool) -> dict[str, Any]:
         ticket = None if reject else self._ticket(p)
@@ -277,7 +356,7 @@ class InterServerSim:
             return {"status": "Failed", "status_text": NO_TICKET}
         stamp = str(int(ticket.created_at))
         return {
-            "status": "ok",
+            "status": "Success",
             "status_text": "Ticket details",
             "result": {
                 "ticket_reference_id": ticket.ref,
@@ -286,8 +365,8 @@ class InterServerSim:
                 "subject": ticket.title,
                 "creationtime": stamp,
                 "statustitle": _statustitle(ticket),
-                "prioritytitle": "Standard",
-                "lastactivity": stamp,
+                "prioritytitle": "Standard - 1 to 3 hour resolution",
+                "lastactivity": str(int(_last_activity(ticket))),
                 "posts": [
                     {
                         "email": m.author,
@@ -300,17 +379,15 @@ class InterServerSim:
             },
         }
 
-    def ticket_list(self, p: dict[str, str | None], reject: bool) -> dict[str, Any]:
-        if reject:
+    def ticket_list(self, p: dict[str, str | None], mode: str | None) -> dict[str, Any]:
+        if mode == "reject":
             return {"status": "Failed", "status_text": REJECT_LIST, "totalPages": "0"}
-        wanted = (p.get("status") or "").strip().lower()
-        tickets = [
-            t
-            for t in self.state.tickets
-            if t.system == SYSTEM and (not wanted or _statustitle(t).lower() == wanted)
-        ]
-        # Newest first, like the live list (ordered by last activity).
-        tickets.sort(key=lambda t: (t.created_at, _int(t.id, 0)), reverse=True)
+        if mode == "error":
+            return {"status": "failed", "status_text": TRY_AGAIN_LIST, "tickets": ""}
+        # The server's `status` argument is ignored (its code is commented out): the list holds
+        # the tickets in the open statuses, newest activity first.
+        tickets = [t for t in self.state.tickets if t.system == SYSTEM and t.status != "closed"]
+        tickets.sort(key=lambda t: (_last_activity(t), t.created_at), reverse=True)
         limit = _int(p.get("limit"), 10)
         limit = limit if limit > 0 else 10
         page = max(_int(p.get("page"), 1), 1)
@@ -322,18 +399,27 @@ class InterServerSim:
             "totalPages": f"{len(tickets) / limit:g}",
             "tickets": [
                 {
-                    "ticket_id": t.id,
+                    "ticket_id": str(t.internal.get("ticket_id") or t.id),
                     "ticket_reference_id": t.ref,
                     "subject": t.title,
                     "lastreplier": t.messages[-1].author if t.messages else t.requester,
                     "statustitle": _statustitle(t),
-                    "prioritytitle": "Standard",
+                    "prioritytitle": "Standard - 1 to 3 hour resolution",
                     "replies": str(max(len(t.messages) - 1, 0)),
-                    "lastactivity": str(int(t.created_at)),
+                    "lastactivity": str(int(_last_activity(t))),
                 }
                 for t in chunk
             ],
         }
+
+
+def _last_activity(ticket: SimTicket) -> float:
+    value = ticket.internal.get("last_activity")
+    return float(value) if isinstance(value, int | float) else ticket.created_at
+
+
+class Busy(Exception):
+    """Answer with HTTP 503 (the server is busy)."""
 
 
 def add_routes(app: web.Application, state: SimState) -> None:
@@ -350,12 +436,12 @@ def add_routes(app: web.Application, state: SimState) -> None:
 
     async def post(request: web.Request) -> web.Response:
         mode = await state.gate(SYSTEM, request)
-        if mode == "error":
-            raise web.HTTPServiceUnavailable(text="Service temporarily unavailable")
         body = await request.read()
         try:
             op, params = parse_call(body)
             return response(op, sim.call(op, params, mode))
+        except Busy:
+            raise web.HTTPServiceUnavailable(text="Service temporarily unavailable") from None
         except SoapFault as exc:
             log.info("event=sim_fault code=%s text=%r", exc.code, exc.text)
             return fault(exc.code, exc.text)

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.simulators import interserver, sink, superoffice_rest, superoffice_soap, whmcs
-from gateway.simulators.state import SYSTEMS, SimState, SimTicket, parse_fault
+from gateway.simulators.state import LATE_REPLY, SYSTEMS, SimState, SimTicket, parse_fault
 
 log = logging.getLogger("gateway.simulators")
 
@@ -35,8 +35,18 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
+@web.middleware
+async def _late_reply(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A `slow` fault with `late_reply`: the call has taken effect, its answer comes late."""
+    response: web.StreamResponse = await handler(request)
+    delay = request.get(LATE_REPLY)
+    if delay:
+        await asyncio.sleep(float(delay))
+    return response
+
+
 def build_app(state: SimState) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_late_reply])
 
     async def list_tickets(request: web.Request) -> web.Response:
         system = request.query.get("system")
@@ -47,7 +57,12 @@ def build_app(state: SimState) -> web.Application:
         system = body.get("system")
         if system not in SYSTEMS:
             raise web.HTTPBadRequest(text=f"system must be one of {', '.join(SYSTEMS)}")
-        tid = str(body.get("id") or state.next_id(system))
+        if body.get("id"):
+            tid = str(body["id"])
+        elif system == interserver.SYSTEM:  # Kayako names its tickets by masks
+            tid = interserver.new_mask(lambda m: state.find(system, m) is not None)
+        else:
+            tid = str(state.next_id(system))
         if state.find(system, tid) is not None:
             raise web.HTTPConflict(text=f"{system} ticket {tid} exists")
         ref = str(body.get("ref") or tid)
@@ -64,10 +79,19 @@ def build_app(state: SimState) -> web.Application:
         return _json(ticket.to_json(), status=201)
 
     async def close_ticket(request: web.Request) -> web.Response:
-        t = state.find(request.match_info["system"], request.match_info["id"])
+        """Close a ticket; WHMCS also takes {"status": "Resolved"}: a custom closed status."""
+        system = request.match_info["system"]
+        t = state.find(system, request.match_info["id"])
         if t is None:
             raise web.HTTPNotFound(text="no such ticket")
-        t.status = "closed"
+        status = "closed"
+        if request.can_read_body and (await request.read()).strip():
+            custom = str((await _body(request)).get("status") or "").strip()
+            if custom and system != whmcs.SYSTEM:
+                raise web.HTTPBadRequest(text="only whmcs has custom statuses")
+            if custom and custom.lower() != "closed":
+                status = custom
+        t.status = status
         return _json(t.to_json())
 
     async def add_client(request: web.Request) -> web.Response:

@@ -25,6 +25,8 @@ ID_STARTS = {
     "whmcs": 1001,
 }
 
+LATE_REPLY = "sim_late_reply"  # request key: seconds to hold the answer back (see Fault.late_reply)
+
 # Demo credentials; config.example.toml uses the same ones.
 ACCOUNT_EMAIL = "gateway@example.com"
 PASSWORD = "demo-password"
@@ -36,6 +38,7 @@ class SimMessage:
     author: str
     attachments: list[str] = field(default_factory=list)
     html: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)  # what the call carried besides text
 
 
 @dataclass
@@ -49,6 +52,9 @@ class SimTicket:
     messages: list[SimMessage] = field(default_factory=list)
     status: str = "open"
     created_at: float = field(default_factory=time.time)
+    # what a system keeps besides the public view (InterServer's numeric Kayako id, the time of
+    # the last activity...): never shown by /_sim/tickets
+    internal: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +70,7 @@ class SimTicket:
                     "author": m.author,
                     "attachments": list(m.attachments),
                     "html": m.html,
+                    "fields": copy.deepcopy(m.fields),
                 }
                 for m in self.messages
             ],
@@ -78,6 +85,7 @@ class Fault:
     latency_ms: int = 0
     count: int | None = None  # calls it applies to; None = until cleared / expired
     until: float | None = None  # monotonic deadline; None = no time limit
+    late_reply: bool = False  # slow: the system acts at once, only its answer is late
 
 
 class SimState:
@@ -148,7 +156,9 @@ class SimState:
         f = self._active_fault(system)
         if f is None:
             return None
-        if f.latency_ms:
+        if f.latency_ms and f.late_reply:
+            request[LATE_REPLY] = f.latency_ms / 1000  # slept by the server after the call
+        elif f.latency_ms:  # counted: how many calls the system had in flight at once
             now = self.inflight[system] = self.inflight.get(system, 0) + 1
             self.max_inflight[system] = max(self.max_inflight.get(system, 0), now)
             try:
@@ -184,4 +194,5 @@ def parse_fault(body: dict[str, Any]) -> tuple[str, Fault | None]:
         latency_ms=latency,
         count=int(count) if count is not None else None,
         until=time.monotonic() + float(seconds) if seconds is not None else None,
+        late_reply=bool(body.get("late_reply", False)),
     )

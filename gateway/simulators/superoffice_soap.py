@@ -20,6 +20,15 @@ shared/contracts/superoffice-soap.md:
 
 Requests are read leniently: the operation is the Body's first child element and parameters are
 found by local name (namespaces and xsi:type ignored); an array parameter's items are its children.
+
+Ticket status is numeric in `getTicket` (`ticket.status`, TypeInteger), as in the real database
+(EnumTicketBaseStatus: 1 active, 2 closed).
+
+A second endpoint, `/superoffice/soap/customer-alt` (WSDL at `?wsdl`), serves the same tickets
+through an "installation-style" WSDL (`simulators/wsdl/superoffice_customer_alt.wsdl`): another
+namespace, other part names, rpc/encoded answers with `xsi:type` and SOAP-ENC arrays. There,
+request parameters are read by position (the documented order) and answers are written with that
+WSDL's output part names, so a client that depends on our packaged WSDL's names fails there.
 """
 
 from __future__ import annotations
@@ -46,8 +55,16 @@ XmlElement = Any  # an lxml element (lxml names its type only privately)
 
 SYSTEM = "superoffice-soap"
 PATH = "/superoffice/soap/customer"
+ALT_PATH = "/superoffice/soap/customer-alt"
 TNS = "urn:superoffice:cs:customer"
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP_ENC = "http://schemas.xmlsoap.org/soap/encoding/"
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
+XSD = "http://www.w3.org/2001/XMLSchema"
+WSDL_NS = "http://schemas.xmlsoap.org/wsdl/"
+# EnumTicketBaseStatus (SuperOfficeDocs docs/database/tables/enums/EnumTicketBaseStatus.md)
+STATUS_ACTIVE = "1"
+STATUS_CLOSED = "2"
 WSDL_ADDRESS = re.compile(rb'(<soap:address\s+location=")[^"]*(")')
 DEFAULT_SESSION_IDLE = 30 * 60.0  # seconds; the documented default of the real system
 
@@ -245,6 +262,109 @@ def wsdl_bytes() -> bytes:
     )
 
 
+def alt_wsdl_bytes() -> bytes:
+    """The installation-style WSDL of `/superoffice/soap/customer-alt`."""
+    return (
+        resources.files("gateway.simulators")
+        .joinpath("wsdl")
+        .joinpath("superoffice_customer_alt.wsdl")
+        .read_bytes()
+    )
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one WSDL names things: per operation the input and output part names in order, and
+    for each array type (by local name) its item type (a QName text such as "xsd:int")."""
+
+    namespace: str
+    inputs: dict[str, tuple[str, ...]]
+    outputs: dict[str, tuple[str, ...]]
+    part_types: dict[tuple[str, str], str]  # (op, output part) -> type local name
+    item_types: dict[str, str]  # array type local name -> item type ("xsd:int", "ns:X")
+    encoded: bool
+
+
+def read_dialect(data: bytes) -> Dialect:
+    root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+    messages: dict[str, list[tuple[str, str]]] = {}
+    for msg in root.iter(f"{{{WSDL_NS}}}message"):
+        messages[msg.get("name", "")] = [
+            (p.get("name", ""), p.get("type", "").rpartition(":")[2])
+            for p in msg.iter(f"{{{WSDL_NS}}}part")
+        ]
+    inputs: dict[str, tuple[str, ...]] = {}
+    outputs: dict[str, tuple[str, ...]] = {}
+    part_types: dict[tuple[str, str], str] = {}
+    for op in root.iter(f"{{{WSDL_NS}}}operation"):
+        inp, out = op.find(f"{{{WSDL_NS}}}input"), op.find(f"{{{WSDL_NS}}}output")
+        if inp is None or out is None or not inp.get("message"):
+            continue  # a binding operation
+        name = op.get("name", "")
+        in_parts = messages.get(str(inp.get("message")).rpartition(":")[2], [])
+        out_parts = messages.get(str(out.get("message")).rpartition(":")[2], [])
+        inputs[name] = tuple(n for n, _ in in_parts)
+        outputs[name] = tuple(n for n, _ in out_parts)
+        for part, kind in out_parts:
+            part_types[(name, part)] = kind
+    item_types: dict[str, str] = {}
+    for ct in root.iter(f"{{{XSD}}}complexType"):
+        for attr in ct.iter(f"{{{XSD}}}attribute"):
+            array_type = attr.get(f"{{{WSDL_NS}}}arrayType")
+            if array_type:
+                item_types[ct.get("name", "")] = array_type.split("[", 1)[0]
+    return Dialect(
+        namespace=root.get("targetNamespace", ""),
+        inputs=inputs,
+        outputs=outputs,
+        part_types=part_types,
+        item_types=item_types,
+        encoded='use="encoded"' in data.decode("utf-8", "replace"),
+    )
+
+
+def _add_encoded(parent: etree._Element, name: str, value: Any, kind: str, d: Dialect) -> None:
+    """One rpc/encoded part: `xsi:type` on every value, arrays as SOAP-ENC:Array."""
+    el = etree.SubElement(parent, name)
+    if isinstance(value, list):
+        item = d.item_types.get(kind, "xsd:string")
+        el.set(f"{{{XSI}}}type", "SOAP-ENC:Array")
+        el.set(f"{{{SOAP_ENC}}}arrayType", f"{item}[{len(value)}]")
+        for v in value:
+            child = etree.SubElement(el, "item")
+            child.set(f"{{{XSI}}}type", item)
+            if isinstance(v, dict):
+                for k, sub in v.items():
+                    member = etree.SubElement(child, k)
+                    member.set(f"{{{XSI}}}type", "xsd:string")
+                    member.text = _clean(str(sub))
+            else:
+                child.text = _clean(str(v))
+    else:
+        el.set(f"{{{XSI}}}type", "xsd:string")
+        el.text = _clean(str(value)) if value is not None else ""
+
+
+def response_alt(op: str, values: list[Any], d: Dialect) -> web.Response:
+    """The answer in the installation-style WSDL's shape: its part names by position."""
+    env = etree.Element(
+        f"{{{SOAP_ENV}}}Envelope",
+        nsmap={
+            "SOAP-ENV": SOAP_ENV,
+            "SOAP-ENC": SOAP_ENC,
+            "xsi": XSI,
+            "xsd": XSD,
+            "ns": d.namespace,
+        },
+    )
+    env.set(f"{{{SOAP_ENV}}}encodingStyle", SOAP_ENC)
+    body = etree.SubElement(env, f"{{{SOAP_ENV}}}Body")
+    resp = etree.SubElement(body, f"{{{d.namespace}}}{op}Response")
+    for name, value in zip(d.outputs.get(op, ()), values, strict=False):
+        _add_encoded(resp, name, value, d.part_types.get((op, name), ""), d)
+    return _xml_response(env)
+
+
 class CustomerPortSim:
     """State and operations of the simulated customer port (sessions, attachments, errors)."""
 
@@ -256,6 +376,8 @@ class CustomerPortSim:
         self._next_attachment = 5001
         self._next_message = 9001
         self._message_ids: dict[tuple[str, int], str] = {}
+        self.ours = read_dialect(wsdl_bytes())
+        self.alt = read_dialect(alt_wsdl_bytes())
         self._ops: dict[str, Callable[[Call, str | None], Awaitable[Reply]]] = {
             "login": self.login,
             "logout": self.logout,
@@ -270,19 +392,33 @@ class CustomerPortSim:
     # -- HTTP ---------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The customer port as our packaged WSDL describes it (`PATH`)."""
+        return await self._serve(request, None)
+
+    async def handle_alt(self, request: web.Request) -> web.StreamResponse:
+        """The same port as the installation-style WSDL describes it (`ALT_PATH`)."""
+        return await self._serve(request, self.alt)
+
+    async def _serve(self, request: web.Request, alt: Dialect | None) -> web.StreamResponse:
         mode = await self.state.gate(SYSTEM, request)
         if mode == "error":
             return web.Response(status=503, text="server busy", headers={"Retry-After": "1"})
         if request.method in ("GET", "HEAD") and "wsdl" in {k.lower() for k in request.query}:
-            location = f"{request.scheme}://{request.host}{PATH}".encode()
-            body = WSDL_ADDRESS.sub(lambda m: m.group(1) + location + m.group(2), wsdl_bytes())
+            path = PATH if alt is None else ALT_PATH
+            location = f"{request.scheme}://{request.host}{path}".encode()
+            source = wsdl_bytes() if alt is None else alt_wsdl_bytes()
+            body = WSDL_ADDRESS.sub(lambda m: m.group(1) + location + m.group(2), source)
             return web.Response(body=body, content_type="text/xml", charset="utf-8")
         if request.method != "POST":
             return fault_xml("Client", f"method {request.method} not allowed; POST a SOAP request")
         try:
             call = parse_request(await request.read())
+            if alt is not None:
+                call = self._by_position(call, alt)
             if call.op == "getErrorMessage":
                 text = self.error_message(call.text("sessionKey"), mode)
+                if alt is not None:
+                    return response_alt(call.op, [text], alt)
                 return response_xml(call.op, [("errorMessage", text)])
             handler = self._ops.get(call.op)
             if handler is None:
@@ -292,7 +428,24 @@ class CustomerPortSim:
             log.info("event=soap_fault code=%s", exc.code)
             return fault_xml(exc.code, exc.message)
         log.debug("event=call op=%s code=%d", call.op, code)
+        if alt is not None:
+            outs = [value for _, value in parts]
+            if call.op == "getTicket":
+                outs = [outs[0], [int(i) for i in outs[1]]] if outs else outs  # int[]
+            return response_alt(call.op, [str(code), *outs], alt)
         return response_xml(call.op, [("errorCode", str(code)), *parts])
+
+    def _by_position(self, call: Call, alt: Dialect) -> Call:
+        """Parameters named as our packaged WSDL names them, taken by position."""
+        ours = self.ours.inputs.get(call.op)
+        theirs = alt.inputs.get(call.op)
+        if ours is None or theirs is None:
+            return call
+        renamed = Call(op=call.op)
+        for mine, their in zip(ours, theirs, strict=False):
+            if their in call.params:
+                renamed.params[mine] = call.params[their]
+        return renamed
 
     # -- sessions and errors ------------------------------------------------------------------
 
@@ -468,7 +621,10 @@ class CustomerPortSim:
             "ticket.title": (ticket.title, "TypeVarchar"),
             "ticket.created_at": (stamp, "TypeDateTime"),
             "ticket.category": (str(ticket.fields.get("categoryId", 1)), "TypeForeignKey"),
-            "ticket.status": ("closed" if ticket.status == "closed" else "open", "TypeVarchar"),
+            "ticket.status": (
+                STATUS_CLOSED if ticket.status == "closed" else STATUS_ACTIVE,
+                "TypeInteger",
+            ),
             "ticket.replied_at": ("", "TypeDateTime"),
             "ticket.closed_at": ("", "TypeDateTime"),
             "ticket.priority": (
@@ -520,3 +676,4 @@ def add_routes(
     sim = CustomerPortSim(state, session_idle=session_idle)
     app[SIM_KEY] = sim
     app.router.add_route("*", PATH, sim.handle)
+    app.router.add_route("*", ALT_PATH, sim.handle_alt)

@@ -67,6 +67,7 @@ STATUS_NAMES = {
     "on hold": "On Hold",
     "in progress": "In Progress",
 }
+STATUS_KEYS = {name.lower(): key for key, name in STATUS_NAMES.items()}
 AWAITING_REPLY = ("Open", "Customer-Reply")
 ACTIVE = ("Open", "Answered", "Customer-Reply", "On Hold", "In Progress")
 
@@ -202,7 +203,8 @@ def _date(ts: float) -> str:
 
 
 def _whmcs_status(ticket: SimTicket) -> str:
-    return STATUS_NAMES.get(ticket.status.lower(), ticket.status.title())
+    """The WHMCS spelling of a ticket's status; a custom one (e.g. "Resolved") as it was set."""
+    return STATUS_NAMES.get(ticket.status.lower(), ticket.status)
 
 
 def _new_tid(state: SimState) -> str:
@@ -249,6 +251,7 @@ class WhmcsApi:
             "gettickets": self.get_tickets,
             "getclientsdetails": self.get_clients_details,
             "getclients": self.get_clients,
+            "getsupportstatuses": self.get_support_statuses,
         }
 
     # -- access ---------------------------------------------------------------------------------
@@ -405,8 +408,11 @@ class WhmcsApi:
                 messages=[
                     SimMessage(
                         body=message,
-                        author=requester,
+                        author=f"client:{clientid}" if client is not None else f"guest:{email}",
                         attachments=[a["name"] for a in attachments],
+                        fields={"clientid": clientid}
+                        if client is not None
+                        else {"name": name, "email": email},
                     )
                 ],
             )
@@ -439,37 +445,66 @@ class WhmcsApi:
         )
 
     def add_ticket_reply(self, form: Mapping[str, str]) -> dict[str, Any]:
+        """A client reply (`clientid`), an admin reply (`adminusername`) or a guest reply
+        (`name` + `email`); `messages[].author` says which: "client:<id>", "admin:<username>",
+        "guest:<email>", and `messages[].fields` holds what the call carried."""
         ticket = self.ticket_by_id(_int_param(form, "ticketid"))
         if ticket is None:
             raise ApiError("Ticket ID Not Found")
-        author = ""
+        name, email = form.get("name", "").strip(), form.get("email", "").strip()
+        admin = form.get("adminusername", "").strip()
+        fields: dict[str, Any] = {
+            "noemail": _flag(form, "noemail"),
+            "markdown": _flag(form, "markdown") or _flag(form, "useMarkdown"),
+        }
+        for key in ("name", "email", "adminusername"):
+            if form.get(key, "").strip():
+                fields[key] = form[key].strip()
         if form.get("clientid", "").strip():
-            client = self.client(_int_param(form, "clientid"))
-            if client is None:
+            clientid = _int_param(form, "clientid")
+            if self.client(clientid) is None:
                 raise ApiError("Client ID Not Found")
-            author = str(client["email"])
+            fields["clientid"] = clientid
+            author = f"client:{clientid}"
+        elif admin:
+            author = f"admin:{admin}"
+        elif not name or not email:
+            raise ApiError("Name and email address are required if not a client")
         else:
-            name, email = form.get("name", "").strip(), form.get("email", "").strip()
-            admin = form.get("adminusername", "").strip()
-            if (not name or not email) and not admin:
-                raise ApiError("Name and email address are required if not a client")
-            author = email or admin
+            author = f"guest:{email}"
         message = form.get("message", "")
         if not message.strip():
             raise ApiError("Message is required")
         attachments = self._attachments(form)
         ticket.messages.append(
-            SimMessage(body=message, author=author, attachments=[a["name"] for a in attachments])
+            SimMessage(
+                body=message,
+                author=author,
+                attachments=[a["name"] for a in attachments],
+                fields=fields,
+            )
         )
         status = form.get("status", "").strip()
         if status:
-            ticket.status = status.lower()
-        elif form.get("adminusername", "").strip():
+            ticket.status = STATUS_KEYS.get(status.lower(), status)
+        elif admin:
             ticket.status = "answered"
         else:
             ticket.status = "customer-reply"  # a customer reply reopens a closed ticket, as WHMCS
-        log.info("event=whmcs_ticket_reply id=%s", ticket.id)
+        log.info("event=whmcs_ticket_reply id=%s kind=%s", ticket.id, author.split(":")[0])
         return {"result": "success"}
+
+    def _reply_who(self, m: SimMessage) -> tuple[str, str, str]:
+        """(userid, name, email) of one message, as GetTicket shows a reply's author."""
+        kind, _, who = m.author.partition(":")
+        if kind == "client":
+            client = self.client(who) or {}
+            return who, str(client.get("name", "")), str(client.get("email", ""))
+        if kind == "guest":
+            return "0", str(m.fields.get("name", "")), who
+        if kind == "admin":
+            return "0", who, ""
+        return "0", "", m.author  # a message made over /_sim
 
     def get_ticket(self, form: Mapping[str, str]) -> dict[str, Any]:
         tid = form.get("ticketnum", "").strip()
@@ -481,17 +516,18 @@ class WhmcsApi:
         out["deptname"] = DEPARTMENTS.get(out["deptid"], "")
         replies = []
         for number, m in enumerate(ticket.messages):
+            userid, name, email = self._reply_who(m)
             replies.append(
                 {
                     "replyid": str(number),
-                    "userid": summary["userid"],
+                    "userid": userid,
                     "contactid": "0",
-                    "name": summary["name"] if m.author == ticket.requester else "",
-                    "email": m.author,
+                    "name": name,
+                    "email": email,
                     "date": summary["date"],
                     "message": re.sub(r"<[^>]*>", "", m.body),  # WHMCS strip_tags()s messages
                     "attachment": "|".join(m.attachments),
-                    "admin": "",
+                    "admin": m.author.partition(":")[2] if m.author.startswith("admin:") else "",
                 }
             )
         if form.get("repliessort", "ASC").upper() == "DESC":
@@ -538,6 +574,23 @@ class WhmcsApi:
             "startnumber": str(start),
             "numreturned": str(len(page)),
             "tickets": {"ticket": page},
+        }
+
+    def get_support_statuses(self, form: Mapping[str, str]) -> dict[str, Any]:
+        """The installation's statuses with ticket counts (title and count, as documented):
+        WHMCS's six built-in ones and every custom status a ticket was put in (e.g. by
+        `POST /_sim/tickets/whmcs/<id>/close` with {"status": "Resolved"})."""
+        deptid = _int_param(form, "deptid")
+        counts: dict[str, int] = dict.fromkeys((*ACTIVE, "Closed"), 0)
+        for t in self.state.tickets:
+            if t.system == SYSTEM and (not deptid or str(t.fields.get("deptid")) == deptid):
+                title = _whmcs_status(t)
+                counts[title] = counts.get(title, 0) + 1
+        statuses = [{"title": title, "count": count} for title, count in counts.items()]
+        return {
+            "result": "success",
+            "totalresults": len(statuses),
+            "statuses": {"status": statuses},
         }
 
     def get_clients_details(self, form: Mapping[str, str]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -103,12 +104,12 @@ async def test_open_ticket_with_x_originating_ip(
     ref = await backend.open_ticket(decision(product="VPS 42"), m, progress)
 
     assert ref == TicketRef(backend="hosting", system="interserver", id=ref.id, ref=ref.id)
-    assert int(ref.id) > 0
+    assert re.fullmatch(r"[A-Z]{3}-\d{3}-\d{5}", ref.id)  # a Kayako mask, kept as a string
     assert progress.begun == ["openTicket"]
     assert progress.data["openTicket"] == {"id": ref.id}
     (t,) = await tickets(http)
     assert t["id"] == ref.id
-    assert t["title"] == "Server down"
+    assert t["title"] == "VPS 42 : Server down"  # the server's product rewrite
     assert t["requester"] == ACCOUNT_EMAIL
     assert t["fields"] == {
         "user_email": ACCOUNT_EMAIL,
@@ -117,19 +118,19 @@ async def test_open_ticket_with_x_originating_ip(
         "box_auth_value": "",
     }
     body = t["messages"][0]["body"]
-    assert body.startswith("From: Alice Example <alice@example.org>\n")
+    assert body.startswith("VPS 42\n\nFrom: Alice Example <alice@example.org>\n")
     assert body.endswith("My VPS does not answer since 10:00.")
 
 
 async def test_open_ticket_with_ip_from_received(make: Make, http: httpx.AsyncClient) -> None:
-    backend = make(default_product="Shared hosting")
+    backend = make(default_product="Shared hosting", box_auth_value="abc")
     received = (
         ("Received", "from mx.example.org (mx.example.org [198.51.100.20]) by mx.example.com"),
         ("Received", "from laptop ([198.51.100.77]) by mx.example.org with ESMTPSA; Mon"),
         ("Received", "from [192.168.1.20] (helo=laptop) by laptop; Mon"),
     )
     ref = await backend.open_ticket(
-        decision(box_auth_value="abc"), mail(headers=received), MemoryProgress()
+        decision(box_auth_value="from a rule: ignored"), mail(headers=received), MemoryProgress()
     )
     (t,) = await tickets(http)
     assert t["id"] == ref.id
@@ -375,3 +376,81 @@ async def test_password_from_file_and_env(
     from_env = make(password=None, password_env="IS_TEST_KEY")
     await from_env.open_ticket(decision(), mail(), MemoryProgress())
     assert len(await tickets(http)) == 2
+
+
+# ---------------------------------------------------------------- the server's own behaviour
+
+
+async def test_kayako_failure_is_transient_and_creates_nothing(
+    backend: InterServerBackend, http: httpx.AsyncClient
+) -> None:
+    await backend.find_existing(decision(), mail(subject="warm-up"))  # logged in
+    await fault(http, mode="error", count=1)
+    progress = MemoryProgress()
+    with pytest.raises(TransientError) as err:
+        await backend.open_ticket(decision(), mail(), progress)
+    assert "Please try again!" in str(err.value)
+    assert await tickets(http) == []
+    ref = await backend.open_ticket(decision(), mail(), progress)  # the retry makes it
+    assert [t["id"] for t in await tickets(http)] == [ref.id]
+
+
+async def test_failure_after_create_finds_the_ticket_instead_of_dead_letter(
+    make: Make, http: httpx.AsyncClient
+) -> None:
+    backend = make(box_auth_value="root-secret", default_product="VPS 7")
+    await backend.find_existing(decision(), mail(subject="warm-up"))  # logged in
+    await fault(http, mode="error", count=1)
+    progress = MemoryProgress()
+    ref = await backend.open_ticket(decision(), mail(subject="Reboot please"), progress)
+    (t,) = await tickets(http)
+    assert t["id"] == ref.id == ref.ref
+    assert t["title"] == "VPS 7 : Reboot please"
+    assert t["fields"]["box_auth_value"] == "root-secret"  # from config
+    assert progress.data["openTicket"] == {"id": ref.id}
+
+
+async def test_ticket_made_without_reference_is_never_made_twice(
+    make: Make, http: httpx.AsyncClient
+) -> None:
+    backend = make(box_auth_value="root-secret")
+    # recorded by an attempt whose ticket was not in the list yet
+    progress = MemoryProgress({"openTicket": {"created": True}})
+    with pytest.raises(TransientError):
+        await backend.open_ticket(decision(), mail(subject="Lost reference"), progress)
+    assert await tickets(http) == []  # it looked, it did not create
+    await backend.open_ticket(decision(), mail(subject="Lost reference"), MemoryProgress())
+    again = await backend.open_ticket(decision(), mail(subject="Lost reference"), progress)
+    assert [t["id"] for t in await tickets(http)] == [again.id]
+
+
+async def test_find_existing_knows_the_product_rewrite(make: Make) -> None:
+    backend = make()
+    short, long = mail(subject="Down again"), mail(subject="A rather long subject line, over 30")
+    made_short = await backend.open_ticket(decision(product="VPS 9"), short, MemoryProgress())
+    made_long = await backend.open_ticket(decision(product="VPS 9"), long, MemoryProgress())
+    after_restart = make()
+    assert await after_restart.find_existing(decision(product="VPS 9"), short) == made_short
+    assert await after_restart.find_existing(decision(product="VPS 9"), long) == made_long
+    # another product: the server would have written another first line
+    assert await after_restart.find_existing(decision(product="VPS 1"), short) is None
+
+
+async def test_add_message_and_status_by_mask(
+    backend: InterServerBackend, http: httpx.AsyncClient
+) -> None:
+    ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    await backend.add_message(ref, mail(text="More detail"), MemoryProgress())
+    (t,) = await tickets(http)
+    assert t["messages"][1]["body"].endswith("More detail")
+    assert await backend.ticket_status(ref) == "open"
+
+
+def test_usable_reference() -> None:
+    from gateway.backends.interserver import usable_reference
+
+    assert usable_reference("KVO-530-34143") == "KVO-530-34143"
+    assert usable_reference(" 536864 ") == "536864"
+    assert usable_reference(12) == "12"
+    for nothing in (None, "", "0", 0, -1, "-1"):
+        assert usable_reference(nothing) is None

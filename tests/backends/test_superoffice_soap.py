@@ -36,17 +36,32 @@ async def sim_api(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture
-async def make(sims: Simulators, tmp_path: Path) -> AsyncIterator[MakeBackend]:
+ALT_WSDL = Path(__file__).parents[2] / "gateway/simulators/wsdl/superoffice_customer_alt.wsdl"
+
+
+@pytest.fixture(params=["packaged-wsdl", "installation-wsdl"])
+async def make(
+    sims: Simulators, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[MakeBackend]:
+    """Backends over our packaged WSDL, and (second run of every test) over the simulator's
+    installation-style WSDL (other namespace, part names, SOAP-encoded arrays): the backend must
+    behave the same with either."""
     made: list[SuperOfficeSoapBackend] = []
+    path = "/superoffice/soap/customer"
+    wsdl: dict[str, Any] = {}
+    if request.param == "installation-wsdl":
+        path = "/superoffice/soap/customer-alt"
+        (tmp_path / "customer.wsdl").write_bytes(ALT_WSDL.read_bytes())
+        wsdl = {"wsdl": "customer.wsdl"}  # a saved copy (the fetch would block this loop)
 
     def factory(**overrides: Any) -> SuperOfficeSoapBackend:
         raw: dict[str, Any] = {
             "type": "superoffice-soap",
-            "url": sims.base_url + "/superoffice/soap/customer",
+            "url": sims.base_url + path,
             "username": ACCOUNT_EMAIL,
             "password": PASSWORD,
             "timeout": 5,
+            **wsdl,
         }
         raw.update(overrides)
         backend = SuperOfficeSoapBackend(
@@ -435,22 +450,52 @@ def test_wsdl_missing_is_a_config_error(tmp_path: Path) -> None:
 
 
 async def test_own_wsdl_file_with_other_binding_names(
-    make: MakeBackend, tmp_path: Path, sim_api: httpx.AsyncClient
+    make: MakeBackend, tmp_path: Path, sim_api: httpx.AsyncClient, sims: Simulators
 ) -> None:
     packaged = Path(__file__).parents[2] / "gateway/backends/wsdl/superoffice_customer.wsdl"
     text = packaged.read_text().replace("customerBinding", "CustomerSoapBinding")
     text = text.replace("customerService", "InstallationService")
     (tmp_path / "own.wsdl").write_text(text)
-    backend = make(wsdl="own.wsdl")  # relative to the config file's directory
+    # relative to the config file's directory
+    backend = make(wsdl="own.wsdl", url=sims.base_url + "/superoffice/soap/customer")
     ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
     assert await backend.ticket_status(ref) == "open"
     assert len(await tickets(sim_api)) == 1
 
 
-async def test_slow_answer_past_timeout_is_transient(
+async def test_both_endpoints_share_tickets_and_status_2_is_closed(
+    make: MakeBackend, sims: Simulators, sim_api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    packaged = make(url=sims.base_url + "/superoffice/soap/customer", wsdl=None)
+    (tmp_path / "alt.wsdl").write_bytes(ALT_WSDL.read_bytes())
+    alt = make(url=sims.base_url + "/superoffice/soap/customer-alt", wsdl="alt.wsdl")
+    ref = await packaged.open_ticket(decision(extra={"x_1": "{sender}"}), mail(), MemoryProgress())
+    await alt.add_message(ref, mail(text="via the other WSDL"), MemoryProgress())
+    [t] = await tickets(sim_api)
+    assert t["fields"]["extraField"] == {"x_1": "alice@example.org"}
+    assert t["messages"][1]["body"].endswith("via the other WSDL")
+    (await sim_api.post(f"/_sim/tickets/superoffice-soap/{ref.id}/close")).raise_for_status()
+    assert await alt.ticket_status(ref) == "closed"  # numeric 2 in an encoded answer
+    assert await packaged.ticket_status(ref) == "closed"
+
+
+async def test_wsdl_that_does_not_fit_the_endpoint_is_backend_unavailable(
+    make: MakeBackend, sims: Simulators
+) -> None:
+    backend = make(url=sims.base_url + "/superoffice/soap/customer", wsdl=None)
+    other = make(url=sims.base_url + "/superoffice/soap/customer-alt", wsdl=None)
+    made = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    assert await backend.ticket_status(made) == "open"
+    with pytest.raises(BackendUnavailable):  # packaged names against the installation's port
+        await other.open_ticket(decision(), mail(), MemoryProgress())
+
+
+async def test_closed_statuses_are_configurable(
     make: MakeBackend, sim_api: httpx.AsyncClient
 ) -> None:
-    backend = make(timeout=0.2)
-    await fault(sim_api, "slow", latency_ms=1000)
-    with pytest.raises(TransientError, match="timeout"):
-        await backend.open_ticket(decision(), mail(), MemoryProgress())
+    backend = make(closed_statuses=["2", "1"])  # an installation that counts 1 as closed too
+    ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    assert await backend.ticket_status(ref) == "closed"
+    other = make(closed_statuses=["closed"])  # words only: numeric 2 is not recognised
+    (await sim_api.post(f"/_sim/tickets/superoffice-soap/{ref.id}/close")).raise_for_status()
+    assert await other.ticket_status(ref) is None

@@ -202,7 +202,9 @@ async def test_follow_up_with_add_ticket_reply(sims: Simulators, backend: WhmcsB
     [t] = tickets(sims)
     assert len(t.messages) == 2
     assert "Any news?" in t.messages[1].body
-    assert t.messages[1].author == "jane@example.org"
+    assert t.messages[1].author == "guest:jane@example.org"  # a guest's ticket: guest reply
+    assert t.messages[1].fields["name"] == "Jane Doe"
+    assert t.messages[1].fields["noemail"] is True  # as on OpenTicket (config noemail)
     assert t.messages[1].attachments == ["a.txt"]
     await backend.add_message(ref, mail(text="auto"), MemoryProgress(), automatic=True)
     assert t.messages[2].body.startswith("[automatic reply")
@@ -395,3 +397,66 @@ def test_streamed_attachments_field_is_the_form_encoding_of_encode_attachments()
         pieces = list(attachments_form_value(atts))
         assert b"".join(pieces) == whole.encode()
         assert max(len(p) for p in pieces) < 1024 * 1024  # never the whole at once
+
+
+# -- as WHMCS/developer-docs describe it (issue 16) ------------------------------------------------
+
+
+async def add_client(sims: Simulators, email: str, client_id: str, name: str) -> None:
+    async with httpx.AsyncClient(base_url=sims.base_url) as http:
+        body = {"system": "whmcs", "email": email, "id": client_id, "name": name}
+        (await http.post("/_sim/clients", json=body)).raise_for_status()
+
+
+async def test_reply_of_a_client_to_its_ticket_is_a_client_reply(
+    sims: Simulators, make: MakeBackend
+) -> None:
+    await add_client(sims, "jane@example.org", "7", "Jane Doe")
+    backend = make(markdown=True)
+    ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    assert await backend.ticket_status(ref) == "open"  # as the worker asks before a follow-up
+    await backend.add_message(ref, mail(text="Any news?"), MemoryProgress())
+    # a colleague writing on the same ticket is not the client
+    await backend.add_message(
+        ref, mail(from_addr="bob@example.org", from_name="Bob", text="Me too"), MemoryProgress()
+    )
+    [t] = tickets(sims)
+    first, client_reply, colleague = t.messages
+    assert first.author == "client:7"
+    assert client_reply.author == "client:7"
+    assert client_reply.fields == {"clientid": "7", "noemail": True, "markdown": True}
+    assert "name" not in client_reply.fields and "email" not in client_reply.fields
+    assert colleague.author == "guest:bob@example.org"
+    assert colleague.fields["name"] == "Bob"
+
+
+async def test_markdown_and_noemail_on_replies(sims: Simulators, make: MakeBackend) -> None:
+    backend = make(markdown=True, noemail=False)
+    ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    await backend.add_message(ref, mail(text="again"), MemoryProgress())
+    [t] = tickets(sims)
+    assert t.fields["markdown"] is True
+    assert t.messages[1].fields["markdown"] is True
+    assert t.messages[1].fields["noemail"] is False
+
+
+async def test_custom_closed_status_from_config(sims: Simulators, make: MakeBackend) -> None:
+    backend = make(closed_statuses=["Closed", "Resolved"])
+    ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
+    async with httpx.AsyncClient(base_url=sims.base_url) as http:
+        resp = await http.post(f"/_sim/tickets/whmcs/{ref.id}/close", json={"status": "Resolved"})
+        assert resp.json()["status"] == "Resolved"
+    assert await backend.ticket_status(ref) == "closed"
+    # without the config key the installation is asked; its documented answer (title and count)
+    # only names "Closed" as closed for sure
+    default = make()
+    assert await default.closed_statuses() == frozenset({"closed"})
+    assert await default.ticket_status(ref) == "open"
+    before = sims.state.calls["whmcs"]
+    await default.closed_statuses()
+    assert sims.state.calls["whmcs"] == before  # cached for an hour
+
+
+async def test_closed_statuses_fall_back_to_closed(sims: Simulators, backend: WhmcsBackend) -> None:
+    await fault(sims, "error", count=1)
+    assert await backend.closed_statuses() == frozenset({"closed"})

@@ -4,6 +4,7 @@ hand-written XML (rpc/encoded with xsi:type, positional SOAP::Lite parameters)."
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -132,20 +133,21 @@ async def test_zeep_full_ticket_flow(soap: zeep.Client, http: httpx.AsyncClient)
         soap, "api_openTicket", sid, ACCOUNT_EMAIL, "198.51.100.4", "Disk full", "VPS 12",
         "From: Bob <bob@example.org>\n\nmy disk is full", "",
     )  # fmt: skip
-    assert opened["status"] == "ok"
+    assert opened["status"] == "success"  # the server's word for openTicket (api.php)
+    assert opened["status_text"] == "created ticket successfully."
     ticket_id = opened["ticket_reference_id"]
-    assert int(ticket_id) > 0
+    assert re.fullmatch(r"[A-Z]{3}-\d{3}-\d{5}", ticket_id)  # a Kayako mask
 
     posted = await call(soap, "api_ticketPost", sid, ticket_id, "second message")
-    assert posted["status"] == "ok"
+    assert posted["status"] == "Success"
 
     viewed = await call(soap, "api_viewTicket", sid, ticket_id)
-    assert viewed["status"] == "ok"
+    assert viewed["status"] == "Success"
     detail = viewed["result"]
     assert detail["statustitle"] == "Open"
-    assert detail["subject"] == "Disk full"
+    assert detail["subject"] == "VPS 12 : Disk full"  # product rewrite: short subject
     assert [p["contents"] for p in detail["posts"]["item"]] == [
-        "From: Bob <bob@example.org>\n\nmy disk is full",
+        "VPS 12\n\nFrom: Bob <bob@example.org>\n\nmy disk is full",
         "second message",
     ]
 
@@ -155,7 +157,7 @@ async def test_zeep_full_ticket_flow(soap: zeep.Client, http: httpx.AsyncClient)
 
     (ticket,) = (await http.get("/_sim/tickets", params={"system": "interserver"})).json()
     assert ticket["id"] == ticket["ref"] == str(ticket_id)
-    assert ticket["title"] == "Disk full"
+    assert ticket["title"] == "VPS 12 : Disk full"
     assert ticket["requester"] == ACCOUNT_EMAIL
     assert ticket["fields"] == {
         "user_email": ACCOUNT_EMAIL,
@@ -174,7 +176,7 @@ async def test_login_with_wrong_password_gives_blank_session(soap: zeep.Client) 
 
 async def test_open_ticket_with_other_email_fails(soap: zeep.Client) -> None:
     sid = await login(soap)
-    res = await call(soap, "api_openTicket", sid, "x@example.com", "", "s", "", "b", "")
+    res = await call(soap, "api_openTicket", sid, "x@example.com", "192.0.2.1", "s", "", "b", "")
     assert res == {
         "status": "Failed",
         "status_text": "Invalid Email Address - Does not match your account email!",
@@ -182,9 +184,35 @@ async def test_open_ticket_with_other_email_fails(soap: zeep.Client) -> None:
     }
 
 
+async def test_open_ticket_needs_a_user_ip(soap: zeep.Client, http: httpx.AsyncClient) -> None:
+    sid = await login(soap)
+    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "", "s", "", "b", "")
+    assert res["status"] == "Failed"
+    assert res["status_text"] == "User IP is required. Please try again!"
+    assert (await http.get("/_sim/tickets")).json() == []
+
+
+async def test_product_rewrite_keeps_long_subjects(soap: zeep.Client) -> None:
+    sid = await login(soap)
+    long_subject = "A subject of thirty characters"
+    assert len(long_subject) == 30
+    res = await call(
+        soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", long_subject, "VPS", "b", ""
+    )
+    viewed = await call(soap, "api_viewTicket", sid, res["ticket_reference_id"])
+    assert viewed["result"]["subject"] == long_subject
+    assert viewed["result"]["posts"]["item"][0]["contents"] == "VPS\n\nb"
+    # the numeric Kayako id names the same ticket
+    listed = await call(soap, "api_getTicketList", sid, 1, 10, "")
+    (item,) = listed["tickets"]["item"]
+    assert item["ticket_reference_id"] == res["ticket_reference_id"]
+    by_number = await call(soap, "api_viewTicket", sid, item["ticket_id"])
+    assert by_number["result"]["ticket_reference_id"] == res["ticket_reference_id"]
+
+
 async def test_open_ticket_needs_a_subject(soap: zeep.Client) -> None:
     sid = await login(soap)
-    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "", " ", "", "b", "")
+    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", " ", "", "b", "")
     assert res["status"] == "Failed"
 
 
@@ -214,26 +242,36 @@ async def test_reset_voids_sessions(soap: zeep.Client, http: httpx.AsyncClient) 
         await call(soap, "api_viewTicket", sid, "1")
 
 
-async def test_ticket_list_pages_and_status(soap: zeep.Client, http: httpx.AsyncClient) -> None:
-    for n in range(5):
+async def test_ticket_list_pages_and_order(soap: zeep.Client, http: httpx.AsyncClient) -> None:
+    masks = []
+    for n in range(6):
         body = {"system": "interserver", "title": f"T{n}", "requester": "c@example.org"}
-        assert (await http.post("/_sim/tickets", json=body)).status_code == 201
-    await http.post("/_sim/tickets/interserver/30001/close")
+        resp = await http.post("/_sim/tickets", json=body)
+        assert resp.status_code == 201
+        masks.append(resp.json()["id"])
+        await asyncio.sleep(0.01)
+    assert all(re.fullmatch(r"[A-Z]{3}-\d{3}-\d{5}", m) for m in masks)
+    await http.post(f"/_sim/tickets/interserver/{masks[0]}/close")
     sid = await login(soap)
     page1 = await call(soap, "api_getTicketList", sid, 1, 2, "")
     page3 = await call(soap, "api_getTicketList", sid, 3, 2, "")
-    assert page1["totalPages"] == "2.5"
+    assert page1["totalPages"] == "2.5"  # closed tickets are not listed; unrounded quotient
     assert len(page1["tickets"]["item"]) == 2
     assert len(page3["tickets"]["item"]) == 1
+    # the status argument is ignored, as on the real server
     closed = await call(soap, "api_getTicketList", sid, 1, 10, "closed")
-    assert [t["ticket_reference_id"] for t in closed["tickets"]["item"]] == ["30001"]
-    assert closed["tickets"]["item"][0]["statustitle"] == "Closed"
-    opened = await call(soap, "api_getTicketList", sid, 1, 10, "open")
-    assert len(opened["tickets"]["item"]) == 4
-    # a reply reopens a closed ticket
-    await call(soap, "api_ticketPost", sid, "30001", "any news?")
-    viewed = await call(soap, "api_viewTicket", sid, "30001")
+    listed = [t["ticket_reference_id"] for t in closed["tickets"]["item"]]
+    assert listed == masks[:0:-1]  # newest activity first
+    # a reply is activity, and it reopens a closed ticket
+    await call(soap, "api_ticketPost", sid, masks[0], "any news?")
+    await call(soap, "api_ticketPost", sid, masks[2], "me too")
+    viewed = await call(soap, "api_viewTicket", sid, masks[0])
     assert viewed["result"]["statustitle"] == "Open"
+    again = await call(soap, "api_getTicketList", sid, 1, 10, "")
+    assert [t["ticket_reference_id"] for t in again["tickets"]["item"]][:2] == [
+        masks[2],
+        masks[0],
+    ]
 
 
 # ---------------------------------------------------------------- hand-written XML
@@ -251,10 +289,11 @@ async def test_raw_encoded_request(http: httpx.AsyncClient) -> None:
     assert etree.QName(body[0]).localname == "api_openTicketResponse"
     assert etree.QName(body[0]).namespace == "urn:myapi"
     res = ret(root)
-    assert res["status"] == "ok"
+    assert res["status"] == "success"
     tickets = (await http.get("/_sim/tickets")).json()
-    assert tickets[0]["title"] == "Raw & encoded"
-    assert tickets[0]["messages"][0]["body"] == "line one\nline two"
+    assert tickets[0]["id"] == res["ticket_reference_id"]
+    assert tickets[0]["title"] == "VPS : Raw & encoded"
+    assert tickets[0]["messages"][0]["body"] == "VPS\n\nline one\nline two"
     assert tickets[0]["fields"]["box_auth_value"] == ""
 
 
@@ -292,20 +331,48 @@ async def test_fault_error_is_503(http: httpx.AsyncClient) -> None:
     assert resp.status_code == 200
 
 
+async def test_fault_error_is_kayakos_lowercase_failed(
+    soap: zeep.Client, http: httpx.AsyncClient
+) -> None:
+    sid = await login(soap)
+    await fault(http, mode="error", count=2)
+    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", "s", "", "b", "")
+    assert res["status"] == "failed"  # lowercase: Kayako's own failure
+    assert res["status_text"].endswith("Please try again!")
+    listed = await call(soap, "api_getTicketList", sid, 1, 10, "")
+    assert listed["status"] == "failed"
+    assert (await http.get("/_sim/tickets")).json() == []  # nothing was created
+
+
+async def test_fault_error_with_box_auth_value_fails_after_creating(
+    soap: zeep.Client, http: httpx.AsyncClient
+) -> None:
+    sid = await login(soap)
+    await fault(http, mode="error", count=1)
+    res = await call(
+        soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", "s", "", "b", "root-secret"
+    )
+    assert res["status"] == "failed"
+    assert "root/admin pass" in res["status_text"]
+    assert str(res["ticket_reference_id"]) == "-1"
+    (ticket,) = (await http.get("/_sim/tickets")).json()  # ... but the ticket exists
+    assert ticket["title"] == "s"
+
+
 async def test_fault_reject_is_a_business_failure(
     soap: zeep.Client, http: httpx.AsyncClient
 ) -> None:
     sid = await login(soap)
     await fault(http, mode="reject")
-    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "", "s", "", "b", "")
+    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", "s", "", "b", "")
     assert res["status"] == "Failed"
     assert res["status_text"] == sim.REJECT_OPEN
     assert str(res["ticket_reference_id"]) == "-1"
     res = await call(soap, "api_ticketPost", sid, "1001", "x")
     assert res["status"] == "Failed"
     await fault(http, mode="ok")
-    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "", "s", "", "b", "")
-    assert res["status"] == "ok"
+    res = await call(soap, "api_openTicket", sid, ACCOUNT_EMAIL, "192.0.2.1", "s", "", "b", "")
+    assert res["status"] == "success"
 
 
 async def test_fault_auth(soap: zeep.Client, http: httpx.AsyncClient) -> None:

@@ -190,7 +190,7 @@ async def test_messages_attachments_and_get_ticket(sim: Sim) -> None:
     got = {i["field"]: i["value"] or "" for i in g["ticketResult"]["item"]}
     assert got == {
         "ticket.id": tid,
-        "ticket.status": "open",
+        "ticket.status": "1",  # numeric, as in the real system: 1 active
         "ticket.priority": "2",  # -1: the system decided
         "ticket.x_1": "",
     }
@@ -203,10 +203,10 @@ async def test_closed_ticket_is_reopened_by_a_customer_message(sim: Sim) -> None
     tid = (await sim.service.newTicket(key, "Hello", "2", "1", "1", {"item": []}))["ticketId"]
     await sim.http.post(f"{sim.base}/_sim/tickets/superoffice-soap/{tid}/close")
     g = await sim.service.getTicket(key, tid, {"item": ["ticket.status"]})
-    assert g["ticketResult"]["item"][0]["value"] == "closed"
+    assert g["ticketResult"]["item"][0]["value"] == "2"  # closed
     assert (await sim.service.addMessage(key, "again", tid, "2", {"item": []}))["errorCode"] == "0"
     g = await sim.service.getTicket(key, tid, {"item": ["ticket.status"]})
-    assert g["ticketResult"]["item"][0]["value"] == "open"
+    assert g["ticketResult"]["item"][0]["value"] == "1"  # active again
 
 
 async def test_ticket_made_over_sim_api_belongs_to_the_account(sim: Sim) -> None:
@@ -331,3 +331,65 @@ async def test_bad_requests_get_a_soap_fault(sim: Sim, method: str, body: str) -
     r = await sim.raw(body, method=method)
     assert r.status_code == 500
     assert "Fault>" in r.text and "<faultcode>SOAP-ENV:Client</faultcode>" in r.text
+
+
+# -- the installation-style endpoint (/superoffice/soap/customer-alt) ----------------------------
+
+ALT_NS = "urn:ejournal:customer-service"
+ALT_REQUEST = """<?xml version="1.0"?>
+<e:Envelope xmlns:e="http://schemas.xmlsoap.org/soap/envelope/"><e:Body>
+<n:{op} xmlns:n="urn:ejournal:customer-service">{params}</n:{op}></e:Body></e:Envelope>"""
+
+
+async def alt(sim: Sim, op: str, **params: str) -> Any:
+    from lxml import etree
+
+    inner = "".join(f"<{k}>{v}</{k}>" for k, v in params.items())
+    r = await sim.http.post(
+        sim.base + "/superoffice/soap/customer-alt",
+        content=ALT_REQUEST.format(op=op, params=inner).encode(),
+        headers={"Content-Type": "text/xml"},
+    )
+    assert r.status_code == 200, r.text
+    root = etree.fromstring(r.content)
+    resp = root[0][0]
+    assert etree.QName(resp).namespace == ALT_NS and etree.QName(resp).localname == f"{op}Response"
+    return resp
+
+
+async def test_alt_endpoint_wsdl_names_itself_and_differs(sim: Sim) -> None:
+    r = await sim.http.get(sim.base + "/superoffice/soap/customer-alt?wsdl")
+    assert r.status_code == 200
+    assert f'location="{sim.base}/superoffice/soap/customer-alt"'.encode() in r.content
+    assert ALT_NS.encode() in r.content and b"SOAP-ENC:Array" in r.content
+    assert b"errorCode" not in r.content and b"sessionKey" not in r.content
+
+
+async def test_alt_endpoint_answers_encoded_with_its_own_part_names(sim: Sim) -> None:
+    xsi = "{http://www.w3.org/2001/XMLSchema-instance}type"
+    login = await alt(sim, "login", user=ACCOUNT_EMAIL, **{"pass": PASSWORD})
+    assert [c.tag for c in login] == ["result", "key"]
+    assert login[0].text == "0" and login[0].get(xsi) == "xsd:string"
+    key = login[1].text
+    made = await alt(
+        sim, "newTicket", key=key, subject="Alt", securityLevel="2", category="1", priority="-1",
+        extraFields="<item><field>x_2</field><value>v</value></item>",
+    )  # fmt: skip
+    assert [c.tag for c in made] == ["result", "id"] and made[0].text == "0"
+    tid = made[1].text
+    # the tickets are the same as on the first endpoint
+    [t] = sim.state.tickets
+    assert t.id == tid and t.fields["extraField"] == {"x_2": "v"}
+    await sim.http.post(f"{sim.base}/_sim/tickets/superoffice-soap/{tid}/close")
+    got = await alt(sim, "getTicket", key=key, ticket=tid, fields="<item>ticket.status</item>")
+    values, messages = got[1], got[2]
+    assert values.get(xsi) == "SOAP-ENC:Array"
+    assert (
+        values.get("{http://schemas.xmlsoap.org/soap/encoding/}arrayType") == "ns:ResultStruct[1]"
+    )
+    assert [(i.findtext("field"), i.findtext("value")) for i in values] == [("ticket.status", "2")]
+    assert messages.get("{http://schemas.xmlsoap.org/soap/encoding/}arrayType") == "xsd:int[0]"
+    bad = await alt(sim, "addMessage", key=key, body="x", ticket="999", securityLevel="2")
+    assert bad[0].text == "13"
+    text = await alt(sim, "getErrorMessage", key=key)
+    assert [c.tag for c in text] == ["text"] and "unknown ticket" in (text[0].text or "").lower()

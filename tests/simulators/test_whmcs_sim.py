@@ -301,3 +301,47 @@ async def test_faults(sims: Simulators, http: httpx.AsyncClient) -> None:
     with pytest.raises(httpx.TransportError):
         await api(http, "GetTickets")
     assert (await ok(http, "GetTickets"))["result"] == "success"
+
+
+async def test_client_and_guest_replies_are_told_apart(http: httpx.AsyncClient) -> None:
+    await http.post(
+        "/_sim/clients",
+        json={"system": "whmcs", "email": "bob@example.org", "id": "7", "name": "Bob Roe"},
+    )
+    data = await ok(http, "OpenTicket", deptid=1, subject="Hi", message="first", clientid=7)
+    await ok(http, "AddTicketReply", ticketid=data["id"], message="client", clientid=7, noemail=1)
+    await ok(
+        http, "AddTicketReply", ticketid=data["id"], message="guest", name="B", email="b@x.org"
+    )
+    await ok(http, "AddTicketReply", ticketid=data["id"], message="md", clientid=7, useMarkdown=1)
+    [t] = await tickets(http)
+    assert [m["author"] for m in t["messages"]] == [
+        "client:7",
+        "client:7",
+        "guest:b@x.org",
+        "client:7",
+    ]
+    assert t["messages"][1]["fields"] == {"clientid": "7", "noemail": True, "markdown": False}
+    assert t["messages"][2]["fields"]["name"] == "B"
+    assert t["messages"][3]["fields"]["markdown"] is True  # the example's spelling counts too
+    replies = (await ok(http, "GetTicket", ticketid=data["id"]))["replies"]["reply"]
+    assert [(r["userid"], r["email"]) for r in replies] == [
+        ("7", "bob@example.org"),
+        ("7", "bob@example.org"),
+        ("0", "b@x.org"),
+        ("7", "bob@example.org"),
+    ]
+
+
+async def test_custom_closed_status_and_support_statuses(http: httpx.AsyncClient) -> None:
+    data = await open_guest(http)
+    await open_guest(http, subject="second")
+    resp = await http.post(f"/_sim/tickets/whmcs/{data['id']}/close", json={"status": "Resolved"})
+    assert resp.status_code == 200 and resp.json()["status"] == "Resolved"
+    assert (await ok(http, "GetTicket", ticketid=data["id"]))["status"] == "Resolved"
+    got = await ok(http, "GetSupportStatuses")
+    counts = {s["title"]: s["count"] for s in got["statuses"]["status"]}
+    assert counts["Resolved"] == 1 and counts["Open"] == 1 and counts["Closed"] == 0
+    assert set(got["statuses"]["status"][0]) == {"title", "count"}  # as documented
+    refused = await http.post("/_sim/tickets/interserver/x/close", json={"status": "Resolved"})
+    assert refused.status_code in (400, 404)
