@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from gateway import __version__
 from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
 from gateway.backends.registry import make_backend
@@ -537,7 +538,11 @@ class Daemon:
         interval = max(0.5, watchdog_usec / 2e6) if watchdog_usec else 5.0
         notify = sd_notify if self.role != "worker" else (lambda _msg: None)  # only the main
         notify("READY=1\nSTATUS=started")
-        log.info("event=%s", "worker_ready" if self.role == "worker" else "ready")
+        log.info(
+            "event=%s version=%s",
+            "worker_ready" if self.role == "worker" else "ready",
+            __version__,
+        )
         while not self.should_exit:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

@@ -11,6 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -47,13 +48,24 @@ class GatewaySection(_Model):
     # mail at a time, at most 4/s, until the burst has been over for half a second; 0 = never
     worker_yield_rate: int = Field(200, ge=0)
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
-    timezone: str = "UTC"  # for weekday/time rule conditions
+    timezone: str = "UTC"  # for weekday/time rule conditions (an IANA name)
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
     followup_sender: Literal["any", "address", "domain"] = "any"  # who may follow up a ticket
     log_format: Literal["kv", "json"] = "kv"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: str = ""  # "" = stderr (journald under systemd); else a file, reopened on SIGHUP
     drain_timeout: float = Field(20.0, ge=0)  # seconds in-flight work may finish at SIGTERM
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r} (an IANA name such as Europe/Berlin or UTC)"
+            ) from None
+        return v
 
 
 class SpoolSection(_Model):
