@@ -441,6 +441,14 @@ class Daemon:
         self.metrics.dead_letters.set(q["dead"])
         self.metrics.outbox_pending.set(q["outbox_pending"])
         self.metrics.oldest_age.set(q["oldest_queued_age"] or 0)
+        for comp in self.status.components.values():
+            self.metrics.component_up.labels(component=comp.name, kind=comp.kind).set(
+                1 if comp.ok else 0
+            )
+            if comp.kind == "backend":
+                paused = not comp.ok and comp.detail.startswith("paused")
+                name = comp.name.removeprefix("backend:")
+                self.metrics.backend_paused.labels(backend=name).set(1 if paused else 0)
 
     # -- reload ---------------------------------------------------------------------------------
 

@@ -623,9 +623,13 @@ class Worker:
         hour_ago = self.clock() - 3600
         if s.ack_rate_limit <= 0 or await self.spool.acks_since(rcpt, hour_ago) >= s.ack_rate_limit:
             log.info("event=ack_rate_limited id=%d limit=per-sender", row.id)
+            if self.metrics:
+                self.metrics.ack_limited("sender")
             return None
         if s.ack_global_limit and await self.spool.acks_since(None, hour_ago) >= s.ack_global_limit:
             log.warning("event=ack_rate_limited id=%d limit=global", row.id)
+            if self.metrics:
+                self.metrics.ack_limited("global")
             return None
         from_address = (
             s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"

@@ -63,6 +63,9 @@ class EventMetrics:
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self._emit({"t": "latency", "backend": backend, "seconds": seconds, "ok": ok})
 
+    def ack_limited(self, limit: str) -> None:
+        self._emit({"t": "ack_limited", "limit": limit})
+
     def status(self, board: StatusBoard, skip: tuple[str, ...] = ()) -> None:
         for comp in board.components.values():
             if comp.name in skip:
@@ -94,6 +97,8 @@ def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) ->
         metrics.backend_latency(
             str(event.get("backend", "")), float(event.get("seconds", 0.0)), bool(event.get("ok"))
         )
+    elif kind == "ack_limited":
+        metrics.ack_limited(str(event.get("limit", "")))
     elif kind == "status":
         comp = status.register(str(event["name"]), str(event.get("kind", "worker")))
         comp.ok = bool(event.get("ok"))
