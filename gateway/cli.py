@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, route, deliver, queue, spool, erase, simulate (DESIGN, "CLI")."""
+"""The `gateway` command: run, check, route, deliver, queue, spool, erase, simulate (README, "Commands")."""
 
 from __future__ import annotations
 
@@ -815,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (DESIGN: rule, backend, action, ticket, followup_of, ack, reasons)",
+        help="print one JSON object: rule, backend, action, ticket, followup_of, ack, reasons",
     )
     sp.add_argument(
         "--rcpt",

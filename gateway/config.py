@@ -202,7 +202,7 @@ class Config(_Model):
         return self.resolve(self.gateway.log_file) if self.gateway.log_file else None
 
     def own_addresses(self) -> set[str]:
-        """DESIGN: recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
+        """Recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
         own = {a.lower() for a in self.smtp.recipients}
         own |= {a.lower() for a in self.gateway.own_addresses}
         if self.ack.from_address:
