@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from gateway import classify, ruletests
+from gateway import __version__, classify, ruletests
 from gateway.ack import AckSender, Template, load_templates
 from gateway.ackpolicy import AckPolicy
 from gateway.backends.base import Backend
@@ -578,6 +578,14 @@ class Daemon:
         self.metrics.dead_letters.set(q["dead"])
         self.metrics.outbox_pending.set(q["outbox_pending"])
         self.metrics.oldest_age.set(q["oldest_queued_age"] or 0)
+        for comp in self.status.components.values():
+            self.metrics.component_up.labels(component=comp.name, kind=comp.kind).set(
+                1 if comp.ok else 0
+            )
+            if comp.kind == "backend":
+                paused = not comp.ok and comp.detail.startswith("paused")
+                name = comp.name.removeprefix("backend:")
+                self.metrics.backend_paused.labels(backend=name).set(1 if paused else 0)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -679,7 +687,11 @@ class Daemon:
         interval = max(0.5, watchdog_usec / 2e6) if watchdog_usec else 5.0
         notify = sd_notify if self.role != "worker" else (lambda _msg: None)  # only the main
         notify("READY=1\nSTATUS=started")
-        log.info("event=%s", "worker_ready" if self.role == "worker" else "ready")
+        log.info(
+            "event=%s version=%s",
+            "worker_ready" if self.role == "worker" else "ready",
+            __version__,
+        )
         while not self.should_exit:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

@@ -1,4 +1,4 @@
-"""The `gateway` command: run, check, route, deliver, queue, spool, erase, simulate (DESIGN, "CLI")."""
+"""The `gateway` command: run, check, route, deliver, queue, spool, erase, simulate (README, "Commands")."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
-from gateway.config import Config, config_path, load_config
+from gateway.config import DEFAULT_CONFIG, Config, config_path, load_config
 from gateway.errors import ConfigError, GatewayError, ParseError
 from gateway.limits import raise_open_files
 from gateway.logs import setup_logging
@@ -85,22 +85,28 @@ def _activation_socket() -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.app import load_rule_set
+    import os
+    import tempfile
 
-    problems: list[str] = []
+    from gateway.app import load_rule_set
+    from gateway.backends.registry import make_backend
+    from gateway.secrets import unit_credentials, unit_files
+    from gateway.tomlpos import load_toml
+
     try:
         cfg = _load(args)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
     except GatewayError as exc:
-        print(f"{config_path(args.config)}:0: {exc}", file=sys.stderr)
+        print(f"{config_path(args.config)}: {exc}", file=sys.stderr)
         return 1
     try:
         rules, _ = load_rule_set(cfg, tests=False)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
+    test_problems: list[str] = []  # rule test failures: `rules/tests/FILE:LINE: ...`
     tested = ""
     if not args.no_tests:
         from gateway import classify, ruletests
@@ -113,51 +119,183 @@ def cmd_check(args: argparse.Namespace) -> int:
             timezone=cfg.gateway.timezone,
             fallback_charsets=cfg.mail.fallback_charsets,
         )
-        problems.extend(str(p) for p in summary.problems)
+        test_problems.extend(str(p) for p in summary.problems)
         tested = f", {summary.cases} rule tests"
-    # secrets must be readable, but are never printed
-    from gateway.backends.registry import make_backend
-
-    async def build() -> None:
-        for name, b in cfg.backends.items():
+    _, lines = load_toml(cfg.path)
+    creds_env = os.environ.get("CREDENTIALS_DIRECTORY")
+    unit = Path(args.unit) if getattr(args, "unit", None) else None
+    if unit is not None and not unit.is_file():
+        print(f"gateway check: --unit: no such file: {unit}", file=sys.stderr)
+        return EX_NOINPUT
+    units = unit_files(unit) if not creds_env else []
+    creds = unit_credentials(units) if units else {}
+    problems: list[tuple[int, str]] = []  # (line, message) in cfg.path
+    bad_sections: set[str] = set()
+    for loc, model, base in _secret_sources(cfg):
+        dotted = _dotted(loc)
+        inline = getattr(model, base)
+        file = getattr(model, f"{base}_file", None)
+        env = getattr(model, f"{base}_env", None)
+        if inline is not None:
+            continue
+        if file:
+            path, how = _secret_path(cfg, file, creds_env, creds)
+            key = (*loc, f"{base}_file")
             try:
-                backend = make_backend(name, b, base_dir=cfg.base_dir)
-            except GatewayError as exc:
-                problems.append(f"{cfg.path}:0: backends.{name}: {exc}")
-                continue
-            await backend.aclose()
-
-    asyncio.run(build())
-    from gateway.app import relay_password
-    from gateway.secrets import resolve_secret
-
-    try:
-        relay_password(cfg)
-    except GatewayError as exc:
-        problems.append(f"{cfg.path}:0: {exc}")
-    for icfg in cfg.imap:
-        if icfg.auth == "password":
-            try:
-                resolve_secret(
-                    icfg.password,
-                    icfg.password_file,
-                    icfg.password_env,
-                    what=f"imap {icfg.name} password",
-                    base_dir=cfg.base_dir,
+                path.read_bytes()
+            except OSError as exc:
+                problems.append(
+                    (
+                        lines.line_of(key),
+                        _secret_file_problem(
+                            f"{dotted}.{base}_file", file, path, how, exc, creds_env, units
+                        ),
+                    )
                 )
-            except GatewayError as exc:
-                problems.append(f"{cfg.path}:0: {exc}")
-    _warn_permissions(cfg)
+                bad_sections.add(dotted)
+        elif env and os.environ.get(env) is None:
+            problems.append(
+                (
+                    lines.line_of((*loc, f"{base}_env")),
+                    f"{dotted}.{base}_env: environment variable {env} is not set"
+                    " (under systemd: Environment= or EnvironmentFile= in a drop-in)",
+                )
+            )
+            bad_sections.add(dotted)
+    for idx, icfg in enumerate(cfg.imap):
+        if icfg.auth == "xoauth2" and icfg.oauth2_token_file:
+            path, how = _secret_path(cfg, icfg.oauth2_token_file, creds_env, creds)
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                problems.append(
+                    (
+                        lines.line_of(("imap", idx, "oauth2_token_file")),
+                        _secret_file_problem(
+                            f"imap[{idx}].oauth2_token_file",
+                            icfg.oauth2_token_file,
+                            path,
+                            how,
+                            exc,
+                            creds_env,
+                            units,
+                        ),
+                    )
+                )
+    # Building each backend checks what only it knows (a WSDL, its URL). Bare-name secret files
+    # found through the unit's LoadCredential= are offered to it as systemd would: in a
+    # $CREDENTIALS_DIRECTORY of links, for this check only.
+    with tempfile.TemporaryDirectory(prefix="gateway-check-creds-") as tmp:
+        if creds and not creds_env:
+            for cid, (path, _) in creds.items():
+                if "/" not in cid:
+                    (Path(tmp) / cid).symlink_to(path)
+            os.environ["CREDENTIALS_DIRECTORY"] = tmp
+
+        async def build() -> None:
+            for name, b in cfg.backends.items():
+                if f"backends.{name}" in bad_sections:
+                    continue
+                try:
+                    backend = make_backend(name, b, base_dir=cfg.base_dir)
+                except GatewayError as exc:
+                    msg = str(exc)
+                    if not msg.startswith(f"backends.{name}"):
+                        msg = f"backends.{name}: {msg}"
+                    problems.append((lines.line_of(("backends", name)), msg))
+                    continue
+                await backend.aclose()
+
+        try:
+            asyncio.run(build())
+        finally:
+            if creds and not creds_env:
+                os.environ.pop("CREDENTIALS_DIRECTORY", None)
+    _warn_permissions(cfg, lines, creds_env, creds)
     _warn_ack_policy(cfg)
-    if problems:
-        for p in problems:
-            print(p, file=sys.stderr)
+    if problems or test_problems:
+        for line, msg in sorted(problems):
+            print(f"{cfg.path}:{line}: {msg}" if line else f"{cfg.path}: {msg}", file=sys.stderr)
+        for problem in test_problems:
+            print(problem, file=sys.stderr)
         return 1
     print(
         f"{cfg.path}: ok: {len(cfg.backends)} backends, {len(rules.rule_names)} rules,"
         f" {len(cfg.imap)} IMAP mailboxes{tested}"
     )
     return 0
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _secret_sources(cfg: Config) -> list[tuple[tuple[str | int, ...], Any, str]]:
+    """(where in the file, model, key) of every secret triple key / key_file / key_env."""
+    from pydantic import BaseModel
+
+    out: list[tuple[tuple[str | int, ...], Any, str]] = []
+
+    def walk(model: BaseModel, loc: tuple[str | int, ...]) -> None:
+        fields = type(model).model_fields
+        for key in fields:
+            if f"{key}_file" in fields and f"{key}_env" in fields:
+                out.append((loc, model, key))
+
+    walk(cfg.ack, ("ack",))
+    for i, icfg in enumerate(cfg.imap):
+        if icfg.auth == "password":
+            walk(icfg, ("imap", i))
+    for name, bcfg in cfg.backends.items():
+        walk(bcfg, ("backends", name))
+    return out
+
+
+def _secret_path(
+    cfg: Config, value: str, creds_env: str | None, creds: dict[str, tuple[Path, str]]
+) -> tuple[Path, str]:
+    """Where the daemon would read a secret file, and how it was found (as `resolve_secret`)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path, ""
+    if "/" not in value:
+        if creds_env and (Path(creds_env) / value).exists():
+            return Path(creds_env) / value, "in $CREDENTIALS_DIRECTORY"
+        if value in creds:
+            return creds[value][0], f"from {creds[value][1]}"
+    return cfg.base_dir / path, ""
+
+
+def _secret_file_problem(
+    key: str,
+    value: str,
+    path: Path,
+    how: str,
+    exc: OSError,
+    creds_env: str | None,
+    units: list[Path],
+) -> str:
+    why = exc.strerror or str(exc)
+    found = f" ({how})" if how else ""
+    msg = f"{key}: cannot read secret file {path}{found}: {why}"
+    if isinstance(exc, PermissionError):
+        return msg + " (systemd reads credentials as root: run `gateway check` as root)"
+    if "/" in value or Path(value).is_absolute() or how:
+        return msg
+    if creds_env:
+        return msg + f"; not in $CREDENTIALS_DIRECTORY ({creds_env}) either"
+    where = (
+        f"nor named by a LoadCredential= in {', '.join(map(str, units))}"
+        if units
+        else "and no ticket-gateway.service unit was found"
+    )
+    return (
+        f"{msg}; $CREDENTIALS_DIRECTORY is not set {where}: set CREDENTIALS_DIRECTORY to the"
+        f" directory holding {value!r} (or name the unit with --unit FILE)"
+    )
 
 
 def _inline_secrets(cfg: Config) -> list[str]:
@@ -185,40 +323,9 @@ def _inline_secrets(cfg: Config) -> list[str]:
     return found
 
 
-def _secret_files(cfg: Config) -> list[tuple[str, Path]]:
-    """(dotted key, path) of every secret read from a file."""
-    import os
-
-    from pydantic import BaseModel
-
-    out: list[tuple[str, Path]] = []
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-
-    def walk(model: BaseModel, where: str) -> None:
-        fields = type(model).model_fields
-        for key in fields:
-            base = key.removesuffix("_file")
-            value = getattr(model, key)
-            if key.endswith("_file") and f"{base}_env" in fields and isinstance(value, str):
-                path = Path(value)
-                if not path.is_absolute():
-                    if creds and "/" not in value and (Path(creds) / value).exists():
-                        path = Path(creds) / value
-                    else:
-                        path = cfg.base_dir / path
-                out.append((f"{where}.{key}" if where else key, path))
-            elif isinstance(value, BaseModel):
-                walk(value, f"{where}.{key}" if where else key)
-
-    walk(cfg.ack, "ack")
-    for i, icfg in enumerate(cfg.imap):
-        walk(icfg, f"imap[{i}]")
-    for bname, bcfg in cfg.backends.items():
-        walk(bcfg, f"backends.{bname}")
-    return out
-
-
-def _warn_permissions(cfg: Config) -> None:
+def _warn_permissions(
+    cfg: Config, lines: Any, creds_env: str | None, creds: dict[str, tuple[Path, str]]
+) -> None:
     """Warn (never fail) about secrets that other users of the machine can read."""
     try:
         mode = cfg.path.stat().st_mode
@@ -227,20 +334,25 @@ def _warn_permissions(cfg: Config) -> None:
     inline = _inline_secrets(cfg)
     if inline and mode & 0o004:
         print(
-            f"{cfg.path}:0: warning: the file is world-readable and holds inline secrets"
+            f"{cfg.path}: warning: the file is world-readable and holds inline secrets"
             f" ({', '.join(inline)}); chmod 640 it or move the secrets to *_file / *_env /"
             " systemd credentials",
             file=sys.stderr,
         )
-    for key, path in _secret_files(cfg):
+    for loc, model, base in _secret_sources(cfg):
+        value = getattr(model, f"{base}_file", None)
+        if not value or getattr(model, base) is not None:
+            continue
+        path, _ = _secret_path(cfg, value, creds_env, creds)
         try:
             fmode = path.stat().st_mode
         except OSError:
             continue  # unreadable sources are reported as problems
         if fmode & 0o004:
+            line = lines.line_of((*loc, f"{base}_file"))
             print(
-                f"{cfg.path}:0: warning: {key}: the secret file {path} is world-readable;"
-                " chmod 600 it",
+                f"{cfg.path}:{line}: warning: {_dotted(loc)}.{base}_file: the secret file {path}"
+                " is world-readable; chmod 600 it",
                 file=sys.stderr,
             )
 
@@ -297,7 +409,19 @@ def cmd_route(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return 1
-    raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
+    intakes = {"smtp", "pipe", *(i.name for i in cfg.imap)}
+    if args.intake not in intakes:
+        print(
+            f"gateway route: --intake: unknown intake {args.intake!r};"
+            f" one of {', '.join(sorted(intakes))}",
+            file=sys.stderr,
+        )
+        return EX_USAGE
+    try:
+        raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
+    except OSError as exc:
+        print(f"gateway route: cannot read {args.message}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_NOINPUT
     try:
         mail = parse(raw, fallback_charsets=cfg.mail.fallback_charsets)
     except ParseError as exc:
@@ -320,7 +444,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         received_at=time.time(),
     )
     tz = ZoneInfo(cfg.gateway.timezone)
-    now = datetime.fromisoformat(args.at) if args.at else datetime.now(UTC)
+    now = args.at or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=tz)
     ctx = routing.context(mail, env, now.astimezone(tz), cfg.own_addresses())
@@ -402,9 +526,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     return deliver(
         settings,
         sys.stdin.buffer,
-        rcpts=args.rcpt or [],
+        rcpts=args.rcpt,
         mail_from=args.mail_from or "",
         max_size=cfg.smtp.max_size,
+        accepted=cfg.smtp.recipients,
     )
 
 
@@ -444,6 +569,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return 1
+    if not cfg.spool.url and not cfg.spool_path.exists():
+        # never create one here: as root it would belong to the wrong user
+        print(
+            f"gateway queue: no spool at {cfg.spool_path} (the daemon creates it when it starts)",
+            file=sys.stderr,
+        )
+        return 1
     return asyncio.run(_queue(args, cfg))
 
 
@@ -470,7 +602,7 @@ async def _queue(args: argparse.Namespace, cfg: Config) -> int:
         if args.qcmd == "show":
             row = await spool.load(args.id, with_raw=args.raw)
             if row is None:
-                print(f"no message {args.id}", file=sys.stderr)
+                print(f"gateway queue show: no message {args.id}", file=sys.stderr)
                 return 1
             if args.raw and row.raw is not None:
                 sys.stdout.buffer.write(row.raw)
@@ -490,12 +622,20 @@ async def _queue(args: argparse.Namespace, cfg: Config) -> int:
                 if args.all_dead
                 else await spool.retry(args.id)
             )
+            if not n and not args.all_dead:
+                print(
+                    f"gateway queue retry: no deferred or dead message {args.id}", file=sys.stderr
+                )
+                return 1
             print(f"requeued {n}")
-            return 0 if n or args.all_dead else 1
+            return 0
         if args.qcmd == "drop":
             n = await spool.drop(args.id)
+            if not n:
+                print(f"gateway queue drop: no message {args.id}", file=sys.stderr)
+                return 1
             print(f"dropped {n}")
-            return 0 if n else 1
+            return 0
         if args.qcmd == "stats":
             counts = await spool.counts()
             out: dict[str, Any] = counts.to_dict()  # per state, flat (scripts use it)
@@ -545,8 +685,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
     # The daemon keeps writing meanwhile (WAL); the copy is the spool as of one commit.
     try:
         size = asyncio.run(run())
-    except GatewayError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
+    except (GatewayError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"gateway spool backup: {src_path} to {dest} failed: {why}", file=sys.stderr)
         return 1
     print(f"backed up {src_path} to {dest} ({size} bytes, checked)")
     return 0
@@ -646,87 +787,347 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         asyncio.run(serve_forever(args.listen, args.smtp))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        print(f"gateway simulate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gateway", description="ticket-gateway: mail in, tickets out")
-    sub = p.add_subparsers(dest="cmd", required=True)
+# -- command line -------------------------------------------------------------------------------
 
-    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument(
-            "-c",
-            "--config",
-            help="config file (default $GATEWAY_CONFIG or /etc/ticket-gateway/config.toml)",
-        )
+EX_USAGE = 64  # sysexits: the command line is wrong (unknown option, bad value)
+EX_NOINPUT = 66  # an input file named on the command line cannot be read
+EX_SOFTWARE = 70  # a bug: an unexpected exception (one line; GATEWAY_TRACEBACK=1 shows it)
+
+EXIT_CODES = """\
+exit codes (every command):
+  0   success
+  1   config or rules invalid, or the command found problems / was refused (named on stderr)
+  64  bad command line: unknown option, bad value (e.g. --state, --at, an id)
+  66  an input file named on the command line cannot be read
+  70  internal error (a bug: please report it with GATEWAY_TRACEBACK=1 output)
+`gateway run` also: 2 cannot open the spool or bind a listen address, 3 a core task died.
+`gateway deliver`: 0 stored, 65 not a mail, 67 recipient not accepted, 75 try again later."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line on stderr and exit 64 (EX_USAGE) for a bad command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _iso_time(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO time: {value!r} (e.g. 2026-12-07T09:30 or 2026-12-07T09:30+01:00)"
+        ) from None
+
+
+def _address(value: str) -> str:
+    addr = value.strip().strip("<>").strip()
+    local, at, domain = addr.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in addr):
+        raise argparse.ArgumentTypeError(f"not an e-mail address: {value!r}")
+    return addr
+
+
+def _sender(value: str) -> str:
+    """--from: an address, or empty / <> for the null sender (bounces)."""
+    if value.strip() in ("", "<>"):
+        return ""
+    return _address(value)
+
+
+def _hostport(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {value!r}")
+    return value
+
+
+def _message_id(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a message id: {value!r})")
+    return int(value)
+
+
+def _states() -> list[str]:
+    from gateway.spool.base import State
+
+    return [s.value for s in State]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = _Parser(
+        prog="gateway",
+        description="ticket-gateway: mail in (SMTP, IMAP, MTA pipe), tickets out (SuperOffice,"
+        " InterServer, WHMCS).",
+        epilog="examples:\n"
+        "  gateway check -c /etc/ticket-gateway/config.toml\n"
+        "  gateway -c config.toml route --json mail.eml\n"
+        "  gateway queue ls --state dead\n\n"
+        "`-c FILE` may stand before or after the command; default: $GATEWAY_CONFIG, else"
+        f" {DEFAULT_CONFIG}.\n\n" + EXIT_CODES,
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"gateway (ticket-gateway) {__version__}")
+    config_help = f"config file (default: $GATEWAY_CONFIG, else {DEFAULT_CONFIG})"
+    p.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    def command(
+        name: str, help: str, examples: str, exits: str = "", config: bool = True
+    ) -> argparse.ArgumentParser:
+        epilog = "examples:\n" + examples
+        if exits:
+            epilog += "\n\nexit codes:\n" + exits
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=fmt)
+        if config:
+            # SUPPRESS: a -c given before the command is not overwritten by this default
+            sp.add_argument(
+                "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help
+            )
         return sp
 
-    sp = with_config(sub.add_parser("run", help="run the daemon"))
+    sp = command(
+        "run",
+        "run the daemon (SMTP/IMAP intake, worker, acknowledgements, /healthz)",
+        "  gateway run -c /etc/ticket-gateway/config.toml",
+        "  0 clean stop (SIGTERM/SIGINT)\n  1 config or rules invalid\n"
+        "  2 cannot open the spool or bind a listen address\n  3 a core task died",
+    )
     sp.set_defaults(func=cmd_run)
-    sp = with_config(sub.add_parser("_worker", help=argparse.SUPPRESS))
-    sp.add_argument("--index", type=int, default=0)  # which of `worker_processes`
-    sp.set_defaults(func=cmd_worker)
-    sp = with_config(sub.add_parser("check", help="validate config and rules"))
+
+    sp = command(
+        "check",
+        "validate config, rules, templates and secrets; print file:line: message per problem",
+        "  gateway check -c /etc/ticket-gateway/config.toml\n"
+        "  CREDENTIALS_DIRECTORY=/etc/ticket-gateway/credentials gateway check",
+        "  0 no problems\n  1 problems (one `file:line: message` per line on stderr)",
+    )
+    sp.add_argument(
+        "--unit",
+        metavar="FILE",
+        help="systemd unit whose LoadCredential= lines locate bare-name secret files when"
+        " $CREDENTIALS_DIRECTORY is not set (default: the installed ticket-gateway.service"
+        " and its drop-ins)",
+    )
     sp.add_argument(
         "--no-tests",
         action="store_true",
         help="skip the rule tests (<rules dir>/tests/*.toml)",
     )
     sp.set_defaults(func=cmd_check)
-    sp = with_config(sub.add_parser("route", help="dry run: classify and route one message"))
-    sp.add_argument("message")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--rcpt", action="append", default=[])
-    sp.add_argument("--from", dest="mail_from")
-    sp.add_argument("--intake", default="smtp")
-    sp.add_argument("--at", help="ISO time to route at (business-hours rules)")
-    sp.set_defaults(func=cmd_route)
-    sp = with_config(sub.add_parser("deliver", help="spool one message from stdin (MTA pipe)"))
-    sp.add_argument("--rcpt", action="append", default=[])
-    sp.add_argument("--from", dest="mail_from")
-    sp.set_defaults(func=cmd_deliver)
-    sp = with_config(sub.add_parser("queue", help="inspect and repair the spool"))
-    qs = sp.add_subparsers(dest="qcmd", required=True)
-    q = qs.add_parser("ls")
-    q.add_argument("--state")
-    q.add_argument("--json", action="store_true")
-    q = qs.add_parser("show")
-    q.add_argument("id", type=int)
-    q.add_argument("--raw", action="store_true", help="print the stored message bytes")
-    q = qs.add_parser("retry")
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("id", type=int, nargs="?")
-    g.add_argument("--all-dead", action="store_true")
-    q = qs.add_parser("drop")
-    q.add_argument("id", type=int)
-    qs.add_parser("stats")
-    for q in qs.choices.values():
-        q.add_argument("-c", "--config", default=argparse.SUPPRESS)
-    sp.set_defaults(func=cmd_queue)
-    sp = with_config(sub.add_parser("spool", help="spool maintenance: backup, copy"))
-    ss = sp.add_subparsers(dest="scmd", required=True)
-    q = ss.add_parser("backup", help="consistent copy of the spool while the daemon runs")
-    q.add_argument("dest", help="file to write (replaced atomically), or a directory")
-    q = ss.add_parser("copy", help="copy a stopped SQLite spool into an empty PostgreSQL spool")
-    q.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB")
-    for q in ss.choices.values():
-        q.add_argument("-c", "--config", default=argparse.SUPPRESS)
-    sp.set_defaults(func=cmd_spool)
-    sp = with_config(
-        sub.add_parser("erase", help="remove every stored mail and map entry of one address")
+
+    sp = command(
+        "route",
+        "dry run: classify and route one message, call nothing, explain the decision",
+        "  gateway route -c config.toml mail.eml\n"
+        "  gateway route --json --rcpt billing@example.com --at 2026-12-07T20:00 mail.eml\n"
+        "  cat mail.eml | gateway route -",
+        "  0 routed (the decision is printed)\n  1 config or rules invalid\n"
+        "  64 bad option value (--at, --rcpt, --from, --intake)\n  66 MESSAGE cannot be read",
     )
-    sp.add_argument("--address", required=True)
+    sp.add_argument("message", metavar="MESSAGE", help="the mail file (RFC 5322); - reads stdin")
+    sp.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: rule, backend, action, ticket, followup_of, ack, reasons",
+    )
+    sp.add_argument(
+        "--rcpt",
+        action="append",
+        default=[],
+        type=_address,
+        metavar="ADDR",
+        help="envelope recipient (repeatable); default: the To and Cc addresses",
+    )
+    sp.add_argument(
+        "--from",
+        dest="mail_from",
+        type=_sender,
+        metavar="ADDR",
+        help="envelope sender; default: the From address",
+    )
+    sp.add_argument(
+        "--intake",
+        default="smtp",
+        metavar="NAME",
+        help="intake the mail came through: smtp (default), pipe or an [[imap]] name",
+    )
+    sp.add_argument(
+        "--at",
+        type=_iso_time,
+        metavar="ISO-TIME",
+        help="route as if at this time (weekday/time rules); without an offset: [gateway] timezone",
+    )
+    sp.set_defaults(func=cmd_route)
+
+    sp = command(
+        "deliver",
+        "store one message from stdin in the spool (an MTA pipe transport: Postfix, Exim)",
+        "  gateway deliver -c /etc/ticket-gateway/config.toml --from alice@example.org \\\n"
+        "      --rcpt support@example.com < mail.eml",
+        "  0  stored durably in the spool\n"
+        "  64 (EX_USAGE) bad command line (no --rcpt, a bad address)\n"
+        "  65 (EX_DATAERR) the input is not a mail or exceeds [smtp] max_size\n"
+        "  67 (EX_NOUSER) a recipient is not in [smtp] recipients: nothing stored\n"
+        "  75 (EX_TEMPFAIL) the spool or the config cannot be read or written: try later",
+    )
+    sp.add_argument(
+        "--rcpt",
+        action="append",
+        required=True,
+        type=_address,
+        metavar="ADDR",
+        help="envelope recipient (repeatable, at least one); each must be in [smtp] recipients",
+    )
+    sp.add_argument(
+        "--from",
+        dest="mail_from",
+        type=_sender,
+        metavar="ADDR",
+        help="envelope sender (Postfix ${sender}); empty or <> for a bounce",
+    )
+    sp.set_defaults(func=cmd_deliver)
+
+    sp = command(
+        "queue",
+        "inspect and repair the spool: ls, show, retry, drop, stats",
+        "  gateway queue ls --state dead\n  gateway queue show 42 --raw > 42.eml\n"
+        "  gateway queue retry --all-dead\n  gateway queue drop 42\n  gateway queue stats",
+        "  0 done\n  1 config invalid, or no such message / nothing to retry\n"
+        "  64 bad command line (unknown state, an id that is not a number)",
+    )
+    qs = sp.add_subparsers(dest="qcmd", metavar="SUBCOMMAND", title="subcommands")
+    qs.required = True
+    sp.set_defaults(func=cmd_queue)
+
+    def qcommand(name: str, help: str) -> argparse.ArgumentParser:
+        q = qs.add_parser(name, help=help, description=help)
+        q.add_argument(
+            "-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help
+        )
+        return q
+
+    q = qcommand("ls", "list messages (newest 1000), optionally of one state")
+    q.add_argument(
+        "--state",
+        choices=_states(),
+        metavar="STATE",
+        help=f"only this state: {', '.join(_states())}",
+    )
+    q.add_argument("--json", action="store_true", help="print a JSON list")
+    q = qcommand("show", "show one message's envelope, state, progress and last error")
+    q.add_argument("id", type=_message_id, metavar="ID", help="message id (from `queue ls`)")
+    q.add_argument("--raw", action="store_true", help="print the stored message bytes")
+    q = qcommand("retry", "put a deferred or dead message back in the queue now")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("id", type=_message_id, nargs="?", metavar="ID", help="message id")
+    g.add_argument("--all-dead", action="store_true", help="every dead message")
+    q = qcommand("drop", "remove one message from the spool")
+    q.add_argument("id", type=_message_id, metavar="ID", help="message id")
+    qcommand("stats", "counts per state, oldest waiting age, spool size (JSON)")
+
+    sp = command(
+        "spool",
+        "spool maintenance: backup (SQLite), copy (SQLite to PostgreSQL)",
+        "  gateway spool backup /var/backups/ticket-gateway/\n"
+        "  gateway spool backup /srv/backup/spool.sqlite\n"
+        "  PGPASSWORD=... gateway spool copy --to postgresql://gateway@db:5432/gateway",
+        "  0 copied (and checked)\n"
+        "  1 config invalid, no spool, the copy failed, or copy refused (target not empty)",
+    )
+    ss = sp.add_subparsers(dest="scmd", metavar="SUBCOMMAND", title="subcommands")
+    ss.required = True
+    q = ss.add_parser(
+        "backup",
+        help="consistent copy of the spool while the daemon runs",
+        description="consistent copy of the spool while the daemon runs",
+    )
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
+    q.add_argument(
+        "dest",
+        metavar="DEST",
+        help="file to write (replaced atomically), or a directory (a dated file in it)",
+    )
+    q = ss.add_parser(
+        "copy",
+        help="copy a stopped SQLite spool into an empty PostgreSQL spool",
+        description="copy a stopped SQLite spool into an empty PostgreSQL spool (queue, maps,"
+        " outbox, counters); the password as libpq takes it: PGPASSWORD or ~/.pgpass",
+    )
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
+    q.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB")
+    sp.set_defaults(func=cmd_spool)
+
+    sp = command(
+        "erase",
+        "remove every stored mail and map entry of one address (data-protection requests)",
+        "  gateway erase --address alice@example.org --dry-run\n"
+        "  gateway erase --address alice@example.org",
+        "  0 erased\n  1 config invalid, no spool, or some mails were busy (run it again)\n"
+        "  64 not an e-mail address",
+    )
+    sp.add_argument(
+        "--address",
+        required=True,
+        type=_address,
+        metavar="ADDR",
+        help="the e-mail address to erase",
+    )
     sp.add_argument("--dry-run", action="store_true", help="print what would go; change nothing")
     sp.set_defaults(func=cmd_erase)
-    sp = sub.add_parser("simulate", help="run the ticket-system simulators and the SMTP sink")
-    sp.add_argument("--listen", default="127.0.0.1:8900")
-    sp.add_argument("--smtp", default="127.0.0.1:2526")
+
+    sp = command(
+        "simulate",
+        "run the four ticket-system simulators and an SMTP sink for acknowledgements (demo, tests)",
+        "  gateway simulate\n  gateway simulate --listen 127.0.0.1:9900 --smtp 127.0.0.1:9925",
+        "  0 stopped (Ctrl-C)\n  1 cannot listen\n  64 bad IP:PORT",
+        config=False,
+    )
+    sp.add_argument(
+        "--listen",
+        default="127.0.0.1:8900",
+        type=_hostport,
+        metavar="IP:PORT",
+        help="HTTP simulators and /_sim API (default 127.0.0.1:8900)",
+    )
+    sp.add_argument(
+        "--smtp",
+        default="127.0.0.1:2526",
+        type=_hostport,
+        metavar="IP:PORT",
+        help="SMTP sink for acknowledgements (default 127.0.0.1:2526)",
+    )
     sp.set_defaults(func=cmd_simulate)
     return p
 
 
+def _worker_parser() -> argparse.ArgumentParser:
+    """`gateway _worker -c FILE`: the worker process `gateway run` starts; not in --help."""
+    p = _Parser(prog="gateway _worker", add_help=False)
+    p.add_argument("-c", "--config")
+    p.add_argument("--index", type=int, default=0)  # which of `worker_processes`
+    p.set_defaults(func=cmd_worker)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import os
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        args = _worker_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -736,7 +1137,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    except OSError as exc:  # a file or port the command needs: say which, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"gateway {getattr(args, 'cmd', '_worker')}:{where} {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    except Exception as exc:
+        if os.environ.get("GATEWAY_TRACEBACK"):
+            raise
+        what = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"gateway {getattr(args, 'cmd', '_worker')}: internal error: {type(exc).__name__}: {what}"
+            " (GATEWAY_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EX_SOFTWARE
 
 
 if __name__ == "__main__":

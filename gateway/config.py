@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -57,7 +58,7 @@ class GatewaySection(_Model):
     worker_process: bool = True
     worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
-    timezone: str = "UTC"  # for weekday/time rule conditions
+    timezone: str = "UTC"  # for weekday/time rule conditions (an IANA name)
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket
     followup_sender: Literal["any", "address", "domain"] = "any"  # who may follow up a ticket
     log_format: Literal["kv", "json"] = "kv"
@@ -70,6 +71,17 @@ class GatewaySection(_Model):
     # the calls fail as temporary (their mails are deferred), so a hostile endpoint cannot
     # exhaust memory (each answer is also capped by [backends.NAME] max_response_bytes)
     max_response_bytes_in_flight: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r} (an IANA name such as Europe/Berlin or UTC)"
+            ) from None
+        return v
 
 
 class SpoolSection(_Model):
@@ -289,7 +301,7 @@ class Config(_Model):
         return self.resolve(self.gateway.log_file) if self.gateway.log_file else None
 
     def own_addresses(self) -> set[str]:
-        """DESIGN: recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
+        """Recipients, ack From addresses, IMAP usernames and [gateway] own_addresses."""
         own = {a.lower() for a in self.smtp.recipients}
         own |= {a.lower() for a in self.gateway.own_addresses}
         if self.ack.from_address:

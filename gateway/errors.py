@@ -30,6 +30,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        # line 0: the problem is the file (or directory) as a whole
+        if self.line <= 0:
+            return f"{self.file}: {self.message}"
         return f"{self.file}:{self.line}: {self.message}"
 
 

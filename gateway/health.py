@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import __version__
 from gateway.metrics import Metrics
 from gateway.status import StatusBoard
 
@@ -104,6 +105,7 @@ class HealthServer:
                     )
         body: dict[str, Any] = {
             "status": "ok" if not problems else ("starting" if not self.started else "fail"),
+            "version": __version__,
             "components": components,
             "queue": queue,
         }

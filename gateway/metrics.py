@@ -1,4 +1,7 @@
-"""Prometheus series of DESIGN: outcomes by intake/rule/backend, queue depth, oldest age, latency.
+"""Prometheus series: outcomes by intake/rule/backend, queue depth, oldest age, latency, the state
+of each component (as /healthz), acknowledgements held back by a rate limit.
+
+contrib/prometheus/ticket-gateway.rules.yml alerts on them; contrib/grafana/ shows them.
 
 Labels never carry addresses or message content: only intake names, rule names, backend names.
 """
@@ -75,6 +78,24 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self.component_up = Gauge(
+            "gateway_component_up",
+            "1 when the component (spool, intake, backend, rules, outbox) works, as in /healthz",
+            ["component", "kind"],
+            registry=self.registry,
+        )
+        self.backend_paused = Gauge(
+            "gateway_backend_paused",
+            "1 while a backend is paused (its credentials or configuration were refused)",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.acks_limited = Counter(
+            "gateway_acks_limited",
+            "Acknowledgements not sent because a rate limit was reached (sender, global)",
+            ["limit"],
+            registry=self.registry,
+        )
         self._refresh: Callable[[], None] | None = None
 
     def outcome(self, name: str, intake: str, rule: str, backend: str) -> None:
@@ -95,6 +116,9 @@ class Metrics:
 
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self.latency.labels(backend=backend, result="ok" if ok else "error").observe(seconds)
+
+    def ack_limited(self, limit: str) -> None:
+        self.acks_limited.labels(limit=limit).inc()
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         self._refresh = refresh

@@ -69,7 +69,7 @@ def load_toml(path: Path) -> tuple[dict[str, Any], LineMap]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError([Problem(name, 1, f"cannot read file: {exc.strerror or exc}")]) from exc
+        raise ConfigError([Problem(name, 0, f"cannot read file: {exc.strerror or exc}")]) from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

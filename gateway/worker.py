@@ -786,6 +786,7 @@ class Worker:
             # the hourly limits are checked where the acknowledgement is queued (atomically)
             log.info("event=ack_rate_limited id=%d limit=%s", row.id, withheld)
             self._count("acks_withheld", reason=f"rate_{withheld}")
+            self._count("acks_limited", limit=withheld)  # gateway_acks_limited{limit} (issue 17)
         for name, probe in list(self._probe.items()):
             if probe == row.id:  # a probe that ended (dead, ...) hands the role to the next
                 del self._probe[name]

@@ -350,9 +350,12 @@ class WhmcsBackend:
         if data is None or result not in ("success", "error"):
             raise BackendUnavailable(f"WHMCS {action}: the answer is not a WHMCS API result")
         if result == "error":
-            log.info(
-                "event=whmcs_error backend=%s action=%s message=%r", self.name, action, message
-            )
+            # "Client Not Found" of GetClientsDetails is the normal answer for a new sender, not
+            # an error: lookup_client logs it as event=whmcs_client_lookup found=False
+            if not (action == "GetClientsDetails" and _NOT_FOUND in low):
+                log.info(
+                    "event=whmcs_error backend=%s action=%s message=%r", self.name, action, message
+                )
             raise PermanentError(f"WHMCS {action}: {message or 'error without message'}")
         return data
 

@@ -1,8 +1,10 @@
 """`gateway deliver`: spool one message from stdin for an MTA pipe transport (Postfix, Exim).
 
 Exit codes are sysexits: 0 stored, 75 (EX_TEMPFAIL) the spool could not commit (the MTA keeps the
-mail and retries), 65 (EX_DATAERR) the input is not a mail at all (empty, or no header section).
-The daemon's worker picks the message up from the spool.
+mail and retries), 65 (EX_DATAERR) the input is not a mail at all (empty, or no header section),
+67 (EX_NOUSER) a recipient is not one the SMTP intake accepts (`[smtp] recipients`): the same
+policy as RCPT TO, so the pipe is no way around it (no catch-all tickets, no acknowledgement from
+a stranger's address); nothing is stored. The daemon's worker picks the message up from the spool.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Collection
 from typing import BinaryIO
 
 from gateway.errors import SpoolError
@@ -21,6 +24,7 @@ log = logging.getLogger("gateway.intake.pipe")
 
 EX_OK = 0
 EX_DATAERR = 65
+EX_NOUSER = 67
 EX_TEMPFAIL = 75
 
 
@@ -37,6 +41,12 @@ def looks_like_mail(raw: bytes) -> str | None:
     return None
 
 
+def refused_recipients(rcpts: Collection[str], accepted: Collection[str]) -> list[str]:
+    """The recipients SMTP would refuse at RCPT TO (550 5.1.1); see `gateway.intake.smtp`."""
+    ok = {a.lower() for a in accepted}
+    return [r for r in rcpts if r.strip().lower() not in ok]
+
+
 def deliver(
     settings: SpoolSettings,
     stdin: BinaryIO,
@@ -44,7 +54,20 @@ def deliver(
     rcpts: list[str],
     mail_from: str,
     max_size: int,
+    accepted: Collection[str],
 ) -> int:
+    if not rcpts:
+        print("gateway deliver: no recipient (--rcpt ADDR)", file=sys.stderr)
+        return EX_NOUSER
+    refused = refused_recipients(rcpts, accepted)
+    if refused:
+        # before reading the mail: nothing of it is stored, the MTA bounces it with this reason
+        print(
+            f"gateway deliver: <{refused[0]}>: recipient address not accepted here"
+            " (not in [smtp] recipients)",
+            file=sys.stderr,
+        )
+        return EX_NOUSER
     raw = stdin.read(max_size + 1)
     if len(raw) > max_size:
         print(f"gateway deliver: message larger than {max_size} bytes", file=sys.stderr)

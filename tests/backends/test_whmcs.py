@@ -164,11 +164,18 @@ async def test_client_lookup_by_sender_is_cached(sims: Simulators, backend: Whmc
     assert second.fields["clientid"] == "7" and "name" not in second.fields
 
 
-async def test_unknown_sender_becomes_guest(sims: Simulators, make: MakeBackend) -> None:
+async def test_unknown_sender_becomes_guest(
+    sims: Simulators, make: MakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
     backend = make()
-    await backend.open_ticket(decision(client="lookup"), mail(), MemoryProgress())
+    with caplog.at_level("INFO", logger="gateway.backend"):
+        await backend.open_ticket(decision(client="lookup"), mail(), MemoryProgress())
     [t] = tickets(sims)
     assert "clientid" not in t.fields and t.fields["email"] == "jane@example.org"
+    # "Client Not Found" is the normal answer for a new sender: no whmcs_error in the log
+    events = " ".join(r.getMessage() for r in caplog.records)
+    assert "event=whmcs_client_lookup" in events and "found=False" in events
+    assert "whmcs_error" not in events
 
 
 async def test_explicit_client_id_and_lookup_off(sims: Simulators, make: MakeBackend) -> None:
