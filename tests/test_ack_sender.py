@@ -185,7 +185,7 @@ async def _queue_built(spool: SqliteSpool, rcpt: str, subject: str) -> None:
     env = Envelope(mail_from=rcpt, rcpt_tos=("support@example.com",))
     put = await spool.put(b"Subject: x\r\n\r\nbody\r\n", env)
     data, msg_id = build_ack(
-        Template("t", "Subject: {token} Re: {subject}\n\nThanks, {sender_name}.\n"),
+        Template("t", "Subject: {token} Re: {subject_full}\n\nThanks, {sender_name}.\n"),
         ParsedMail(subject=subject, from_addr=rcpt, message_id="orig@example.org"),
         rcpt=rcpt,
         ref="42",
@@ -195,7 +195,8 @@ async def _queue_built(spool: SqliteSpool, rcpt: str, subject: str) -> None:
         hostname="gw.test",
         backend="b",
     )
-    await spool.finish(put.id, Outcome(state=State.DONE, ack=(rcpt, "", data, f"<{msg_id}>")))
+    ack = AckDraft(rcpt=rcpt, mail_from="", data=data, message_id=f"<{msg_id}>")
+    await spool.finish(put.id, Outcome(state=State.DONE, ack=ack))
 
 
 async def test_subject_of_5000_characters_without_spaces_is_accepted_by_the_relay(
@@ -244,8 +245,8 @@ async def test_utf8_address_goes_over_smtputf8_or_fails_once_for_good(
         await run_until(sender, lambda: outbox_states(spool) != {"pending": 1})
     finally:
         ctl.stop()
-    rows = spool.read_sync(
-        lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
+    rows = sqlite_read(
+        spool, lambda c: c.execute("SELECT attempts, last_error FROM outbox").fetchall()
     )
     if offers:
         assert outbox_states(spool) == {"sent": 1}

@@ -10,9 +10,11 @@ from email.message import Message
 
 from gateway import mail as limits
 from gateway.errors import ParseError
-from gateway.mail.charset import _from_8bit, fallbacks
-from gateway.mail.defects import _Defects
-from gateway.mail.headers import (
+from gateway.models import Attachment, ParsedMail, RawSource
+
+from .charset import _from_8bit, fallbacks
+from .defects import _Defects
+from .headers import (
     _addresses,
     _clean,
     _dedupe,
@@ -23,8 +25,8 @@ from gateway.mail.headers import (
     _unfold,
     decode_words,
 )
-from gateway.mail.html import html_to_text
-from gateway.mail.mime import (
+from .html import html_to_text
+from .mime import (
     _BOUNDARY_LIKE,
     _FLATTENED_HEADER,
     _FLATTENED_TYPE,
@@ -34,9 +36,8 @@ from gateway.mail.mime import (
     _parse_headers_only,
     _start_of_message,
 )
-from gateway.mail.reply import Split, split_html, split_text
-from gateway.mail.walk import _CID, _Part, _Segment, _segments_text, _Walker
-from gateway.models import Attachment, ParsedMail, RawSource
+from .reply import Split, split_html, split_text
+from .walk import _CID, _Part, _Segment, _segments_text, _Walker
 
 
 class _Raw:

@@ -323,7 +323,7 @@ def read_dialect(data: bytes) -> Dialect:
     )
 
 
-def _add_encoded(parent: etree._Element, name: str, value: Any, kind: str, d: Dialect) -> None:
+def _add_encoded(parent: Any, name: str, value: Any, kind: str, d: Dialect) -> None:
     """One rpc/encoded part: `xsi:type` on every value, arrays as SOAP-ENC:Array."""
     el = etree.SubElement(parent, name)
     if isinstance(value, list):
