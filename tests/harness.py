@@ -179,7 +179,7 @@ class SimProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:  # 60 s: a loaded machine (issue 16)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -196,7 +196,7 @@ class SimProcess:
                 stdout=log,
                 stderr=log,
             )
-        ok = wait_for(self._up, timeout=60)
+        ok = wait_for(self._up, timeout=timeout)
         if not ok:
             raise RuntimeError(f"simulators did not come up: {self.log.read_text()[-2000:]}")
 

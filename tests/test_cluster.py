@@ -41,7 +41,7 @@ def pg() -> Iterator[PostgresServer]:
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimProcess]:
     s = SimProcess(tmp_path / "sim")
-    s.start()
+    s.start(timeout=90)  # several daemons and a database share the machine
     yield s
     s.stop()
 

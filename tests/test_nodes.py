@@ -22,7 +22,7 @@ from tests.harness import DaemonProcess, SimProcess, wait_for, write_config
 @pytest.fixture
 def sim(tmp_path: Path):  # type: ignore[no-untyped-def]
     s = SimProcess(tmp_path / "sim")
-    s.start()
+    s.start(timeout=90)  # several daemons and a database share the machine
     yield s
     s.stop()
 
