@@ -100,6 +100,7 @@ def load_rule_set(cfg: Config, *, tests: bool = True) -> tuple[RuleSet, dict[str
             own_addresses=cfg.own_addresses(),
             token_formats=classify.token_formats(b.subject_token for b in cfg.backends.values()),
             timezone=cfg.gateway.timezone,
+            fallback_charsets=cfg.mail.fallback_charsets,
         )
     return rules, templates
 
@@ -161,6 +162,7 @@ def backend_key(cfg: Config, name: str) -> tuple[Any, ...]:
 def worker_settings(cfg: Config) -> WorkerSettings:
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
+        fallback_charsets=tuple(cfg.mail.fallback_charsets),
         retry_base=cfg.retry.base,
         retry_max_delay=cfg.retry.max_delay,
         retry_deadline=cfg.retry.deadline,

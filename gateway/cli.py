@@ -113,6 +113,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             own_addresses=cfg.own_addresses(),
             token_formats=classify.token_formats(b.subject_token for b in cfg.backends.values()),
             timezone=cfg.gateway.timezone,
+            fallback_charsets=cfg.mail.fallback_charsets,
         )
         problems.extend(str(p) for p in summary.problems)
         tested = f", {summary.cases} rule tests"
@@ -259,7 +260,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 1
     raw = Path(args.message).read_bytes() if args.message != "-" else sys.stdin.buffer.read()
     try:
-        mail = parse(raw)
+        mail = parse(raw, fallback_charsets=cfg.mail.fallback_charsets)
     except ParseError as exc:
         out: dict[str, Any] = {
             "rule": "",

@@ -94,6 +94,25 @@ class RulesSection(_Model):
     watch_interval: float = Field(2.0, gt=0)  # seconds between looks at the files
 
 
+def _known_charsets(value: list[str]) -> list[str]:
+    import codecs
+
+    for name in value:
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"unknown charset {name!r}") from None
+    return value
+
+
+class MailSection(_Model):
+    # undeclared 8-bit text that is not UTF-8 is tried in these charsets, in order, before the
+    # charset detector and Windows-1252 (e.g. ["koi8-r"] for a site whose senders write KOI8-R)
+    fallback_charsets: list[str] = []
+
+    _charsets = field_validator("fallback_charsets")(classmethod(lambda cls, v: _known_charsets(v)))
+
+
 class RetrySection(_Model):
     base: float = Field(10.0, gt=0)  # first retry delay, seconds; doubles each attempt
     max_delay: float = Field(3600.0, gt=0)  # cap of one delay
@@ -156,6 +175,7 @@ class Config(_Model):
     smtp: SmtpSection = SmtpSection()
     health: HealthSection = HealthSection()
     rules: RulesSection = RulesSection()
+    mail: MailSection = MailSection()
     retry: RetrySection = RetrySection()
     ack: AckSection = AckSection()
     retention: RetentionSection = RetentionSection()

@@ -34,7 +34,7 @@ mail file, bad time) is a problem at its own line, like a broken rule.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from email.message import EmailMessage
@@ -105,6 +105,7 @@ def run_rule_tests(
     own_addresses: Collection[str],
     token_formats: list[str],
     timezone: str = "UTC",
+    fallback_charsets: Sequence[str] = (),
 ) -> Summary:
     """Run every case of `rules_dir`/tests/*.toml against `rules`; never raises for a case."""
     directory = rules_dir / TESTS_DIR
@@ -130,7 +131,10 @@ def run_rule_tests(
             problems.append(Problem(str(path), 1, "no [[case]] in this rule test file"))
         for i, raw in enumerate(doc.case):
             cases += 1
-            runner = _CaseRun(path, lines, ("case", i), rules, own_addresses, token_formats, zone)
+            runner = _CaseRun(
+                path, lines, ("case", i), rules, own_addresses, token_formats, zone,
+                tuple(fallback_charsets),
+            )  # fmt: skip
             problems.extend(runner.run(raw))
     return Summary(len(files), cases, tuple(problems))
 
@@ -142,6 +146,7 @@ def load_and_check(
     own_addresses: Collection[str],
     token_formats: list[str],
     timezone: str = "UTC",
+    fallback_charsets: Sequence[str] = (),
 ) -> Summary:
     """`run_rule_tests`, raising ConfigError with every problem when any case fails."""
     summary = run_rule_tests(
@@ -150,6 +155,7 @@ def load_and_check(
         own_addresses=own_addresses,
         token_formats=token_formats,
         timezone=timezone,
+        fallback_charsets=fallback_charsets,
     )
     if summary.problems:
         raise ConfigError(list(summary.problems))
@@ -165,6 +171,7 @@ class _CaseRun:
     own_addresses: Collection[str]
     token_formats: list[str]
     zone: ZoneInfo
+    fallback_charsets: tuple[str, ...] = ()
 
     def problem(self, sub: Loc, message: str) -> Problem:
         return Problem(str(self.path), self.lines.line_of((*self.loc, *sub)), message)
@@ -176,7 +183,7 @@ class _CaseRun:
             return pydantic_problems(exc, str(self.path), self.lines, prefix=self.loc)
         try:
             data = self.mail_bytes(case)
-            mail = parse(data)
+            mail = parse(data, fallback_charsets=self.fallback_charsets)
             now = self.moment(case.at)
         except _CaseError as exc:
             return [self.problem(exc.where, exc.message)]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import logging
 import random
 import time
@@ -65,6 +66,7 @@ class SpoolProgress:
 @dataclasses.dataclass
 class WorkerSettings:
     concurrency: int = 8
+    fallback_charsets: tuple[str, ...] = ()  # [mail] fallback_charsets, for parse
     retry_base: float = 30.0
     retry_max_delay: float = 3600.0
     retry_deadline: float = 5 * 24 * 3600.0
@@ -228,10 +230,11 @@ class Worker:
                 )
 
     async def _parse(self, raw: bytes | RawSource) -> ParsedMail:
+        parse_one = functools.partial(parse, fallback_charsets=self.s.fallback_charsets)
         if self.executor is None:
-            return parse(raw)
+            return parse_one(raw)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, parse, raw)
+        return await loop.run_in_executor(self.executor, parse_one, raw)
 
     async def process(self, msg_id: int) -> None:
         row = await self.spool.load(msg_id, with_raw=False)

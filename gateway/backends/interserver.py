@@ -385,7 +385,7 @@ class InterServerBackend:
 
     def _text(self, mail: ParsedMail, *, automatic: bool) -> str:
         # The API takes no attachments: every real attachment is named in the text instead.
-        skipped = [a.filename or "attachment" for a in mail.attachments if not a.inline]
+        skipped = [a.filename or "attachment" for a in mail.attachments]
         return _xml_safe(
             ticket_text(
                 mail,

@@ -121,17 +121,16 @@ def select_attachments(
 ) -> tuple[list[Attachment], list[str]]:
     """Split the mail's real attachments into (forwarded, names of those not forwarded).
 
-    Inline images referenced from the HTML body are not attachments of the ticket. A file is not
-    forwarded when its extension is blocked, it is larger than `max_bytes`, or it would take the
-    total past `max_total`; the ticket text lists those by name.
+    Inline images referenced from the HTML body go too: the ticket text cannot show them where
+    they stood, so they are files of the ticket (the rules do not count them as attachments).
+    A file is not forwarded when its extension is blocked, it is larger than `max_bytes`, or it
+    would take the total past `max_total`; the ticket text lists those by name.
     """
     blocked = {e.lower() if e.startswith(".") else "." + e.lower() for e in blocked_extensions}
     keep: list[Attachment] = []
     skipped: list[str] = []
     total = 0
     for att in mail.attachments:
-        if att.inline:
-            continue
         name = att.filename or "attachment"
         ext = ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
         if ext in blocked:

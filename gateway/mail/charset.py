@@ -6,7 +6,12 @@ known-weak labels, UTF-8 / Windows-1252 for undeclared 8-bit data)."""
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import re
+from collections.abc import Iterable, Iterator
+
+import charset_normalizer
 
 from gateway.mail.defects import _Defects
 
@@ -30,7 +35,11 @@ _ASCII_LABELS = frozenset(
      "", "unknown-8bit", "x-unknown", "unknown", "x-user-defined", "default", "charset",
      "none", "8bit", "7bit", "binary", "text/plain", "us-ascii;"}
 )  # fmt: skip
-_ISO2022JP = ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004", "iso2022_jp_3")
+# ISO-2022-JP as Windows writes it (CP50220/50221: NEC row 13 such as ①, IBM extensions) has no
+# Python codec: `_decode_cp5022x` reads the JIS X 0208 runs through cp932, which has them.
+_CP5022X = "gateway-cp5022x"
+_ISO2022JP = ("iso2022_jp", _CP5022X, "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004",
+              "iso2022_jp_3")  # fmt: skip
 _SJIS = ("cp932", "shift_jis_2004")
 _GB = ("gb18030",)
 _BIG5 = ("big5hkscs", "cp950")
@@ -102,12 +111,57 @@ def _decode_cp1252(data: bytes) -> str:
     return data.decode("cp1252", "gateway.c1")
 
 
+# The site's `[mail] fallback_charsets`, for the duration of one `parse` call (see `fallbacks`).
+_FALLBACKS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "gateway_mail_fallback_charsets", default=()
+)
+# What the detector may answer: legacy charsets that mail without a label is really sent in.
+_DETECTABLE = ["cp1252", "koi8_r", "koi8_u", "cp1251", "cp1250", "iso8859_2", "iso8859_15",
+               "cp1253", "cp1254", "cp1257", "iso8859_7", "cp866", "mac_cyrillic", "shift_jis",
+               "euc_jp", "gb18030", "big5", "euc_kr"]  # fmt: skip
+_DETECT_MIN = 48  # bytes: shorter text is too little for a detector (it guesses)
+_DETECT_MAX = 64 * 1024  # bytes given to the detector
+_DETECT_COHERENCE = 0.2  # the detector must recognise a language in the result this well
+
+
+@contextlib.contextmanager
+def fallbacks(charsets: Iterable[str]) -> Iterator[None]:
+    """Within the block, undeclared 8-bit text that is not UTF-8 is tried in `charsets` (in
+    order, the first that decodes it wins) before the detector and Windows-1252."""
+    token = _FALLBACKS.set(tuple(c for c in (_codec(x.strip().lower()) for x in charsets) if c))
+    try:
+        yield
+    finally:
+        _FALLBACKS.reset(token)
+
+
 def _decode_guess(data: bytes) -> tuple[str, str]:
-    """8-bit data without a usable label: UTF-8 when valid, else Windows-1252."""
+    """8-bit data without a usable label: UTF-8 when valid; else the site's fallback charsets;
+    else what charset-normalizer detects with confidence; else Windows-1252."""
     try:
         return data.decode("utf-8"), "UTF-8"
     except UnicodeDecodeError:
-        return _decode_cp1252(data), "windows-1252"
+        pass
+    for codec in _FALLBACKS.get():
+        try:
+            return data.decode(codec), codec
+        except UnicodeDecodeError:
+            continue
+    if len(data) >= _DETECT_MIN:
+        try:
+            best = charset_normalizer.from_bytes(
+                data[:_DETECT_MAX], cp_isolation=_DETECTABLE
+            ).best()
+        except Exception:  # the detector must never cost the mail
+            best = None
+        if best is not None and best.coherence >= _DETECT_COHERENCE:
+            found = _codec(best.encoding)
+            if found is not None and found != "cp1252":
+                try:
+                    return data.decode(found), f"{found} (detected)"
+                except (UnicodeDecodeError, LookupError):
+                    pass
+    return _decode_cp1252(data), "windows-1252"
 
 
 def decode_bytes(data: bytes, label: str | None) -> tuple[str, str | None]:
@@ -153,7 +207,7 @@ def decode_bytes(data: bytes, label: str | None) -> tuple[str, str | None]:
             return data.decode("utf-8", "replace"), f"invalid UTF-8 replaced (charset {label!r})"
     for codec in chain:
         try:
-            text = data.decode(codec)
+            text = data.decode(codec) if codec != _CP5022X else _decode_cp5022x(data)
         except (UnicodeError, LookupError):
             continue
         if codec in _SURROGATE_PRONE or _codec(codec) in _SURROGATE_PRONE:
@@ -171,9 +225,50 @@ def _from_8bit(value: str, defects: _Defects | None, where: str) -> str:
     if value.isascii():
         return value
     data = value.encode("utf-8", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if defects is not None:
-            defects.add(f"8-bit {where} is not UTF-8: decoded as windows-1252")
-        return _decode_cp1252(data)
+    text, how = _decode_guess(data)
+    if how != "UTF-8" and defects is not None:
+        defects.add(f"8-bit {where} is not UTF-8: decoded as {how}")
+    return text
+
+
+_ESC_RUN = re.compile(rb"\x1b(\$[@B]|\$\(D|\([BJI])")
+
+
+def _decode_cp5022x(data: bytes) -> str:
+    """ISO-2022-JP with the Microsoft extensions: each JIS X 0208 pair is moved to its
+    Shift_JIS code and the whole decoded as cp932 (a superset with NEC and IBM rows).
+    Raises UnicodeDecodeError for what is not ISO-2022-JP (e.g. JIS X 0212 runs)."""
+    out = bytearray()
+    mode = b"(B"
+    pos = 0
+    for m in [*_ESC_RUN.finditer(data), None]:
+        end = m.start() if m is not None else len(data)
+        run = data[pos:end]
+        if mode in (b"$@", b"$B"):
+            stripped = run.replace(b"\r", b"").replace(b"\n", b"")
+            if len(stripped) % 2 or any(not 0x21 <= b <= 0x7E for b in stripped):
+                raise UnicodeDecodeError("iso2022_jp", data, pos, end, "bad JIS X 0208 run")
+            for i in range(0, len(stripped), 2):
+                j1, j2 = stripped[i], stripped[i + 1]
+                s1 = ((j1 - 0x21) >> 1) + 0x81
+                if s1 > 0x9F:
+                    s1 += 0x40
+                if j1 % 2:
+                    s2 = j2 + 0x1F + (1 if j2 >= 0x60 else 0)
+                else:
+                    s2 = j2 + 0x7E
+                out += bytes((s1, s2))
+        elif mode == b"(I":
+            if any(not 0x21 <= b <= 0x5F for b in run):
+                raise UnicodeDecodeError("iso2022_jp", data, pos, end, "bad katakana run")
+            out += bytes(b + 0x80 for b in run)
+        elif mode == b"$(D":
+            raise UnicodeDecodeError("iso2022_jp", data, pos, end, "JIS X 0212 is not in cp932")
+        else:
+            if not run.isascii():
+                raise UnicodeDecodeError("iso2022_jp", data, pos, end, "8-bit byte")
+            out += run
+        if m is None:
+            break
+        mode, pos = m.group(1), m.end()
+    return out.decode("cp932")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from gateway import mail as limits
 from gateway.errors import ParseError
-from gateway.mail.charset import _from_8bit
+from gateway.mail.charset import _from_8bit, fallbacks
 from gateway.mail.defects import _Defects
 from gateway.mail.headers import (
     _addresses,
@@ -102,15 +102,25 @@ def _flood_cut_pieces(raw: _Raw, start: int) -> int | None:
     return None
 
 
-def parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
+def parse(
+    raw: bytes | bytearray | memoryview | RawSource, *, fallback_charsets: Sequence[str] = ()
+) -> ParsedMail:
     """Parse raw RFC 5322 bytes into a ParsedMail; repairs go to `defects`.
 
     `raw` may be a RawSource (the worker passes one for big mails): it is then read in pieces
     and never held whole, unless a repair needs the whole message.
 
+    `fallback_charsets` (`[mail] fallback_charsets`): tried in order for undeclared 8-bit text
+    that is not UTF-8, before the detector and Windows-1252.
+
     Raises ParseError only for input that cannot be read as mail at all: empty (or white space
     only), or without a header section and not text either.
     """
+    with fallbacks(fallback_charsets):
+        return _parse(raw)
+
+
+def _parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
     if isinstance(raw, bytes | bytearray | memoryview):
         src = _Raw(raw if isinstance(raw, bytes) else bytes(raw), None)
     else:

@@ -138,12 +138,34 @@ class _Part:
     content_id: str = ""
 
 
+# A plain alternative that only points at the HTML one ("view this mail in your browser").
+_STUB = re.compile(
+    r"(?i)\b(?:view|read|open|see)\b.{0,40}\b(?:in|on)\b.{0,20}\b(?:browser|web)|"
+    r"\bHTML\b.{0,60}\b(?:version|mail|e-mail|message|only|required|support|enable|f[aä]hig)|"
+    r"(?:im|in Ihrem) Browser|navigateur|version en ligne"
+)
+_STUB_MAX = 300  # characters: a longer plain part is a text of its own
+
+
+def _plain_is_stub(plain: str, html: str | None) -> bool:
+    """The plain alternative is empty of content the HTML one has: a pointer to the HTML version,
+    or a small fraction of its text (the plain part a mailer generates from a title)."""
+    if not html or not html.strip():
+        return False
+    short = plain.strip()
+    if len(short) > _STUB_MAX:
+        return False
+    if _STUB.search(short):
+        return True
+    return len(short) < 80 and len(html_to_text(html)) > 4 * len(short) + 100
+
+
 def _segments_text(segments: list[_Segment]) -> str:
     primary = [s for s in segments if not s.fallback]
     chosen = primary if any(s.has_text() for s in primary) else segments
     pieces = []
     for seg in chosen:
-        if seg.plain is not None and seg.plain.strip():
+        if seg.plain is not None and seg.plain.strip() and not _plain_is_stub(seg.plain, seg.html):
             pieces.append(seg.plain.strip("\n"))
         elif seg.html:
             text = html_to_text(seg.html)

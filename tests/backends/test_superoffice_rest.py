@@ -156,10 +156,11 @@ async def test_attachments_uploaded_and_connected(make: Make, sim: httpx.AsyncCl
     await make().open_ticket(decision(), mail(attachments=atts), progress)
     [t] = await tickets(sim)
     [m] = t["messages"]
-    assert m["attachments"] == ["report.pdf", "notes.txt"]
+    # the inline image goes as a file: the ticket text cannot show it where it stood
+    assert m["attachments"] == ["report.pdf", "logo.png", "notes.txt"]
     assert "Attachments not forwarded: evil.exe (blocked type)" in m["body"]
     assert progress.begun == ["ticket", "attachments", "message"]
-    assert len(progress.data["attachments"]["ids"]) == 2
+    assert len(progress.data["attachments"]["ids"]) == 3
 
 
 async def test_person_lookup_by_sender_is_cached(make: Make, sim: httpx.AsyncClient) -> None:

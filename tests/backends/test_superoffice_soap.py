@@ -148,13 +148,15 @@ async def test_attachments_forwarded_and_listed(
     await backend.open_ticket(decision(), mail(attachments=atts), progress)
     [t] = await tickets(sim_api)
     [m] = t["messages"]
-    assert m["attachments"] == ["report.pdf", "notes.txt"]
+    # the inline image goes as a file: the ticket text cannot show it where it stood
+    assert m["attachments"] == ["report.pdf", "logo.png", "notes.txt"]
     assert (
         "Attachments not forwarded: setup.exe (blocked type), huge.zip (too large: 5000 bytes)"
         in m["body"]
     )
     assert progress.data["addAttachment.0"]["filename"] == "report.pdf"
-    assert progress.data["addAttachment.1"]["filename"] == "notes.txt"
+    assert progress.data["addAttachment.1"]["filename"] == "logo.png"
+    assert progress.data["addAttachment.2"]["filename"] == "notes.txt"
 
 
 async def test_follow_up_adds_a_message_and_reopens(

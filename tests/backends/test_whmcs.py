@@ -140,8 +140,12 @@ async def test_attachments_forwarded_and_blocked_listed(
     )
     await backend.open_ticket(decision(), m, MemoryProgress())
     [t] = tickets(sims)
-    assert t.fields["attachments"] == [{"name": "report.pdf", "size": 13}]
-    assert t.messages[0].attachments == ["report.pdf"]
+    # the inline image goes as a file: the ticket text cannot show it where it stood
+    assert t.fields["attachments"] == [
+        {"name": "report.pdf", "size": 13},
+        {"name": "logo.png", "size": 3},
+    ]
+    assert t.messages[0].attachments == ["report.pdf", "logo.png"]
     assert "tool.exe (blocked type)" in t.messages[0].body
 
 
