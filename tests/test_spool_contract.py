@@ -17,6 +17,7 @@ from gateway.models import Envelope
 from gateway.spool import Spool, SpoolSettings, open_spool
 from gateway.spool.base import (
     AckDraft,
+    AckLimits,
     Outcome,
     RetentionPolicy,
     State,
@@ -298,6 +299,66 @@ async def test_outbox_is_claimed_once_and_counted_for_limits(open_: Opener) -> N
     assert ack.id in {x.id for x in redo} and (first + second)[1].id not in {x.id for x in redo}
     counts = await a.counts()
     assert counts.outbox_pending == 3 and counts["done"] == 4
+
+
+async def _claimed(spool: Spool, n: int) -> int:
+    r = await spool.put(mail(n), ENV)
+    assert r.id in await spool.claim_due(100)
+    return r.id
+
+
+async def _finish_acked(spool: Spool, msg_id: int, rcpt: str, limits: AckLimits) -> str:
+    """Finish with an acknowledgement under `limits`: "" queued, else the limit that held it."""
+    draft = AckDraft(rcpt, "", b"x", "", limits=limits)
+    return await spool.finish(
+        msg_id,
+        Outcome(
+            state=State.DONE,
+            backend="whmcs",
+            ticket_ref=f"L{msg_id}",
+            ticket_id=f"L{msg_id}",
+            system="whmcs",
+            requester="someone@example.net",
+            ack=draft,
+        ),
+    )
+
+
+async def test_ack_limits_are_checked_where_the_ack_is_queued(open_: Opener) -> None:
+    """Per sender, per domain, global with the strangers' share, counted over the last hour by
+    every node's acknowledgements (issue 15's limits, in both engines)."""
+    a, b = await open_(node="a"), await open_(node="b")
+    clock = open_.clock  # type: ignore[attr-defined]
+    limits = AckLimits(per_sender=2, per_domain=3, global_limit=6, stranger_share=0.5)
+
+    async def ack(spool: Spool, n: int, rcpt: str) -> str:
+        return await _finish_acked(spool, await _claimed(spool, n), rcpt, limits)
+
+    assert await ack(a, 1, "x@example.org") == ""
+    assert await ack(b, 2, "x@example.org") == ""
+    assert await ack(a, 3, "x@example.org") == "sender"  # counted across both nodes
+    assert await ack(b, 4, "y@example.org") == ""
+    assert await ack(a, 5, "z@example.org") == "domain"
+    assert await ack(b, 6, "w@example.net") == "global"  # strangers' share (3) used up
+    await done(a, 7, "K7", requester="k@known.example")  # k has a ticket conversation
+    clock.t += 1
+    assert await ack(b, 8, "k@known.example") == ""  # the rest of the global limit
+    assert await b.acks_since(None, clock.t - 3600) == 4
+    clock.t += 3601
+    assert await ack(a, 9, "x@example.org") == ""  # an hour later
+
+
+async def test_ack_limit_holds_for_concurrent_finishes(open_: Opener) -> None:
+    a, b = await open_(node="a"), await open_(node="b")
+    one = AckLimits(per_sender=1, per_domain=0, global_limit=0)
+    ids = [await _claimed(s, 100 + i) for i, s in enumerate((a, b, a, b))]
+    results = await asyncio.gather(
+        *(
+            _finish_acked(s, i, "race@example.com", one)
+            for s, i in zip((a, b, a, b), ids, strict=True)
+        )
+    )
+    assert sorted(results) == ["", "sender", "sender", "sender"]
 
 
 async def test_named_leases_have_one_holder(open_: Opener) -> None:
