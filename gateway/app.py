@@ -573,11 +573,7 @@ class Daemon:
         return st.f_bavail * st.f_frsize
 
     async def _refresh_gauges(self) -> None:
-        q = await self.queue_info()
-        self.metrics.queue_depth.set(q["waiting"])
-        self.metrics.dead_letters.set(q["dead"])
-        self.metrics.outbox_pending.set(q["outbox_pending"])
-        self.metrics.oldest_age.set(q["oldest_queued_age"] or 0)
+        # the components first: they are current even when the spool does not answer below
         for comp in self.status.components.values():
             self.metrics.component_up.labels(component=comp.name, kind=comp.kind).set(
                 1 if comp.ok else 0
@@ -586,6 +582,11 @@ class Daemon:
                 paused = not comp.ok and comp.detail.startswith("paused")
                 name = comp.name.removeprefix("backend:")
                 self.metrics.backend_paused.labels(backend=name).set(1 if paused else 0)
+        q = await self.queue_info()
+        self.metrics.queue_depth.set(q["waiting"])
+        self.metrics.dead_letters.set(q["dead"])
+        self.metrics.outbox_pending.set(q["outbox_pending"])
+        self.metrics.oldest_age.set(q["oldest_queued_age"] or 0)
 
     # -- reload ---------------------------------------------------------------------------------
 
