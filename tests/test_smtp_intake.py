@@ -291,9 +291,9 @@ async def test_full_disk_answers_452_and_the_next_mail_fits_again(tmp_path: Path
                 hostname="127.0.0.1",
                 port=listener.port,
             )
-            assert len(spool.list_sync()) == 1
+            assert len(await spool.list_messages()) == 1
         finally:
             await listener.stop(grace=0.5)
-            spool.close_sync()
+            await spool.close()
     finally:
         _umount(disk)
