@@ -1065,7 +1065,12 @@ def build_parser() -> argparse.ArgumentParser:
         " outbox, counters); the password as libpq takes it: PGPASSWORD or ~/.pgpass",
     )
     q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
-    q.add_argument("--to", required=True, metavar="postgresql://USER@HOST:PORT/DB")
+    q.add_argument(
+        "--to",
+        required=True,
+        metavar="postgresql://USER@HOST:PORT/DB",
+        help="the empty PostgreSQL spool to fill (no password in the URL)",
+    )
     sp.set_defaults(func=cmd_spool)
 
     sp = command(

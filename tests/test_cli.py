@@ -95,9 +95,14 @@ def test_bad_input_gives_one_line_and_the_documented_code(
 ) -> None:
     args = [a.format(cfg=cfg, dir=cfg.parent) for a in argv]
     if argv[:1] in (["queue"], ["spool"]):  # an empty spool, as the daemon leaves it
+        import asyncio
+
         from gateway.spool.sqlite import SqliteSpool
 
-        SqliteSpool(cfg.parent / "var" / "gateway.sqlite").close_sync()
+        async def empty_spool() -> None:
+            await SqliteSpool(cfg.parent / "var" / "gateway.sqlite").close()
+
+        asyncio.run(empty_spool())
     rc, out, err = run(args, capsys, monkeypatch, stdin)
     lines = err.splitlines()
     assert rc == code, err

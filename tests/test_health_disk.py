@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,13 +15,17 @@ from gateway.status import StatusBoard
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def _queue() -> dict[str, Any]:
+    return {"oldest_queued_age": None}
+
+
 def server(free: int | None, min_free: int) -> HealthServer:
     h = HealthServer(
         "127.0.0.1",
         0,
         StatusBoard(),
         Metrics(),
-        queue_info=lambda: {"oldest_queued_age": None},
+        queue_info=_queue,
         oldest_queued_max=900,
         backend_down_max=300,
         disk_free=(lambda: free) if free is not None else None,
@@ -30,14 +35,14 @@ def server(free: int | None, min_free: int) -> HealthServer:
     return h
 
 
-def test_enough_space_is_ok_and_reported() -> None:
-    code, body = server(10 * 2**30, 256 * 2**20).report()
+async def test_enough_space_is_ok_and_reported() -> None:
+    code, body = await server(10 * 2**30, 256 * 2**20).report()
     assert code == 200
     assert body["disk"] == {"free": 10 * 2**30, "min_free": 256 * 2**20}
 
 
-def test_below_min_free_fails_with_the_reason() -> None:
-    code, body = server(100 * 2**20, 256 * 2**20).report()
+async def test_below_min_free_fails_with_the_reason() -> None:
+    code, body = await server(100 * 2**20, 256 * 2**20).report()
     assert code == 503
     assert body["problems"] == [
         "spool: 100 MiB free on its file system, below [spool] min_free (256 MiB):"
@@ -45,13 +50,13 @@ def test_below_min_free_fails_with_the_reason() -> None:
     ]
 
 
-def test_unreadable_free_space_is_a_problem() -> None:
+async def test_unreadable_free_space_is_a_problem() -> None:
     def broken() -> int:
         raise OSError("gone")
 
     h = server(None, 1)
     h.disk_free = broken
-    code, body = h.report()
+    code, body = await h.report()
     assert code == 503 and "cannot read the free space" in body["problems"][0]
 
 
