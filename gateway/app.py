@@ -723,12 +723,13 @@ class Daemon:
         log.info("event=stopping")
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
         # Everything below fits in drain_timeout + 5 s: the SMTP sessions still open finish
-        # (at most 5 s) while the worker drains, and what is cut stays queued.
+        # (at most 5 s) while the worker drains, new connections get 421 meanwhile, and what is
+        # cut stays queued.
         smtp_stopped: asyncio.Future[None] | None = None
         if self.smtp is not None:
             self.smtp.drain()
             smtp_stopped = asyncio.ensure_future(
-                self.smtp.stop(grace=0.0 if self.force_exit else min(grace, 5.0))
+                self.smtp.sessions_done(0.0 if self.force_exit else min(grace, 5.0))
             )
         for intake in list(self.imaps):
             await intake.stop()
@@ -763,8 +764,9 @@ class Daemon:
                     await draining
                 log.warning("event=drain_forced")
                 cut = await self.worker.drain(0.0)
-        if smtp_stopped is not None:
+        if smtp_stopped is not None and self.smtp is not None:
             await smtp_stopped
+            await self.smtp.stop(grace=0.0)
         if self.ack_sender is not None:
             self.ack_sender.stop()
         if self.retention is not None:

@@ -205,6 +205,13 @@ class SmtpListener:
         """From now on new connections get 421; sessions already open may finish."""
         self.draining = True
 
+    async def sessions_done(self, grace: float) -> None:
+        """Wait up to `grace` s for the open sessions to end (the listener stays open: with
+        `drain` on, new connections get 421)."""
+        deadline = time.monotonic() + grace
+        while self.sessions > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def stop(self, grace: float = 5.0) -> None:
         self.draining = True
         if self._server is not None:
