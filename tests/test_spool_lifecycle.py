@@ -104,7 +104,7 @@ async def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) ->
     old.executescript(migrations.SCHEMA_V1)
     old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     assert migrations.prepare(old, tmp_path / "old.sqlite") == 1
-    assert migrations.read_version(old) == SCHEMA_VERSION == 5
+    assert migrations.read_version(old) == SCHEMA_VERSION == 6  # 5: claims (13), 6: ack keys (15)
     assert _schema(old) == _schema(sqlite3.connect(tmp_path / "fresh.sqlite"))
 
 
