@@ -3,7 +3,8 @@
 Fails when a module of gateway/
 - imports a name (or a module path) starting with `_` from another package: a third-party one
   (`from aiosmtpd.smtp import _AuthMechAttr`, `import httpx._transports`), the standard library,
-  or another module of ours (`gateway.worker` taking `gateway.mail._Part`);
+  or another package of ours (`gateway.worker` taking `gateway.mail._Part`; modules of one
+  package, such as gateway/mail/, may share their `_` helpers);
 - reads or writes an attribute starting with `_` that no code of ours defines: such a name can
   only belong to someone else's object (`reader._buffer`, `self._reader` inherited from aiosmtpd,
   `obj._call_handler_hook(...)`).
@@ -23,6 +24,18 @@ MODULES = sorted(PKG.rglob("*.py"))
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _package_of_path(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    return ".".join(rel.parts[:-1])
+
+
+def _package_of_module(module: str) -> str:
+    """The package a dotted module belongs to (itself when it is a package)."""
+    if (PKG.parent / Path(*module.split("."))).is_dir():
+        return module
+    return module.rpartition(".")[0]
 
 
 @functools.cache
@@ -62,8 +75,10 @@ def _problems(path: Path, own: frozenset[str]) -> list[str]:
             if any(_private(p) for p in module.split(".")):
                 out.append(f"{where}: from {module} import ...")
                 continue
-            for alias in node.names:  # a `_name` is private to the module that defines it
-                if _private(alias.name):
+            # a `_name` is private to its package: modules of one package may share it
+            same_package = _package_of_module(module) == _package_of_path(path)
+            for alias in node.names:
+                if _private(alias.name) and not same_package:
                     out.append(f"{where}: from {module} import {alias.name}")
         elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
             out.append(f"{where}: .{node.attr} (someone else's private attribute)")
