@@ -106,11 +106,11 @@ _SOURCE_HEAD = 1 << 20  # what is read first of a RawSource: the header section 
 _LINESEP_WINDOW = 4096  # the line ends of the message are judged by its first bytes
 
 # The layers read the limits above from this package, so they are imported after them.
-from .charset import decode_bytes  # noqa: E402
-from .headers import decode_words  # noqa: E402
-from .html import html_to_text  # noqa: E402
-from .mime import _fast_base64  # noqa: E402, F401 (tests of the fast path)
-from .source import extract_message_id, parse  # noqa: E402
+from gateway.mail.charset import decode_bytes  # noqa: E402
+from gateway.mail.headers import decode_words  # noqa: E402
+from gateway.mail.html import html_to_text  # noqa: E402
+from gateway.mail.mime import _fast_base64  # noqa: E402, F401 (tests of the fast path)
+from gateway.mail.source import extract_message_id, parse  # noqa: E402
 
 __all__ = [
     "MAX_DEPTH",

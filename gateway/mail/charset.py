@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import charset_normalizer
 
-from .defects import _Defects
+from gateway.mail.defects import _Defects
 
 
 def _c1_fallback(err: UnicodeError) -> tuple[str, int]:

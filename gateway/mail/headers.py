@@ -13,9 +13,8 @@ from typing import Any
 from mailparser.utils import get_addresses
 
 from gateway import mail as limits
-
-from .charset import _SURROGATES, _from_8bit, decode_bytes
-from .defects import _Defects
+from gateway.mail.charset import _SURROGATES, _from_8bit, decode_bytes
+from gateway.mail.defects import _Defects
 
 _ESSENTIAL_CAP = 1024
 

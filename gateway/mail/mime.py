@@ -13,8 +13,7 @@ from email.policy import compat32
 
 from gateway import mail as limits
 from gateway.errors import ParseError
-
-from .defects import _Defects
+from gateway.mail.defects import _Defects
 
 _FLATTENED_TYPE = "application/x-gateway-nested-mime"
 _FLATTENED_HEADER = "X-Gateway-Original-Content-Type"

@@ -10,11 +10,9 @@ from email.message import Message
 
 from gateway import mail as limits
 from gateway.errors import ParseError
-from gateway.models import Attachment, ParsedMail, RawSource
-
-from .charset import _from_8bit, fallbacks
-from .defects import _Defects
-from .headers import (
+from gateway.mail.charset import _from_8bit, fallbacks
+from gateway.mail.defects import _Defects
+from gateway.mail.headers import (
     _addresses,
     _clean,
     _dedupe,
@@ -25,8 +23,8 @@ from .headers import (
     _unfold,
     decode_words,
 )
-from .html import html_to_text
-from .mime import (
+from gateway.mail.html import html_to_text
+from gateway.mail.mime import (
     _BOUNDARY_LIKE,
     _FLATTENED_HEADER,
     _FLATTENED_TYPE,
@@ -36,8 +34,9 @@ from .mime import (
     _parse_headers_only,
     _start_of_message,
 )
-from .reply import Split, split_html, split_text
-from .walk import _CID, _Part, _Segment, _segments_text, _Walker
+from gateway.mail.reply import Split, split_html, split_text
+from gateway.mail.walk import _CID, _Part, _Segment, _segments_text, _Walker
+from gateway.models import Attachment, ParsedMail, RawSource
 
 
 class _Raw:

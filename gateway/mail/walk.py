@@ -16,12 +16,11 @@ from typing import Any
 from tnefparse import TNEF
 
 from gateway import mail as limits
-
-from .charset import _SURROGATES, _from_8bit, decode_bytes
-from .defects import _Defects
-from .headers import _clean, _decoded_header, _unfold, decode_words
-from .html import html_to_text
-from .mime import (
+from gateway.mail.charset import _SURROGATES, _from_8bit, decode_bytes
+from gateway.mail.defects import _Defects
+from gateway.mail.headers import _clean, _decoded_header, _unfold, decode_words
+from gateway.mail.html import html_to_text
+from gateway.mail.mime import (
     _DROP_DECODED_MIN,
     _FLATTENED_HEADER,
     _FLATTENED_TYPE,

@@ -91,9 +91,9 @@ Modules
 
 from __future__ import annotations
 
-from .fields import BACKEND_TYPES, FIELDS
-from .load import NO_CATCH_ALL, load_rules
-from .match import (
+from gateway.rules.fields import BACKEND_TYPES, FIELDS
+from gateway.rules.load import NO_CATCH_ALL, load_rules
+from gateway.rules.match import (
     BODY_LIMIT,
     REGEX_MAX_MEM,
     SET_MAX_MEM,
@@ -101,7 +101,7 @@ from .match import (
     RuleAction,
     glob_to_regex,
 )
-from .policy import RouteContext, RuleSet
+from gateway.rules.policy import RouteContext, RuleSet
 
 __all__ = [
     "BACKEND_TYPES",

@@ -14,10 +14,8 @@ import re2
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from gateway.errors import ConfigError, Problem
-from gateway.tomlpos import LineMap, Loc, dotted, load_toml, pydantic_problems
-
-from .fields import CONFIG_ONLY_FIELDS, FIELDS, _field_error, _is_int
-from .match import (
+from gateway.rules.fields import CONFIG_ONLY_FIELDS, FIELDS, _field_error, _is_int
+from gateway.rules.match import (
     _BOOL_TESTS,
     _DAYS,
     _FOLDED,
@@ -44,7 +42,8 @@ from .match import (
     _WeekdayCondition,
     glob_to_regex,
 )
-from .policy import RuleSet
+from gateway.rules.policy import RuleSet
+from gateway.tomlpos import LineMap, Loc, dotted, load_toml, pydantic_problems
 
 NO_CATCH_ALL = "no catch-all rule: add a last rule without [rule.match]"
 

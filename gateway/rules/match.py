@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import re2
 
 if TYPE_CHECKING:
-    from .policy import RouteContext, RuleSet
+    from gateway.rules.policy import RouteContext, RuleSet
 from gateway.models import Envelope, ParsedMail
 
 BODY_LIMIT = 1 << 20  # characters of the body examined by `body` conditions

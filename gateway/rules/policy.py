@@ -11,9 +11,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.models import Decision, Envelope, ParsedMail
-
-from .fields import _field_error
-from .match import FieldValue, Rule, _PatternSet, _RouteState, _Template
+from gateway.rules.fields import _field_error
+from gateway.rules.match import FieldValue, Rule, _PatternSet, _RouteState, _Template
 
 
 @dataclass(frozen=True)
