@@ -23,13 +23,30 @@ from typing import Any
 
 import aiosmtplib
 
+from gateway.ackpolicy import safe_subject
 from gateway.models import ParsedMail
 
 log = logging.getLogger("gateway.ack")
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+# What a template may quote. `{subject}` is the sender's subject made safe (one line, cut to 60
+# characters, links defanged): an acknowledgement goes to an address a stranger may have
+# forged, so the default template quotes nothing else a stranger chose besides the ticket
+# reference. The others are an admin's opt-in per template (README: "Acknowledgement
+# templates"): `{subject_full}` (the whole subject as written), `{sender}` (the address),
+# `{sender_name}` (the display name: the field spammers put their message in), `{date}`.
 PLACEHOLDERS = frozenset(
-    {"ref", "token", "subject", "sender", "sender_name", "recipient", "backend", "date"}
+    {
+        "ref",
+        "token",
+        "subject",
+        "subject_full",
+        "sender",
+        "sender_name",
+        "recipient",
+        "backend",
+        "date",
+    }
 )
 
 
@@ -87,7 +104,8 @@ def build_ack(
     values = {
         "ref": ref,
         "token": token,
-        "subject": mail.subject or "(no subject)",
+        "subject": safe_subject(mail.subject),
+        "subject_full": mail.subject or "(no subject)",
         "sender": mail.from_addr,
         "sender_name": mail.from_name or mail.from_addr,
         "recipient": from_address,
@@ -218,6 +236,7 @@ class AckSender:
         relay_port: int,
         *,
         status: Any = None,
+        metrics: Any = None,
         relay_tls: str = "none",
         username: str | None = None,
         password: str | None = None,
@@ -229,6 +248,7 @@ class AckSender:
         self.spool = spool
         self.host, self.port = relay_host, relay_port
         self.status = status
+        self.metrics = metrics  # `Metrics` or the worker process's `EventMetrics`
         self.relay_tls = relay_tls
         self.username, self.password = username, password
         self.timeout = timeout
@@ -324,6 +344,8 @@ class AckSender:
             return
         await self.spool.ack_result(ack.id, sent=True)
         self.sent += 1
+        if self.metrics is not None:
+            self.metrics.count("acks_sent")
         if self.status is not None:
             self.status.set_ok()
         log.info("event=ack_sent ack=%d message=%d", ack.id, ack.message_id)

@@ -31,6 +31,7 @@ from typing import Any
 
 from gateway import classify, ruletests
 from gateway.ack import AckSender, Template, load_templates
+from gateway.ackpolicy import AckPolicy
 from gateway.backends.base import Backend
 from gateway.backends.registry import make_backend
 from gateway.config import Config, load_config
@@ -41,6 +42,7 @@ from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.rules import RuleSet, load_rules
 from gateway.secrets import SecretError, resolve_secret
+from gateway.spool.base import AckLimits
 from gateway.spool.retention import RetentionPolicy, RetentionTask
 from gateway.spool.sqlite import SqliteSpool
 from gateway.status import StatusBoard
@@ -158,6 +160,17 @@ def backend_key(cfg: Config, name: str) -> tuple[Any, ...]:
     return (bcfg.model_dump_json(), tuple(digests))
 
 
+def ack_policy(cfg: Config) -> AckPolicy:
+    """The `[ack]` settings the acknowledgement decision needs (the worker's and `gateway route`'s)."""
+    return AckPolicy(
+        enabled=cfg.ack.enabled,
+        require=cfg.ack.require,
+        trusted_authserv_ids=frozenset(cfg.ack.trusted_authserv_ids),
+        own_addresses=frozenset(cfg.own_addresses()),
+        never_to=tuple(cfg.ack.never_to),
+    )
+
+
 def worker_settings(cfg: Config) -> WorkerSettings:
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
@@ -170,10 +183,13 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         timezone=cfg.gateway.timezone,
         followup_closed=cfg.gateway.followup_closed,
         followup_sender=cfg.gateway.followup_sender,
-        ack_enabled=cfg.ack.enabled,
-        ack_rate_limit=cfg.ack.rate_limit,
-        ack_global_limit=cfg.ack.global_rate_limit,
-        ack_never_to=tuple(cfg.ack.never_to),
+        ack_policy=ack_policy(cfg),
+        ack_limits=AckLimits(
+            per_sender=cfg.ack.rate_limit,
+            per_domain=cfg.ack.domain_rate_limit,
+            global_limit=cfg.ack.global_rate_limit,
+            stranger_share=cfg.ack.stranger_share,
+        ),
         ack_from_address=cfg.ack.from_address,
         ack_from_name=cfg.ack.from_name,
         ack_envelope_from=cfg.ack.envelope_from,
@@ -300,6 +316,7 @@ class Daemon:
                 host,
                 int(port),
                 status=outbox_status,
+                metrics=metrics,
                 relay_tls=cfg.ack.relay_tls,
                 username=cfg.ack.relay_username,
                 password=relay_password(cfg),
@@ -410,6 +427,8 @@ class Daemon:
             queue_info=self.queue_info,
             oldest_queued_max=cfg.health.oldest_queued_max,
             backend_down_max=cfg.health.backend_down_max,
+            disk_free=self._spool_disk_free if cfg.spool.min_free else None,
+            min_free=int(cfg.spool.min_free),
         )
         self.metrics.on_scrape(self._refresh_gauges)
         await self.health.start()
@@ -451,6 +470,11 @@ class Daemon:
             "outbox_pending": counts["outbox_pending"],
             "oldest_queued_age": round(time.time() - oldest, 1) if oldest else None,
         }
+
+    def _spool_disk_free(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's file system."""
+        st = os.statvfs(self.cfg.spool_path.parent)
+        return st.f_bavail * st.f_frsize
 
     def _refresh_gauges(self) -> None:
         q = self.queue_info()

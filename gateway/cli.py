@@ -149,6 +149,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             except GatewayError as exc:
                 problems.append(f"{cfg.path}:0: {exc}")
     _warn_permissions(cfg)
+    _warn_ack_policy(cfg)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -245,9 +246,49 @@ def _warn_permissions(cfg: Config) -> None:
             )
 
 
+def _warn_ack_policy(cfg: Config) -> None:
+    """Warn (never fail) when acknowledgements answer any sender on an intake that strangers can
+    reach: forged senders would make the gateway send mail to anyone (backscatter, spam)."""
+    import ipaddress
+
+    if not cfg.ack.enabled or cfg.ack.require != "none":
+        return
+    reachable: list[str] = []
+    if cfg.smtp.enabled:
+        host = cfg.smtp.listen.rpartition(":")[0].strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            reachable.append(f"smtp.listen {cfg.smtp.listen}")
+    reachable.extend(f"imap {i.name}" for i in cfg.imap)
+    if reachable:
+        print(
+            f"{cfg.path}:{_line_of(cfg, ('ack', 'require'))}: warning:"
+            f' acknowledgements go to any sender (ack.require = "none") while mail can come'
+            f" from beyond loopback ({', '.join(reachable)}): forged senders make the gateway"
+            ' mail strangers; set ack.require = "authenticated" and ack.trusted_authserv_ids'
+            " (the MTA or mailbox provider that adds Authentication-Results)",
+            file=sys.stderr,
+        )
+
+
+def _line_of(cfg: Config, loc: tuple[str, ...]) -> int:
+    """The line of `loc` (or of its nearest enclosing table) in the config file; 0 unknown."""
+    from gateway.tomlpos import load_toml
+
+    try:
+        _data, lines = load_toml(cfg.path)
+    except Exception:
+        return 0
+    return lines.line_of(loc)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     from gateway import routing
-    from gateway.app import load_rule_set
+    from gateway.ackpolicy import apply_policy
+    from gateway.app import ack_policy, load_rule_set
     from gateway.mail import parse
     from gateway.models import Envelope
 
@@ -286,6 +327,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     ctx = routing.context(mail, env, now.astimezone(tz), cfg.own_addresses())
     followup = _followup_from_spool(cfg, rules, mail, env, ctx)
     decision = routing.route(rules, mail, env, ctx, followup)
+    # the worker's own acknowledgement policy (hourly limits are counted when it is queued)
+    decision, _verdict = apply_policy(decision, mail, env, ack_policy(cfg))
     if args.json:
         print(json.dumps(decision.to_json(), ensure_ascii=False))
     else:

@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.registry import BACKEND_TYPES, config_model
@@ -58,6 +66,9 @@ class GatewaySection(_Model):
 
 class SpoolSection(_Model):
     path: str = "var/gateway.sqlite"
+    # /healthz fails below this much free space on the spool's file system (an int in bytes, or
+    # "500MiB", "2GB"...); 0 = no check. Below it the intake soon refuses mail (452).
+    min_free: ByteSize = ByteSize(256 * 1024 * 1024)
 
 
 class SmtpSection(_Model):
@@ -114,8 +125,17 @@ class AckSection(_Model):
     from_name: str = "Support"
     envelope_from: str = ""  # "" = the null sender <>, so a bounce of an ack cannot loop
     templates_dir: str = "templates"
-    rate_limit: int = Field(5, ge=0)  # acknowledgements per sender per hour
+    # who may get one (gateway.ackpolicy): "none" answers any sender (a loopback demo, or an
+    # intake only trusted hosts can reach); "authenticated" only a sender that a trusted
+    # Authentication-Results header vouches for (DMARC pass, aligned DKIM or SPF pass)
+    require: Literal["none", "authenticated"] = "none"
+    trusted_authserv_ids: list[str] = []  # authserv-ids whose Authentication-Results count
+    rate_limit: int = Field(5, ge=0)  # per normalised sender (case, +tag, gmail dots) per hour
+    domain_rate_limit: int = Field(100, ge=0)  # per recipient domain per hour; 0 = no limit
     global_rate_limit: int = Field(5000, ge=0)  # acknowledgements per hour in all; 0 = no limit
+    # share of global_rate_limit that senders without an earlier ticket may use: the rest stays
+    # for customers with a ticket conversation while strangers flood
+    stranger_share: float = Field(0.8, gt=0, le=1)
     never_to: list[str] = [  # no acknowledgement to these (globs, case-insensitive)
         "noreply@*",
         "no-reply@*",
@@ -134,6 +154,19 @@ class AckSection(_Model):
     ]
 
     _relay = field_validator("relay")(classmethod(lambda cls, v: _hostport(v)))
+
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        out = []
+        for value in v:
+            value = value.strip().lower().rstrip(".")
+            if not value or any(c.isspace() or c in ";()" for c in value):
+                raise ValueError(
+                    f"{value!r} is not an authserv-id (a host name such as mx.example.com)"
+                )
+            out.append(value)
+        return out
 
 
 class RetentionSection(_Model):

@@ -30,6 +30,8 @@ class HealthServer:
         queue_info: Callable[[], dict[str, Any]],
         oldest_queued_max: float,
         backend_down_max: float,
+        disk_free: Callable[[], int | None] | None = None,
+        min_free: int = 0,
     ) -> None:
         self.host, self.port = host, port
         self.status = status
@@ -37,6 +39,8 @@ class HealthServer:
         self.queue_info = queue_info
         self.oldest_queued_max = oldest_queued_max
         self.backend_down_max = backend_down_max
+        self.disk_free = disk_free  # bytes free where the spool lives; None when unknown
+        self.min_free = min_free
         self._runner: web.AppRunner | None = None
         self.started = False  # set once every component (the worker's too) has reported
 
@@ -66,11 +70,27 @@ class HealthServer:
             problems.append(
                 f"queue: oldest waiting message is {int(oldest)} s old (threshold {int(self.oldest_queued_max)} s)"
             )
+        disk: dict[str, Any] | None = None
+        if self.disk_free is not None:
+            try:
+                free = self.disk_free()
+            except OSError as exc:
+                free = None
+                problems.append(f"spool: cannot read the free space of its file system: {exc}")
+            if free is not None:
+                disk = {"free": free, "min_free": self.min_free}
+                if free < self.min_free:
+                    problems.append(
+                        f"spool: {free // 2**20} MiB free on its file system, below [spool]"
+                        f" min_free ({self.min_free // 2**20} MiB): mail will soon be refused"
+                    )
         body: dict[str, Any] = {
             "status": "ok" if not problems else ("starting" if not self.started else "fail"),
             "components": components,
             "queue": queue,
         }
+        if disk is not None:
+            body["disk"] = disk
         if problems:
             body["problems"] = problems
         return (200 if not problems else 503), body

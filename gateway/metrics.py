@@ -47,6 +47,20 @@ class Metrics:
         self.acks_sent = Counter(
             "gateway_acks_sent", "Acknowledgements delivered to the relay", registry=self.registry
         )
+        self.acks_withheld = Counter(
+            "gateway_acks_withheld",
+            "Acknowledgements the rules asked for that did not go out, by reason"
+            " (unauthenticated, rate_sender, rate_domain, rate_global, no_reply_address, ...)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.possible_duplicates = Counter(
+            "gateway_possible_duplicates",
+            "Tickets created again for a mail whose create call was in flight at a crash, where"
+            " the ticket system cannot be searched for the first one",
+            ["backend"],
+            registry=self.registry,
+        )
         self.intake_bursts = Counter(
             "gateway_intake_bursts",
             "SMTP bursts above [gateway] worker_yield_rate, during which the worker stepped back",
@@ -65,6 +79,13 @@ class Metrics:
         counter = self.outcomes.get(name)
         if counter is not None:
             counter.labels(intake=intake or "-", rule=rule or "-", backend=backend or "-").inc()
+
+    def count(self, name: str, **labels: str) -> None:
+        """Add one to the counter `name` (an attribute: acks_sent, acks_withheld, ...)."""
+        counter = getattr(self, name, None)
+        if not isinstance(counter, Counter):
+            raise ValueError(f"no counter named {name!r}")
+        (counter.labels(**labels) if labels else counter).inc()
 
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self.latency.labels(backend=backend, result="ok" if ok else "error").observe(seconds)

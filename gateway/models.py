@@ -69,6 +69,9 @@ class ParsedMail:
     )
     size: int = 0
     defects: tuple[str, ...] = ()  # what the parser had to repair
+    # MIME parts past the parser's limit (MAX_PARTS), not examined: (leaf parts, those with a
+    # file name); the ticket text says so, since their attachments are missing from the ticket
+    parts_not_examined: tuple[int, int] = (0, 0)
 
     def header(self, name: str) -> str | None:
         """First value of header `name` (case-insensitive), or None."""

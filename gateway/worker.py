@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fnmatch
 import logging
 import random
 import time
@@ -27,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 from gateway import classify, routing
 from gateway.ack import Template, build_ack
+from gateway.ackpolicy import NO_ACK, AckPolicy, ack_verdict, apply_policy, rate_keys
 from gateway.backends.base import Backend
 from gateway.errors import (
     BackendUnavailable,
@@ -39,7 +39,7 @@ from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.rules import RouteContext, RuleSet
-from gateway.spool.base import MessageRow, Outcome, State
+from gateway.spool.base import AckDraft, AckLimits, MessageRow, Outcome, State
 from gateway.spool.sqlite import BLOB_STREAM_MIN, BodyReader, SqliteSpool
 from gateway.status import StatusBoard
 
@@ -74,10 +74,9 @@ class WorkerSettings:
     timezone: str = "UTC"
     followup_closed: str = "append"
     followup_sender: str = "any"
-    ack_enabled: bool = True
-    ack_rate_limit: int = 5
-    ack_global_limit: int = 5000
-    ack_never_to: tuple[str, ...] = ()
+    # who may get an acknowledgement (see gateway.ackpolicy) and the hourly limits (AckLimits)
+    ack_policy: AckPolicy = dataclasses.field(default_factory=AckPolicy)
+    ack_limits: AckLimits = dataclasses.field(default_factory=AckLimits)
     ack_from_address: str = ""
     ack_from_name: str = "Support"
     ack_envelope_from: str = ""
@@ -320,6 +319,8 @@ class Worker:
         decision = routing.route(
             self.rules, mail, env, ctx, routing.Followup(f_ref, f_backend, f_note)
         )
+        # the same acknowledgement policy as `gateway route`: the reasons say why none goes out
+        decision, _verdict = apply_policy(decision, mail, env, self.s.ack_policy)
         if decision.action == "suppress":
             notice_name = self.rules.notice_for(decision)
             notice = await self._reply(mail, row, notice_name, None) if notice_name else None
@@ -448,13 +449,16 @@ class Worker:
                     ref = target
             if ref is None:
                 action = "new"
-                if row.uncertain and not progress.data:
+                recreate = row.uncertain and not progress.data
+                if recreate:
                     found = await backend.find_existing(decision, mail)
                     if found is not None:
                         notes.append(f"uncertain after crash: found existing ticket {found.ref}")
                         ref = found
                 if ref is None:
                     ref = await backend.open_ticket(decision, mail, progress)
+                    if recreate and not backend.searchable:
+                        await self._possible_duplicate(row, backend, ref, mail, notes)
         except TransientError as exc:
             self._observe(backend.name, started, ok=False)
             self._failing[backend.name] = True
@@ -581,42 +585,35 @@ class Worker:
 
     async def _ack(
         self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
-    ) -> tuple[str, str, bytes, str] | None:
+    ) -> AckDraft | None:
         ack_name = decision.ack
         if ack_name is None and decision.action == "followup" and action == "new":
             # the follow-up's ticket was unknown or closed: it became a new ticket, which the
             # sender must learn the reference of
             ack_name = "default"
         if ack_name is None or decision.automatic:
+            for reason in decision.reasons:
+                if reason.startswith(NO_ACK):  # the policy's (apply_policy), not the rules'
+                    log.info("event=ack_skipped id=%d reason=%r", row.id, reason[len(NO_ACK) :])
+                    self._withheld(reason.removeprefix(NO_ACK))
             return None
         return await self._reply(mail, row, ack_name, ref)
 
     async def _reply(
         self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
-    ) -> tuple[str, str, bytes, str] | None:
-        """Render an acknowledgement (or a suppress rule's notice) if nothing forbids it:
-        RFC 3834 (never to a null sender, our own addresses or no-reply addresses), the
-        per-sender and the global hourly limits."""
+    ) -> AckDraft | None:
+        """Render an acknowledgement (or a suppress rule's notice) if the policy allows one
+        (`gateway.ackpolicy`: RFC 3834, own and no-reply addresses, sender authentication).
+        The hourly limits are checked by the spool when it queues it (`AckLimits`)."""
         s = self.s
-        if not s.ack_enabled:
-            return None
-        rcpt = (mail.reply_to or mail.from_addr or row.envelope.mail_from).lower()
-        if not rcpt or "@" not in rcpt or classify.is_own_address(rcpt, s.own_addresses):
-            return None
-        if not row.envelope.mail_from and row.envelope.intake == "smtp":
-            return None  # null envelope sender: never answer (RFC 3834)
-        if any(fnmatch.fnmatchcase(rcpt, p.lower()) for p in s.ack_never_to):
-            log.info("event=ack_skipped id=%d reason=no-reply-address", row.id)
+        verdict = ack_verdict(mail, row.envelope, s.ack_policy)
+        rcpt = verdict.rcpt
+        if rcpt is None:
+            log.info("event=ack_skipped id=%d reason=%r", row.id, verdict.reason)
+            self._withheld(verdict.reason)
             return None
         template = self.templates.get(template_name) or self.templates.get("default")
         if template is None:
-            return None
-        hour_ago = self.clock() - 3600
-        if s.ack_rate_limit <= 0 or await self.spool.acks_since(rcpt, hour_ago) >= s.ack_rate_limit:
-            log.info("event=ack_rate_limited id=%d limit=per-sender", row.id)
-            return None
-        if s.ack_global_limit and await self.spool.acks_since(None, hour_ago) >= s.ack_global_limit:
-            log.warning("event=ack_rate_limited id=%d limit=global", row.id)
             return None
         from_address = (
             s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
@@ -636,12 +633,57 @@ class Worker:
             hostname=s.hostname,
             backend=ref.backend if ref else "",
         )
-        return rcpt, s.ack_envelope_from, data, ack_id
+        sender_key, domain = rate_keys(rcpt)
+        return AckDraft(
+            rcpt=rcpt,
+            mail_from=s.ack_envelope_from,
+            data=data,
+            message_id=ack_id,
+            sender_key=sender_key,
+            domain=domain,
+            limits=s.ack_limits,
+        )
+
+    async def _possible_duplicate(
+        self, row: MessageRow, backend: Backend, ref: TicketRef, mail: ParsedMail, notes: list[str]
+    ) -> None:
+        """A create call was in flight at a crash and the system cannot be searched: the ticket
+        just made may be the second one. Say so with both ids (the first one as far as the
+        system lets us find it) and count it, so that an admin can merge them."""
+        try:
+            first = await backend.possible_first(ref, mail)
+        except Exception:  # best effort: the ticket exists, the mail is done
+            first = None
+        log.warning(
+            "event=possible_duplicate id=%d backend=%s ticket=%s first_ticket=%s",
+            row.id,
+            backend.name,
+            ref.id,
+            first or "unknown",
+        )
+        notes.append(
+            f"possible duplicate: created again after a crash cut the create call; the first"
+            f" ticket is {first or 'unknown'} ({backend.system} cannot be searched)"
+        )
+        self._count("possible_duplicates", backend=backend.name)
+
+    def _withheld(self, reason: str) -> None:
+        label = _withheld_label(reason)
+        if label != "disabled":
+            self._count("acks_withheld", reason=label)
+
+    def _count(self, name: str, **labels: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count(name, **labels)
 
     async def _finish(
         self, row: MessageRow, outcome: Outcome, decision: Decision | None = None
     ) -> None:
-        await self.spool.finish(row.id, outcome)
+        withheld = await self.spool.finish(row.id, outcome)
+        if withheld:
+            # the hourly limits are checked where the acknowledgement is queued (atomically)
+            log.info("event=ack_rate_limited id=%d limit=%s", row.id, withheld)
+            self._count("acks_withheld", reason=f"rate_{withheld}")
         for name, probe in list(self._probe.items()):
             if probe == row.id:  # a probe that ended (dead, ...) hands the role to the next
                 del self._probe[name]
@@ -665,3 +707,17 @@ class Worker:
                 State.DUPLICATE: "duplicate",
             }.get(outcome.state, outcome.state.value)
             self.metrics.outcome(name, row.envelope.intake, rule, outcome.backend)
+
+
+def _withheld_label(reason: str) -> str:
+    """A fixed metric label for why the policy allowed no acknowledgement (never an address)."""
+    for prefix, label in (
+        ("sender not authenticated", "unauthenticated"),
+        ("null envelope sender", "null_sender"),
+        ("the reply address is one of our own", "own_address"),
+        ("the reply address is a no-reply", "no_reply_address"),
+        ("acknowledgements are off", "disabled"),
+    ):
+        if reason.startswith(prefix):
+            return label
+    return "no_address"

@@ -60,6 +60,9 @@ class EventMetrics:
             {"t": "outcome", "name": name, "intake": intake, "rule": rule, "backend": backend}
         )
 
+    def count(self, name: str, **labels: str) -> None:
+        self._emit({"t": "count", "name": name, "labels": labels})
+
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self._emit({"t": "latency", "backend": backend, "seconds": seconds, "ok": ok})
 
@@ -90,6 +93,12 @@ def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) ->
             str(event.get("rule", "")),
             str(event.get("backend", "")),
         )
+    elif kind == "count":
+        labels = event.get("labels") or {}
+        try:
+            metrics.count(str(event.get("name", "")), **{str(k): str(v) for k, v in labels.items()})
+        except ValueError as exc:  # a newer worker's counter: never let it stop the reader
+            log.warning("event=unknown_metric error=%r", str(exc))
     elif kind == "latency":
         metrics.backend_latency(
             str(event.get("backend", "")), float(event.get("seconds", 0.0)), bool(event.get("ok"))

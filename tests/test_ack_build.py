@@ -10,7 +10,7 @@ from gateway.ack import Template, build_ack
 from gateway.models import ParsedMail
 
 TEMPLATE = Template(
-    "t", "Subject: {token} Re: {subject}\n\nHello {sender_name},\n\nticket {ref}.\n.\nBye\n"
+    "t", "Subject: {token} Re: {subject_full}\n\nHello {sender_name},\n\nticket {ref}.\n.\nBye\n"
 )
 
 

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP
 
 from gateway.ack import AckSender
 from gateway.models import Envelope
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State
 from gateway.spool.sqlite import SqliteSpool
 
 
@@ -64,7 +64,7 @@ async def queue_acks(spool: SqliteSpool, n: int) -> None:
         data = f"To: c{i}@example.org\r\nSubject: [Ticket #{i}]\r\n\r\nthanks\r\n".encode()
         await spool.finish(
             put.id,
-            Outcome(state=State.DONE, ack=(f"c{i}@example.org", "", data, f"<ack{i}@gw>")),
+            Outcome(state=State.DONE, ack=AckDraft(f"c{i}@example.org", "", data, f"<ack{i}@gw>")),
         )
 
 

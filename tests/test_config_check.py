@@ -96,3 +96,38 @@ def test_world_readable_config_with_inline_secrets_is_warned_about(tmp_path: Pat
     out = gateway("check", "-c", str(cfg))
     assert "world-readable" in out.stderr
     assert "demo-password" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "append", "warned"),
+    [
+        (None, "", False),  # the quick start: loopback only
+        (('listen = "127.0.0.1:2525"', 'listen = "0.0.0.0:2525"'), "", True),
+        (None, '\n[[imap]]\nname = "mb"\nhost = "127.0.0.1"\nsecurity = "plain"\n'
+               'username = "support@example.com"\npassword = "x"\n', True),
+        (('require = "none"', 'require = "authenticated"'), "", False),
+    ],
+)  # fmt: skip
+def test_acks_to_any_sender_beyond_loopback_are_warned_about(
+    tmp_path: Path, edit: tuple[str, str] | None, append: str, warned: bool
+) -> None:
+    cfg = setup_config(tmp_path, edit, append)
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr  # a warning, not a problem
+    warning = [line for line in out.stderr.splitlines() if "ack.require" in line]
+    if warned:
+        line = line_of(cfg, 'require = "none"   ')
+        assert warning and warning[0].startswith(f"{cfg}:{line}: warning:")
+    else:
+        assert warning == []
+
+
+def test_acks_off_are_not_warned_about(tmp_path: Path) -> None:
+    cfg = setup_config(
+        tmp_path,
+        ('listen = "127.0.0.1:2525"', 'listen = "0.0.0.0:2525"'),
+    )
+    cfg.write_text(cfg.read_text().replace("[ack]\nenabled = true ", "[ack]\nenabled = false", 1))
+    assert "[ack]\nenabled = false" in cfg.read_text()
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 0 and "ack.require" not in out.stderr

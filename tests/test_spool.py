@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State
 from gateway.spool.sqlite import SCHEMA_VERSION, SqliteSpool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ async def test_finish_records_ticket_thread_and_ack_in_one_step(spool: SqliteSpo
             system="superoffice-soap",
             requester="a@example.org",
             message_id="m1@example.org",
-            ack=("a@example.org", "", b"ack bytes", "ack1@gw"),
+            ack=AckDraft("a@example.org", "", b"ack bytes", "ack1@gw"),
         ),
     )
     assert await spool.ticket_by_ref("1001") == ("so", "superoffice-soap", "1001", "a@example.org")

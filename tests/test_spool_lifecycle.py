@@ -32,7 +32,7 @@ from gateway.errors import SpoolError
 from gateway.logs import reopen_logs, setup_logging
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import Outcome, State
+from gateway.spool.base import AckDraft, Outcome, State
 from gateway.spool.retention import (
     DAY,
     RetentionPolicy,
@@ -103,7 +103,7 @@ def test_a_new_spool_has_the_schema_a_migrated_one_gets(tmp_path: Path) -> None:
     old.executescript(migrations.SCHEMA_V1)
     old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     assert migrations.prepare(old, tmp_path / "old.sqlite") == 1
-    assert migrations.read_version(old) == SCHEMA_VERSION == 4
+    assert migrations.read_version(old) == SCHEMA_VERSION == 5
     assert _schema(old) == _schema(sqlite3.connect(tmp_path / "fresh.sqlite"))
 
 
@@ -128,8 +128,13 @@ async def test_upgrading_the_v1_fixture_loses_nothing(tmp_path: Path) -> None:
         assert _rows(path, "messages", kept) == _rows(FIXTURE, "messages", kept)
         assert "raw" not in _columns(sqlite3.connect(path), "messages")
         assert _rows(path, "bodies", ["id", "raw"]) == _rows(FIXTURE, "messages", ["id", "raw"])
-        for table in ("tickets", "threads", "outbox"):
+        for table in ("tickets", "threads"):
             assert _rows(path, table) == before[table]
+        v1_outbox = _columns(sqlite3.connect(FIXTURE), "outbox")
+        assert _rows(path, "outbox", v1_outbox) == before["outbox"]
+        # v5: the rate-limit keys of acknowledgements already queued are filled in
+        keys = _rows(path, "outbox", ["rcpt", "sender_key", "domain"])
+        assert keys and all(k == r.lower() and d == r.rpartition("@")[2] for r, k, d in keys)
         assert {r[0] for r in _rows(path, "messages", ["purged_at"])} == {None}
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -255,7 +260,9 @@ async def _finish(
             requester=sender,
             subject=f"mail {n}",
             message_id=f"<m{n}@example.org>",
-            ack=(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>") if ack_to else None,
+            ack=AckDraft(ack_to, "", b"Subject: ack\r\n\r\nthanks\r\n", f"<ack{n}@gw>")
+            if ack_to
+            else None,
         ),
     )
     return r.id

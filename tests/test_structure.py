@@ -82,6 +82,19 @@ FORBIDDEN = {
         "gateway.mail",
         "gateway.classify",
     ),
+    # the acknowledgement policy is pure: `gateway route` and the worker decide alike
+    "gateway.ackpolicy": (
+        "gateway.backends",
+        "gateway.intake",
+        "gateway.spool",
+        "gateway.worker",
+        "gateway.rules",
+        "gateway.app",
+        "gateway.config",
+        "gateway.mail",
+        "gateway.classify",
+        "gateway.ack",
+    ),
     "gateway.worker": ("gateway.intake", "gateway.app", "gateway.config", "gateway.simulators"),
 }
 

@@ -38,12 +38,16 @@ class Backend(Protocol):
     as an automatic reply. `ticket_status` returns "open", "closed" or None when the system
     cannot tell; raises PermanentError when the ticket does not exist.
     `find_existing` is asked after a crash left a create call `uncertain`: it returns the ticket
-    the interrupted call made, when the system can be searched, else None.
+    the interrupted call made, when the system can be searched, else None. `searchable` says
+    whether it can: where not, a ticket created again for an uncertain mail is a possible
+    duplicate, and `possible_first(ref, mail)` names the ticket the interrupted call may have
+    made (the id of a likely candidate, by what the system lets the gateway read; None unknown).
     All methods raise only `gateway.errors.BackendError` subclasses.
     """
 
     name: str
     system: str
+    searchable: bool
 
     async def open_ticket(
         self, decision: Decision, mail: ParsedMail, progress: Progress
@@ -56,6 +60,8 @@ class Backend(Protocol):
     async def ticket_status(self, ref: TicketRef) -> str | None: ...
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None: ...
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None: ...
 
     async def aclose(self) -> None: ...
 

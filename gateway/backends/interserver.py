@@ -250,6 +250,7 @@ class InterServerBackend:
     """InterServer MyAdmin SOAP API. See `Backend`."""
 
     system = SYSTEM
+    searchable = True  # find_existing searches the system
 
     def __init__(self, name: str, cfg: InterServerConfig, *, base_dir: Path) -> None:
         self.name = name
@@ -385,7 +386,11 @@ class InterServerBackend:
 
     def _text(self, mail: ParsedMail, *, automatic: bool) -> str:
         # The API takes no attachments: every real attachment is named in the text instead.
-        skipped = [a.filename or "attachment" for a in mail.attachments if not a.inline]
+        skipped = [
+            f"{a.filename or 'attachment'} (InterServer's API takes no attachments)"
+            for a in mail.attachments
+            if not a.inline
+        ]
         return _xml_safe(
             ticket_text(
                 mail,
@@ -475,6 +480,10 @@ class InterServerBackend:
         if not title:
             return None
         return "closed" if "closed" in title or "resolved" in title else "open"
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
+        """See `Backend`. Searchable: `find_existing` answers instead."""
+        return None
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
         subject = _subject(mail)

@@ -231,6 +231,7 @@ class SuperOfficeRestBackend:
     """A SuperOffice WebAPI tenant reached over HTTP(S). See `Backend`."""
 
     system = SYSTEM
+    searchable = True  # find_existing searches the system
 
     def __init__(
         self,
@@ -325,6 +326,10 @@ class SuperOfficeRestBackend:
             return "closed"
         if status in ("active", "postponed"):
             return "open"
+        return None
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
+        """See `Backend`. Searchable: `find_existing` answers instead."""
         return None
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:

@@ -108,6 +108,7 @@ CODE_NAMES: dict[int, str] = {
 CODE_SESSION = 5
 CODE_UNKNOWN_TICKET = 13
 UNAVAILABLE_CODES = frozenset({1, 2, 3, 4, 15, 19})
+POSSIBLE_FIRST_PROBES = 10  # earlier ticket ids `possible_first` reads at most
 CONTENT_OPS = frozenset({"newTicket", "addMessage", "addAttachment"})
 SLEVELS = {"external": 2, "internal": 1, "2": 2, "1": 1}
 
@@ -366,6 +367,7 @@ class SuperOfficeSoapBackend:
     """The SuperOffice customer SOAP port as a ticket backend. See `Backend` (backends/base.py)."""
 
     system = SYSTEM
+    searchable = False  # the customer port cannot list or search tickets
 
     def __init__(self, name: str, cfg: SuperOfficeSoapConfig, *, base_dir: Path) -> None:
         self.name = name
@@ -641,6 +643,29 @@ class SuperOfficeSoapBackend:
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
         """See `Backend`. The customer port cannot search tickets: always None."""
+        return None
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
+        """See `Backend`. The port cannot search, but it can read a ticket by id, and ids are
+        given out in order: the nearest earlier ticket of ours with the same title (the lost
+        create made it moments before) is the likely first copy. Best effort: None on any error.
+        """
+        try:
+            newest = int(ref.id)
+        except ValueError:
+            return None
+        title = _clean(mail.subject.strip() or "(no subject)")[:MAX_TITLE_CHARS]
+        for tid in range(newest - 1, max(0, newest - 1 - POSSIBLE_FIRST_PROBES), -1):
+            try:
+                result = await self._session_call(
+                    "getTicket", str(tid), {"item": ["ticket.id", "ticket.title"]}
+                )
+            except BackendError:
+                continue  # not ours, not external, or gone
+            for item in _items(_get(result, "ticketResult")):
+                if str(_get(item, "field") or "") == "ticket.title":
+                    if str(_get(item, "value") or "").strip() == title.strip():
+                        return str(tid)
         return None
 
     async def aclose(self) -> None:

@@ -18,6 +18,7 @@ QUOTED_FILE = "quoted-text.txt"
 ORIGINAL_HTML_FILE = "original-message.html"
 
 DEFAULT_HEADER_FIELDS = ("From", "To", "Cc", "Date")
+MAX_PARTS = 2000  # = gateway.mail.MAX_PARTS (backends do not import the parser)
 TRUNCATION_MARKER = (
     "\n\n[... message truncated by ticket-gateway: {dropped} characters not shown ...]"
 )
@@ -69,7 +70,14 @@ def ticket_text(
     parts.append(body)
     skipped = list(not_forwarded)
     if skipped:
-        parts.append("Attachments not forwarded: " + ", ".join(skipped))
+        parts.append(f"Attachments not forwarded ({len(skipped)}): " + ", ".join(skipped))
+    leaves, named = mail.parts_not_examined
+    if leaves:
+        parts.append(
+            f"{leaves} more MIME parts ({named} of them named files) were not examined: the"
+            f" mail has more than {MAX_PARTS} parts, the limit of ticket-gateway; their"
+            " attachments are missing from this ticket (the original mail has them)"
+        )
     text = "\n\n".join(parts)
     if max_chars is not None and len(text) > max_chars:
         dropped = len(text) - max_chars

@@ -189,6 +189,7 @@ class WhmcsBackend:
     """A WHMCS installation reached over its External API. See `Backend`."""
 
     system = SYSTEM
+    searchable = True  # find_existing searches the system
 
     def __init__(self, name: str, cfg: WhmcsConfig, *, base_dir: Path) -> None:
         self.name = name
@@ -456,6 +457,10 @@ class WhmcsBackend:
         if not status:
             return None
         return "closed" if status.lower() == "closed" else "open"
+
+    async def possible_first(self, ref: TicketRef, mail: ParsedMail) -> str | None:
+        """See `Backend`. Searchable: `find_existing` answers instead."""
+        return None
 
     async def find_existing(self, decision: Decision, mail: ParsedMail) -> TicketRef | None:
         fields = self._fields(decision)

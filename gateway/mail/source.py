@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator
+from email.message import Message
 
 from gateway import mail as limits
 from gateway.errors import ParseError
@@ -258,7 +259,22 @@ def parse(raw: bytes | bytearray | memoryview | RawSource) -> ParsedMail:
         report_type=walker.report_type,
         size=src.size,
         defects=defects.result(),
+        parts_not_examined=_not_examined(msg) if walker.parts > limits.MAX_PARTS else (0, 0),
     )
+
+
+def _not_examined(msg: Message) -> tuple[int, int]:
+    """(leaf parts, of which with a file name) after the first MAX_PARTS parts of `msg`."""
+    leaves = named = 0
+    for n, part in enumerate(msg.walk()):
+        if n < limits.MAX_PARTS or part.is_multipart():
+            continue
+        leaves += 1
+        try:
+            named += part.get_filename() is not None
+        except Exception:  # a broken parameter still names nothing
+            pass
+    return leaves, named
 
 
 _MESSAGE_ID_LINE = re.compile(rb"^message-id:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)

@@ -84,7 +84,36 @@ class Outcome:
     requester: str = ""
     subject: str = ""
     message_id: str = ""  # the mail's Message-ID: mapped to the ticket for threading
-    ack: tuple[str, str, bytes, str] | None = None  # (rcpt, envelope from, bytes, ack Message-ID)
+    ack: AckDraft | None = None  # the acknowledgement to queue with it (subject to limits)
+
+
+@dataclass(frozen=True)
+class AckLimits:
+    """Hourly acknowledgement limits, checked by the spool in the transaction that queues the
+    acknowledgement (so that concurrent workers and nodes cannot slip past them together).
+
+    `per_sender` counts on the normalised address, `per_domain` on the organisational domain
+    (0 = no limit for either; per_sender 0 means none at all). `global_limit` (0 = none) is split:
+    senders without a ticket conversation ("strangers") may use `stranger_share` of it, so that
+    a flood of strangers leaves the rest to senders who already have a ticket."""
+
+    per_sender: int = 5
+    per_domain: int = 100
+    global_limit: int = 5000
+    stranger_share: float = 0.8
+
+
+@dataclass(frozen=True)
+class AckDraft:
+    """An acknowledgement to queue in the outbox together with an outcome."""
+
+    rcpt: str
+    mail_from: str  # envelope sender ("" = null sender)
+    data: bytes
+    message_id: str = ""  # the ack's own Message-ID: a reply to it threads to the ticket
+    sender_key: str = ""  # the normalised recipient the per-sender limit counts ("" = rcpt)
+    domain: str = ""  # the recipient's organisational domain ("" = from rcpt)
+    limits: AckLimits | None = None  # None: queue it without checking limits
 
 
 class Spool(Protocol):

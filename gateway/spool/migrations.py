@@ -25,6 +25,9 @@ History:
      (final messages by age, maps by age and by ticket, outbox by age and by message).
   3  `messages.crashes`.
   4  `bodies`: the raw bytes leave `messages` for a table of their own (see `_V4_BODIES`).
+  5  acknowledgement limits that cannot be dodged: `outbox.sender_key` (normalised address),
+     `outbox.domain` (organisational domain), `outbox.known` (the recipient had a ticket
+     before), their indexes, and `tickets_requester` (who has a ticket conversation).
 """
 
 from __future__ import annotations
@@ -139,6 +142,20 @@ _V4_RAW_AGE = (
     " WHERE purged_at IS NULL;"
 )
 
+# -- version 5: acknowledgement limit keys -----------------------------------------------------------
+
+_V5_COLUMNS = (
+    "ALTER TABLE outbox ADD COLUMN sender_key TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN domain TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN known INTEGER NOT NULL DEFAULT 0",
+)
+_V5_INDEXES = """
+CREATE INDEX IF NOT EXISTS outbox_sender ON outbox (sender_key, created_at);
+CREATE INDEX IF NOT EXISTS outbox_domain ON outbox (domain, created_at);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_at, known);
+CREATE INDEX IF NOT EXISTS tickets_requester ON tickets (requester);
+"""
+
 # -- the current schema, for a new spool ----------------------------------------------------------
 
 SCHEMA = (
@@ -154,9 +171,16 @@ SCHEMA = (
         _V4_RAW_AGE,
     )
     + _V4_BODIES
-)
+).replace(
+    "    created_at REAL NOT NULL,\n    sent_at REAL\n",
+    "    created_at REAL NOT NULL,\n    sent_at REAL,\n"
+    "    sender_key TEXT NOT NULL DEFAULT '', -- normalised rcpt: the per-sender limit (v5)\n"
+    "    domain TEXT NOT NULL DEFAULT '',     -- organisational domain: the per-domain limit (v5)\n"
+    "    known INTEGER NOT NULL DEFAULT 0     -- rcpt had a ticket before: global split (v5)\n",
+) + _V5_INDEXES
 assert "purged_at" in SCHEMA and "raw BLOB,  " not in SCHEMA  # the replaces above matched
 assert "WHERE purged_at IS NULL" in SCHEMA
+assert "sender_key TEXT" in SCHEMA
 
 
 @dataclass(frozen=True)
@@ -191,10 +215,23 @@ def _v4(conn: sqlite3.Connection) -> None:
     conn.execute(_V4_RAW_AGE)
 
 
+def _v5(conn: sqlite3.Connection) -> None:
+    for statement in _V5_COLUMNS:
+        conn.execute(statement)
+    # acks of the last hour keep counting: their exact address and domain are close enough
+    conn.execute(
+        "UPDATE outbox SET sender_key = LOWER(rcpt),"
+        " domain = LOWER(SUBSTR(rcpt, INSTR(rcpt, '@') + 1))"
+    )
+    for statement in statements(_V5_INDEXES):
+        conn.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "messages.purged_at; indexes for retention and erasure", _v2),
     Migration(3, "messages.crashes: set aside a mail that keeps killing the worker", _v3),
     Migration(4, "bodies: the raw bytes apart from the often-updated messages row", _v4),
+    Migration(5, "outbox sender_key, domain, known: acknowledgement limits by key", _v5),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else 1

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from gateway.errors import SpoolError
 from gateway.models import Envelope
 from gateway.spool import migrations
-from gateway.spool.base import AckRow, MessageRow, Outcome, PutResult, State
+from gateway.spool.base import AckLimits, AckRow, MessageRow, Outcome, PutResult, State
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
@@ -674,11 +674,15 @@ class SqliteSpool:
 
         return await self._write(job)
 
-    async def finish(self, msg_id: int, outcome: Outcome) -> None:
-        """Record the final outcome, the ticket/thread maps and the acknowledgement at once."""
+    async def finish(self, msg_id: int, outcome: Outcome) -> str:
+        """Record the final outcome, the ticket/thread maps and the acknowledgement at once.
+
+        The acknowledgement's hourly limits (`AckLimits`) are checked in the same transaction:
+        returns "" when it was queued (or there was none), else the limit that withheld it
+        ("sender", "domain" or "global")."""
         now = self.clock()
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> str:
             conn.execute(
                 "UPDATE messages SET state = ?, last_error = ?, backend = ?, rule = ?, action = ?,"
                 " ticket_ref = ?, ticket_id = ?, inflight = '', next_attempt_at = 0,"
@@ -715,21 +719,39 @@ class SqliteSpool:
                         " VALUES (?, ?, ?, ?)",
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
-            if outcome.ack is not None:
-                rcpt, mail_from, data, ack_msgid = outcome.ack
+            ack = outcome.ack
+            if ack is None:
+                return ""
+            rcpt = ack.rcpt.lower()
+            sender_key = ack.sender_key or rcpt
+            domain = ack.domain or rcpt.rpartition("@")[2]
+            # a sender with a ticket conversation from before this mail
+            known = (
                 conn.execute(
-                    "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
-                    " next_attempt_at) VALUES (?, ?, ?, ?, 'pending', ?, 0)",
-                    (msg_id, rcpt, mail_from, data, now),
+                    "SELECT 1 FROM tickets WHERE requester = ? AND created_at < ? LIMIT 1",
+                    (rcpt, now),
+                ).fetchone()
+                is not None
+            )
+            if ack.limits is not None:
+                withheld = _ack_limited(conn, ack.limits, sender_key, domain, known, now - 3600)
+                if withheld:
+                    return withheld
+            conn.execute(
+                "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
+                " next_attempt_at, sender_key, domain, known)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, 0, ?, ?, ?)",
+                (msg_id, rcpt, ack.mail_from, ack.data, now, sender_key, domain, int(known)),
+            )
+            if ack.message_id and outcome.ticket_ref:
+                conn.execute(
+                    "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (ack.message_id, outcome.backend, outcome.ticket_ref, now),
                 )
-                if ack_msgid and outcome.ticket_ref:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO threads (message_id, backend, ref, created_at)"
-                        " VALUES (?, ?, ?, ?)",
-                        (ack_msgid, outcome.backend, outcome.ticket_ref, now),
-                    )
+            return ""
 
-        await self._write(job)
+        return await self._write(job)
 
     # -- ticket and thread maps -------------------------------------------------------------------
 
@@ -768,18 +790,19 @@ class SqliteSpool:
 
     # -- outbox -----------------------------------------------------------------------------------
 
-    async def acks_since(self, rcpt: str | None, since: float) -> int:
-        """Acknowledgements queued since `since` to `rcpt` (None: to anyone)."""
+    async def acks_since(self, sender_key: str | None, since: float) -> int:
+        """Acknowledgements queued since `since` to the normalised sender `sender_key` (None: to
+        anyone)."""
 
         def q(conn: sqlite3.Connection) -> int:
-            if rcpt is None:
+            if sender_key is None:
                 r = conn.execute(
                     "SELECT COUNT(*) FROM outbox WHERE created_at >= ?", (since,)
                 ).fetchone()
             else:
                 r = conn.execute(
-                    "SELECT COUNT(*) FROM outbox WHERE rcpt = ? AND created_at >= ?",
-                    (rcpt.lower(), since),
+                    "SELECT COUNT(*) FROM outbox WHERE sender_key = ? AND created_at >= ?",
+                    (sender_key.lower(), since),
                 ).fetchone()
             return int(r[0])
 
@@ -922,6 +945,35 @@ class SqliteSpool:
 
 
 # -- the map look-ups, on any connection: the daemon's and the dry run's read-only one ---------------
+
+
+def _ack_limited(
+    conn: sqlite3.Connection,
+    limits: AckLimits,
+    sender_key: str,
+    domain: str,
+    known: bool,
+    since: float,
+) -> str:
+    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
+
+    def count(where: str, *args: object) -> int:
+        row = conn.execute(
+            f"SELECT COUNT(*) FROM outbox WHERE {where} AND created_at >= ?", (*args, since)
+        ).fetchone()
+        return int(row[0])
+
+    if limits.per_sender <= 0 or count("sender_key = ?", sender_key) >= limits.per_sender:
+        return "sender"
+    if limits.per_domain and count("domain = ?", domain) >= limits.per_domain:
+        return "domain"
+    if limits.global_limit:
+        if count("1 = 1") >= limits.global_limit:
+            return "global"
+        strangers = max(1, int(limits.global_limit * limits.stranger_share))
+        if not known and count("known = 0") >= strangers:
+            return "global"
+    return ""
 
 
 def ticket_by_ref(

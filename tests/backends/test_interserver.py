@@ -166,7 +166,10 @@ async def test_body_names_attachments_and_survives_control_chars(
     assert t["title"] == "(no subject)"
     body = t["messages"][0]["body"]
     assert "bad  byte here" in body
-    assert "Attachments not forwarded: invoice.pdf" in body
+    assert (
+        "Attachments not forwarded (1): invoice.pdf (InterServer's API takes no attachments)"
+        in body
+    )
 
 
 async def test_wrong_account_email_is_permanent(make: Make, http: httpx.AsyncClient) -> None:

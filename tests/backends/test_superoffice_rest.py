@@ -157,7 +157,7 @@ async def test_attachments_uploaded_and_connected(make: Make, sim: httpx.AsyncCl
     [t] = await tickets(sim)
     [m] = t["messages"]
     assert m["attachments"] == ["report.pdf", "notes.txt"]
-    assert "Attachments not forwarded: evil.exe (blocked type)" in m["body"]
+    assert "Attachments not forwarded (1): evil.exe (blocked type)" in m["body"]
     assert progress.begun == ["ticket", "attachments", "message"]
     assert len(progress.data["attachments"]["ids"]) == 2
 

@@ -150,7 +150,7 @@ async def test_attachments_forwarded_and_listed(
     [m] = t["messages"]
     assert m["attachments"] == ["report.pdf", "notes.txt"]
     assert (
-        "Attachments not forwarded: setup.exe (blocked type), huge.zip (too large: 5000 bytes)"
+        "Attachments not forwarded (2): setup.exe (blocked type), huge.zip (too large: 5000 bytes)"
         in m["body"]
     )
     assert progress.data["addAttachment.0"]["filename"] == "report.pdf"
