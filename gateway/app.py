@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, classify, ruletests
 from gateway.ack import AckSender, Template, load_templates
 from gateway.backends.base import Backend
 from gateway.backends.registry import make_backend
@@ -76,8 +76,12 @@ def sd_notify(message: str) -> None:
         log.debug("event=sd_notify_failed error=%r", str(exc))
 
 
-def load_rule_set(cfg: Config) -> tuple[RuleSet, dict[str, Template]]:
-    """Rules and templates as one unit: both valid, or ConfigError listing every problem."""
+def load_rule_set(cfg: Config, *, tests: bool = True) -> tuple[RuleSet, dict[str, Template]]:
+    """Rules and templates as one unit: both valid, or ConfigError listing every problem.
+
+    With `tests` the rule tests (`<rules dir>/tests/*.toml`) must pass too: a rule change that
+    breaks one is refused like a broken rule file (at start-up, on reload, by `gateway check`).
+    """
     try:
         templates = load_templates(cfg.templates_dir)
     except ValueError as exc:
@@ -89,6 +93,14 @@ def load_rule_set(cfg: Config) -> tuple[RuleSet, dict[str, Template]]:
         templates=set(templates),
         intakes={"smtp", "pipe", *(i.name for i in cfg.imap)},
     )
+    if tests:
+        ruletests.load_and_check(
+            rules,
+            cfg.rules_dir,
+            own_addresses=cfg.own_addresses(),
+            token_formats=classify.token_formats(b.subject_token for b in cfg.backends.values()),
+            timezone=cfg.gateway.timezone,
+        )
     return rules, templates
 
 
@@ -324,7 +336,12 @@ class Daemon:
         """Names, sizes and modification times of what a reload reads."""
         cfg = self.cfg
         paths = [cfg.path]
-        for d, pattern in ((cfg.rules_dir, "*.toml"), (cfg.templates_dir, "*.txt")):
+        watched = (
+            (cfg.rules_dir, "*.toml"),
+            (cfg.rules_dir / ruletests.TESTS_DIR, "*.toml"),
+            (cfg.templates_dir, "*.txt"),
+        )
+        for d, pattern in watched:
             with contextlib.suppress(OSError):
                 paths.extend(sorted(d.glob(pattern)))
         sig = []

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from gateway.config import DEFAULT_CONFIG, Config, config_path, load_config
 from gateway.errors import ConfigError, GatewayError, ParseError
 from gateway.limits import raise_open_files, return_big_buffers
 from gateway.logs import setup_logging
+
+if TYPE_CHECKING:
+    from gateway import routing
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -102,10 +104,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{config_path(args.config)}: {exc}", file=sys.stderr)
         return 1
     try:
-        rules, _ = load_rule_set(cfg)
+        rules, _ = load_rule_set(cfg, tests=False)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
+    tested = ""
+    test_problems: list[str] = []  # rules/tests/FILE:LINE: ... (already located)
+    if not args.no_tests:
+        from gateway import classify, ruletests
+
+        summary = ruletests.run_rule_tests(
+            rules,
+            cfg.rules_dir,
+            own_addresses=cfg.own_addresses(),
+            token_formats=classify.token_formats(b.subject_token for b in cfg.backends.values()),
+            timezone=cfg.gateway.timezone,
+        )
+        test_problems.extend(str(p) for p in summary.problems)
+        tested = f", {summary.cases} rule tests"
     _, lines = load_toml(cfg.path)
     creds_env = os.environ.get("CREDENTIALS_DIRECTORY")
     unit = Path(args.unit) if getattr(args, "unit", None) else None
@@ -197,13 +213,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             if creds and not creds_env:
                 os.environ.pop("CREDENTIALS_DIRECTORY", None)
     _warn_permissions(cfg, lines, creds_env, creds)
-    if problems:
+    if problems or test_problems:
         for line, msg in sorted(problems):
             print(f"{cfg.path}:{line}: {msg}" if line else f"{cfg.path}: {msg}", file=sys.stderr)
+        for text in test_problems:
+            print(text, file=sys.stderr)
         return 1
     print(
         f"{cfg.path}: ok: {len(cfg.backends)} backends, {len(rules.rule_names)} rules,"
-        f" {len(cfg.imap)} IMAP mailboxes"
+        f" {len(cfg.imap)} IMAP mailboxes{tested}"
     )
     return 0
 
@@ -340,15 +358,14 @@ def _warn_permissions(
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from gateway import classify
+    from gateway import routing
     from gateway.app import load_rule_set
     from gateway.mail import parse
     from gateway.models import Envelope
-    from gateway.rules import RouteContext
 
     try:
         cfg = _load(args)
-        rules, _ = load_rule_set(cfg)
+        rules, _ = load_rule_set(cfg, tests=False)  # the dry run is how a failing case is studied
     except ConfigError as exc:
         _print_problems(exc)
         return 1
@@ -390,17 +407,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     now = args.at or datetime.now(UTC)
     if now.tzinfo is None:
         now = now.replace(tzinfo=tz)
-    ctx = RouteContext(
-        now=now.astimezone(tz),
-        auto_reason=classify.auto_reason(mail, env),
-        loop_reason=classify.loop_reason(mail, env, cfg.own_addresses()),
-    )
-    # as the worker does: a token's ref is looked up preferring the backend the rules pick
-    plain = rules.route(mail, env, ctx)
-    f_ref, f_backend = _followup_from_spool(cfg, mail, plain.backend or None)
-    decision = rules.route(
-        mail, env, dataclasses.replace(ctx, followup_ref=f_ref, followup_backend=f_backend)
-    )
+    ctx = routing.context(mail, env, now.astimezone(tz), cfg.own_addresses())
+    followup = _followup_from_spool(cfg, rules, mail, env, ctx)
+    decision = routing.route(rules, mail, env, ctx, followup)
     if args.json:
         print(json.dumps(decision.to_json(), ensure_ascii=False))
     else:
@@ -416,35 +425,43 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def _followup_from_spool(
-    cfg: Config, mail: Any, prefer_backend: str | None
-) -> tuple[str | None, str | None]:
+    cfg: Config, rules: Any, mail: Any, env: Any, ctx: Any
+) -> routing.Followup:
     """Read-only look-up of the spool's ticket and thread maps (the dry run calls nothing)."""
     import sqlite3
 
-    from gateway import classify
+    from gateway import classify, routing
     from gateway.spool.sqlite import thread_lookup, ticket_by_ref
 
     tokens = classify.token_formats(b.subject_token for b in cfg.backends.values())
-    ref = classify.find_subject_token(mail.subject, tokens)
+    ref = routing.subject_token(mail, tokens)
+    unknown = routing.Followup.unknown_token(ref) if ref is not None else routing.Followup()
     path = cfg.spool_path
     if not path.exists():
-        return ref, None
+        return unknown
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
-        return ref, None
+        return unknown
     try:
         if ref is not None:
-            known = ticket_by_ref(conn, ref, prefer_backend)
-            return ref, known[0] if known else None
+            # as the worker does: the ref is looked up preferring the backend the rules pick
+            prefer = routing.preferred_backend(rules, mail, env, ctx) or None
+            known = ticket_by_ref(conn, ref, prefer)
+            if known:
+                return routing.Followup(
+                    ref, known[0], f"follow-up by subject token of ticket {ref}"
+                )
+            return unknown
         hit = thread_lookup(conn, classify.thread_ids(mail))
         if hit is not None:
-            return hit[1], hit[0]
+            note = f"follow-up by In-Reply-To/References of ticket {hit[1]}"
+            return routing.Followup(hit[1], hit[0], note)
     except sqlite3.Error:
         pass
     finally:
         conn.close()
-    return None, None
+    return unknown
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
@@ -792,6 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  gateway check -c /etc/ticket-gateway/config.toml\n"
         "  CREDENTIALS_DIRECTORY=/etc/ticket-gateway/credentials gateway check",
         "  0 no problems\n  1 problems (one `file:line: message` per line on stderr)",
+    )
+    sp.add_argument(
+        "--no-tests",
+        action="store_true",
+        help="skip the rule tests (<rules dir>/tests/*.toml)",
     )
     sp.add_argument(
         "--unit",

@@ -57,6 +57,11 @@ class ParsedMail:
     headers: tuple[tuple[str, str], ...] = ()
     text: str = ""  # the body as plain text (converted from HTML when there is no text part)
     html: str = ""  # the HTML body, "" when none
+    # A reply split (gateway.mail.reply): the new text, its signature and the quoted history;
+    # all "" when the body has neither a signature nor a quote (then `text` is all new).
+    new_text: str = ""
+    signature: str = ""
+    quoted_text: str = ""
     attachments: tuple[Attachment, ...] = ()
     content_type: str = "text/plain"  # top-level MIME type
     report_type: str = (

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway import classify
+from gateway import classify, routing
 from gateway.ack import Template, build_ack
 from gateway.backends.base import Backend
 from gateway.errors import (
@@ -307,9 +307,8 @@ class Worker:
                 return
 
         # -- classify ---------------------------------------------------------------------------
-        auto = classify.auto_reason(mail, env)
-        loop_reason = classify.loop_reason(mail, env, self.s.own_addresses)
-        f_ref, f_backend, f_note = await self._find_followup(mail, row, auto, loop_reason)
+        ctx = routing.context(mail, env, self._now(), self.s.own_addresses)
+        f_ref, f_backend, f_note = await self._find_followup(mail, row, ctx)
         if f_note == "wait":
             await self.spool.defer(
                 msg_id,
@@ -318,16 +317,9 @@ class Worker:
                 count_attempt=False,
             )
             return
-        ctx = RouteContext(
-            now=self._now(),
-            auto_reason=auto,
-            loop_reason=loop_reason,
-            followup_ref=f_ref,
-            followup_backend=f_backend,
+        decision = routing.route(
+            self.rules, mail, env, ctx, routing.Followup(f_ref, f_backend, f_note)
         )
-        decision = self.rules.route(mail, env, ctx)
-        if f_note and f_note != "wait":
-            decision = dataclasses.replace(decision, reasons=(*decision.reasons, f_note))
         if decision.action == "suppress":
             notice_name = self.rules.notice_for(decision)
             notice = await self._reply(mail, row, notice_name, None) if notice_name else None
@@ -382,15 +374,13 @@ class Worker:
         return dataclasses.replace(mail, headers=headers)
 
     async def _find_followup(
-        self, mail: ParsedMail, row: MessageRow, auto: str | None, loop_reason: str | None
+        self, mail: ParsedMail, row: MessageRow, ctx: RouteContext
     ) -> tuple[str | None, str | None, str]:
         """(ref, backend or None, note). note == "wait" when the original is still queued."""
-        ref = classify.find_subject_token(mail.subject, self._token_formats)
+        ref = routing.subject_token(mail, self._token_formats)
         if ref is not None:
-            plain = self.rules.route(
-                mail, row.envelope, RouteContext(self._now(), auto, loop_reason, None, None)
-            )
-            known = await self.spool.ticket_by_ref(ref, prefer_backend=plain.backend or None)
+            prefer = routing.preferred_backend(self.rules, mail, row.envelope, ctx)
+            known = await self.spool.ticket_by_ref(ref, prefer_backend=prefer or None)
             if known is not None:
                 backend, _system, _tid, requester = known
                 if not self._sender_may_follow_up(mail, requester):
@@ -400,7 +390,8 @@ class Worker:
                         f"token [{ref}] ignored: sender is not the ticket's requester",
                     )
                 return ref, backend, f"follow-up by subject token of ticket {ref}"
-            return ref, None, f"subject token {ref} is not a ticket the gateway made"
+            unknown = routing.Followup.unknown_token(ref)
+            return unknown.ref, unknown.backend, unknown.note
         ids = classify.thread_ids(mail)
         if ids:
             hit = await self.spool.thread_lookup(ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,3 +22,5 @@ class BackendConfigBase(BaseModel):
     max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=0)  # per file; larger ones are listed
     max_total_attachment_bytes: int = Field(25 * 1024 * 1024, ge=0)
     blocked_extensions: list[str] = [".exe", ".bat", ".cmd", ".com", ".scr", ".pif", ".js", ".vbs"]
+    # what a reply's quoted history and signature become in the ticket message (backends/text.py)
+    quoted: Literal["fold", "drop", "attach", "keep"] = "fold"

@@ -51,7 +51,7 @@ from zeep.transports import AsyncTransport
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import make_client
-from gateway.backends.text import ticket_text
+from gateway.backends.text import reply_view, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Decision, ParsedMail, TicketRef
 from gateway.secrets import resolve_secret
@@ -414,6 +414,7 @@ class InterServerBackend:
     async def open_ticket(
         self, decision: Decision, mail: ParsedMail, progress: Progress
     ) -> TicketRef:
+        mail = reply_view(mail, self.cfg.quoted, followup=False)
         done = progress.data.get(STEP_OPEN)
         if isinstance(done, dict) and done.get("id"):
             return self._ref(str(done["id"]))  # made before a restart
@@ -449,6 +450,7 @@ class InterServerBackend:
     async def add_message(
         self, ref: TicketRef, mail: ParsedMail, progress: Progress, *, automatic: bool = False
     ) -> None:
+        mail = reply_view(mail, self.cfg.quoted, followup=True)
         if STEP_POST in progress.data:
             return  # posted before a restart
         content = self._text(mail, automatic=automatic)

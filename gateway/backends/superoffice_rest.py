@@ -52,7 +52,7 @@ from pydantic import Field, SecretStr, model_validator
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import make_client
-from gateway.backends.text import header_block, select_attachments, ticket_text
+from gateway.backends.text import header_block, reply_view, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
@@ -276,6 +276,7 @@ class SuperOfficeRestBackend:
     async def open_ticket(
         self, decision: Decision, mail: ParsedMail, progress: Progress
     ) -> TicketRef:
+        mail = reply_view(mail, self.cfg.quoted, followup=False)
         fields = decision.ticket
         problems = validate_ticket_fields(fields)
         if problems:
@@ -306,6 +307,7 @@ class SuperOfficeRestBackend:
     async def add_message(
         self, ref: TicketRef, mail: ParsedMail, progress: Progress, *, automatic: bool = False
     ) -> None:
+        mail = reply_view(mail, self.cfg.quoted, followup=True)
         ticket_id = self._check_id(ref.id)
         person_id = None
         if "message" not in progress.data:

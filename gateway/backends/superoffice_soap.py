@@ -64,7 +64,7 @@ from zeep.wsdl.utils import etree_to_string
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import make_client
-from gateway.backends.text import select_attachments, ticket_text
+from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
     BackendUnavailable,
@@ -590,6 +590,7 @@ class SuperOfficeSoapBackend:
         self, decision: Decision, mail: ParsedMail, progress: Progress
     ) -> TicketRef:
         """See `Backend`."""
+        mail = reply_view(mail, self.cfg.quoted, followup=False)
         done = progress.data.get("newTicket") or {}
         ticket_id = str(done.get("ticket_id") or "")
         if ticket_id:
@@ -615,6 +616,7 @@ class SuperOfficeSoapBackend:
         self, ref: TicketRef, mail: ParsedMail, progress: Progress, *, automatic: bool = False
     ) -> None:
         """See `Backend`."""
+        mail = reply_view(mail, self.cfg.quoted, followup=True)
         await self._message(ref.id, mail, progress, automatic=automatic)
 
     async def ticket_status(self, ref: TicketRef) -> str | None:

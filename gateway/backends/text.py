@@ -6,9 +6,16 @@ real sender must head the text; the others get the same block for a uniform tick
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from typing import Literal
 
 from gateway.models import Attachment, ParsedMail
+
+QuotedMode = Literal["fold", "drop", "attach", "keep"]
+QUOTED_MARKER = "---------- quoted text and signature, folded by ticket-gateway ----------"
+QUOTED_FILE = "quoted-text.txt"
+ORIGINAL_HTML_FILE = "original-message.html"
 
 DEFAULT_HEADER_FIELDS = ("From", "To", "Cc", "Date")
 TRUNCATION_MARKER = (
@@ -68,6 +75,41 @@ def ticket_text(
         dropped = len(text) - max_chars
         text = text[:max_chars] + TRUNCATION_MARKER.format(dropped=dropped)
     return text
+
+
+def reply_view(mail: ParsedMail, mode: QuotedMode, *, followup: bool) -> ParsedMail:
+    """The mail as the ticket message shows it: the new text first; the quoted history and the
+    signature (`ParsedMail.quoted_text`, `.signature`) as `[backends.NAME] quoted` says.
+
+    fold    new text, then a marker line, then signature and quoted history (the default)
+    drop    new text and a note saying what was left out (follow-ups only: the history is in the
+            ticket already; a new ticket folds instead)
+    attach  new text and a note; signature and quoted history as `quoted-text.txt` (and the
+            mail's HTML as `original-message.html`)
+    keep    the body as it came
+    New tickets are changed only when they carry a quoted or forwarded block (a signature alone
+    stays where it is). The HTML body goes with `keep` only: it still holds the history.
+    """
+    if mode == "keep" or not (mail.quoted_text or (followup and mail.signature)):
+        return mail
+    if mode == "drop" and not followup:
+        mode = "fold"
+    new = mail.new_text.strip("\n") or "(no new text)"
+    rest = "\n\n".join(p for p in (mail.signature, mail.quoted_text) if p.strip())
+    attachments = mail.attachments
+    if mode == "fold":
+        text = f"{new}\n\n{QUOTED_MARKER}\n{rest}"
+    elif mode == "drop":
+        lines = rest.count("\n") + 1
+        text = f"{new}\n\n[quoted text and signature left out by ticket-gateway: {lines} lines]"
+    else:  # attach
+        extra = [Attachment(QUOTED_FILE, "text/plain", rest.encode("utf-8"))]
+        if mail.html:
+            extra.append(Attachment(ORIGINAL_HTML_FILE, "text/html", mail.html.encode("utf-8")))
+        names = ", ".join(a.filename for a in extra)
+        text = f"{new}\n\n[quoted text and signature attached by ticket-gateway: {names}]"
+        attachments = (*attachments, *extra)
+    return dataclasses.replace(mail, text=text, html="", attachments=attachments)
 
 
 def select_attachments(

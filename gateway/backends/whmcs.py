@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import make_client
-from gateway.backends.text import select_attachments, ticket_text
+from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.secrets import resolve_secret
@@ -385,6 +385,7 @@ class WhmcsBackend:
     async def open_ticket(
         self, decision: Decision, mail: ParsedMail, progress: Progress
     ) -> TicketRef:
+        mail = reply_view(mail, self.cfg.quoted, followup=False)
         done = progress.data.get(STEP_OPEN)
         if done:  # a previous attempt got its answer recorded: never create twice
             return TicketRef(self.name, self.system, str(done["id"]), str(done["tid"]))
@@ -426,6 +427,7 @@ class WhmcsBackend:
     async def add_message(
         self, ref: TicketRef, mail: ParsedMail, progress: Progress, *, automatic: bool = False
     ) -> None:
+        mail = reply_view(mail, self.cfg.quoted, followup=True)
         if STEP_REPLY in progress.data:
             return
         ticket_id = await self._ticket_id(ref)
