@@ -11,7 +11,9 @@ What PostgreSQL itself provides does the cluster work:
   (`lease_until`) that the owner's heartbeat renews; after a node dies, any node's `take_over`
   puts its mails back (uncertain where a backend call was in flight).
 - Wake-ups: a batch of puts (and every release) sends `NOTIFY gateway_work`; each worker LISTENs
-  on a session connection of its own and claims at once instead of polling.
+  on a session connection of its own and claims at once instead of polling. A released backend
+  call slot sends `NOTIFY gateway_slots, 'BACKEND'`, so that a worker waiting for one tries again
+  at once.
 - One process per owner name: a session-level advisory lock (`hold_owner`).
 - Schema versions: `meta.schema_version`, created or migrated at start-up in one transaction under
   a transaction-level advisory lock, so nodes starting together migrate once, one at a time.
@@ -71,6 +73,7 @@ SCHEMA_VERSION = 1
 MIGRATE_LOCK = 0x67617465  # pg_advisory_xact_lock key for schema changes ("gate")
 ACK_LIMIT_LOCK = 0x61636B6C  # pg_advisory_xact_lock key for queueing a limited ack ("ackl")
 CHANNEL = "gateway_work"
+SLOT_CHANNEL = "gateway_slots"  # payload: the backend whose call slot was released
 CONNECT_TIMEOUT = 3.0  # s to get a connection before the spool counts as unreachable
 MAX_BATCH = 256  # puts in one transaction
 
@@ -304,6 +307,7 @@ class PostgresSpool:
         self._session: psycopg.AsyncConnection[Any] | None = None  # LISTEN + owner lock
         self._session_task: asyncio.Task[None] | None = None
         self._on_work: list[Callable[[], None]] = []
+        self._on_slot: list[Callable[[str], None]] = []
         self._hold_owner = False
         self._owner_held = asyncio.Event()
         self.commits = 0
@@ -489,9 +493,14 @@ class PostgresSpool:
                         await asyncio.sleep(0.5)
                     self._owner_held.set()
                 await conn.execute(f"LISTEN {CHANNEL}")
+                await conn.execute(f"LISTEN {SLOT_CHANNEL}")
                 for cb in self._on_work:  # whatever came while no one listened
                     cb()
-                async for _ in conn.notifies():
+                async for note in conn.notifies():
+                    if note.channel == SLOT_CHANNEL:
+                        for slot_cb in self._on_slot:
+                            slot_cb(note.payload)
+                        continue
                     for cb in self._on_work:
                         cb()
             except psycopg.Error as exc:
@@ -507,6 +516,10 @@ class PostgresSpool:
 
     def on_work(self, callback: Callable[[], None]) -> None:
         self._on_work.append(callback)
+        self._ensure_session()
+
+    def on_slot_freed(self, callback: Callable[[str], None]) -> None:
+        self._on_slot.append(callback)
         self._ensure_session()
 
     async def hold_owner(self) -> None:
@@ -1028,7 +1041,14 @@ class PostgresSpool:
         return await self._run(go)
 
     async def release_slot(self, backend: str, msg_id: int) -> None:
-        await self._exec("DELETE FROM slots WHERE backend = %s AND msg_id = %s", (backend, msg_id))
+        async def go(conn: Conn) -> None:
+            cur = await conn.execute(
+                "DELETE FROM slots WHERE backend = %s AND msg_id = %s", (backend, msg_id)
+            )
+            if cur.rowcount:  # waiters on every node try again (delivered at commit)
+                await conn.execute("SELECT pg_notify(%s, %s)", (SLOT_CHANNEL, backend))
+
+        await self._run(go)
 
     async def pause_backend(self, backend: str, until: float, reason: str) -> None:
         await self._exec(

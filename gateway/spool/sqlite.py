@@ -661,6 +661,9 @@ class SqliteSpool:
     def on_work(self, callback: Callable[[], None]) -> None:
         """No signal between processes here: the intake wakes its worker itself (workerproc)."""
 
+    def on_slot_freed(self, callback: Callable[[str], None]) -> None:
+        """No signal between processes here: a worker process polls for a slot of another."""
+
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
             r = conn.execute(
