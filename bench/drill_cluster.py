@@ -31,7 +31,7 @@ d. 3 nodes, superoffice-soap with `concurrency = 4` and 200 ms per call: the sim
 
 The drills use `[spool] lease = 10` (default 30; --lease) so that a takeover costs seconds, not
 half a minute; the bound checked is always lease + 5 s. Backend calls are slowed in the simulator
-(a: 100 ms, d: 200 ms) so that nodes hold claims when one is killed. The exit code is 0 when every
+(a: 250 ms, d: 200 ms) so that nodes hold claims when one is killed. The exit code is 0 when every
 check passed. Everything binds and connects to 127.0.0.x only.
 """
 
@@ -386,20 +386,32 @@ def ticket_check(
     return doubles, missing
 
 
+def three_nodes(
+    args: argparse.Namespace,
+    pg: PostgresServer,
+    work: Path,
+    sim: Sim,
+    extra: dict[str, Any] | None = None,
+) -> tuple[list[Node], Db, str]:
+    """Nodes n1-n3 on 127.0.0.2-.4 sharing a fresh database; that database; a tag for subjects."""
+    url = pg.new_database()
+    nodes = [
+        Node(work, f"n{i + 1}", LOOPBACKS[i], sim.ports, url, lease=args.lease, extra=extra)
+        for i in range(3)
+    ]
+    return nodes, Db(url), uuid.uuid4().hex[:6]
+
+
 # ---------------------------------------------------------------------------------- drill a
 
 
 async def drill_a(args: argparse.Namespace, pg: PostgresServer, work: Path, rep: Report) -> None:
-    url, tag = pg.new_database(), uuid.uuid4().hex[:6]
     sim = Sim(work / "sim")
-    nodes = [
-        Node(work, f"n{i + 1}", LOOPBACKS[i], sim.ports, url, lease=args.lease) for i in range(3)
-    ]
-    db = Db(url)
+    nodes, db, tag = three_nodes(args, pg, work, sim)
     try:
         await start_all(nodes)
         for system in ("superoffice-soap", "superoffice-rest"):
-            await sim.fault(system, "slow", latency_ms=100)
+            await sim.fault(system, "slow", latency_ms=args.latency)
         mails = make_mails(args.mails, tag, "a")
         victim = nodes[1]
         info: dict[str, float] = {}
@@ -422,6 +434,7 @@ async def drill_a(args: argparse.Namespace, pg: PostgresServer, work: Path, rep:
             t = time.monotonic()
             await asyncio.to_thread(victim.start)
             info["restart_s"] = time.monotonic() - t
+            info["restarted_at"] = time.monotonic()
             common.log(f"a: {victim.name} restarted ({info['restart_s']:.1f} s to /healthz 200)")
 
         killer = asyncio.create_task(kill_and_restart())
@@ -471,13 +484,15 @@ async def drill_a(args: argparse.Namespace, pg: PostgresServer, work: Path, rep:
             + (f" e.g. {list(extra.items())[:3]} {missing[:3]}" if extra or missing else ""),
         )
         took = info.get("took", float("inf"))
+        back = info.get("restarted_at", float("inf"))
+        again = sum(1 for m in accepted if m.accepted_by == victim.name and m.accepted_at > back)
         rep.add(
             "a",
             f"the killed node's claims taken over within lease + 5 s ({args.lease + 5:.0f} s)",
             took <= args.lease + 5 and info.get("held", 0) > 0,
             f"{victim.name} held {info.get('held', 0):.0f} claims at SIGKILL; all taken over after"
             f" {took:.1f} s (lease {args.lease:.0f} s); restarted in"
-            f" {info.get('restart_s', float('nan')):.1f} s and took mail again",
+            f" {info.get('restart_s', float('nan')):.1f} s, then accepted {again} mails",
         )
     finally:
         stop_all(nodes)
@@ -488,12 +503,8 @@ async def drill_a(args: argparse.Namespace, pg: PostgresServer, work: Path, rep:
 
 
 async def drill_b(args: argparse.Namespace, pg: PostgresServer, work: Path, rep: Report) -> None:
-    url, tag = pg.new_database(), uuid.uuid4().hex[:6]
     sim = Sim(work / "sim")
-    nodes = [
-        Node(work, f"n{i + 1}", LOOPBACKS[i], sim.ports, url, lease=args.lease) for i in range(3)
-    ]
-    db = Db(url)
+    nodes, db, tag = three_nodes(args, pg, work, sim)
     try:
         await start_all(nodes)
         before, outage = 8.0, args.outage
@@ -669,14 +680,9 @@ async def _all_ticketed(sim: Sim, subjects: list[str]) -> bool:
 
 
 async def drill_d(args: argparse.Namespace, pg: PostgresServer, work: Path, rep: Report) -> None:
-    url, tag = pg.new_database(), uuid.uuid4().hex[:6]
     sim = Sim(work / "sim")
     extra = {"backends": {"superoffice-soap": {"concurrency": 4}}}
-    nodes = [
-        Node(work, f"n{i + 1}", LOOPBACKS[i], sim.ports, url, lease=args.lease, extra=extra)
-        for i in range(3)
-    ]
-    db = Db(url)
+    nodes, db, tag = three_nodes(args, pg, work, sim, extra)
     try:
         await start_all(nodes)
         await sim.fault("superoffice-soap", "slow", latency_ms=200)
@@ -758,7 +764,10 @@ def main() -> int:
     ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default="a,b,c,d")
     ap.add_argument("--lease", type=float, default=10.0, help="[spool] lease of the nodes (10)")
     ap.add_argument("--mails", type=int, default=600, help="drill a: mails (600)")
-    ap.add_argument("--rate", type=float, default=20.0, help="drill a: mails/s offered (20)")
+    ap.add_argument("--rate", type=float, default=15.0, help="drill a: mails/s offered (15)")
+    ap.add_argument(
+        "--latency", type=int, default=250, help="drill a: ms per simulated backend call (250)"
+    )
     ap.add_argument("--outage", type=float, default=20.0, help="drill b: seconds down (20)")
     ap.add_argument("--burst-rate", type=float, default=15.0, help="drill b: mails/s (15)")
     ap.add_argument("--backlog", type=int, default=300, help="drill c: mails per mailbox (300)")
