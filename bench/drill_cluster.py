@@ -632,6 +632,9 @@ async def drill_c(args: argparse.Namespace, pg: PostgresServer, work: Path, rep:
         other = nodes[1 - nodes.index(owner)]
 
         async def started() -> bool:
+            """The holder is working through box1: part of it fetched, or tickets made."""
+            if boxes[0].count("INBOX") < args.backlog * 0.8:
+                return True
             t = await sim.titles()
             return sum(1 for s in subjects[: args.backlog] if t[s]) >= args.backlog // 6
 
