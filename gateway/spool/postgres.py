@@ -64,6 +64,7 @@ from gateway.spool.base import (
     ThreadHit,
     TicketInfo,
 )
+from gateway.spool.rows import ack_limit_steps, ack_row, message_row, node_info, pick_ticket
 
 log = logging.getLogger("gateway.spool")
 
@@ -222,39 +223,6 @@ UNION ALL
 SELECT id, true AS duplicate FROM messages WHERE %s::text IS NOT NULL AND source_key = %s
     AND NOT EXISTS (SELECT 1 FROM m)
 """
-
-
-def _row_to_message(r: dict[str, Any], raw: bytes | None = None) -> MessageRow:
-    return MessageRow(
-        id=r["id"],
-        state=r["state"],
-        envelope=Envelope(
-            mail_from=r["mail_from"],
-            rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
-            peer=r["peer"],
-            intake=r["intake"],
-            received_at=r["received_at"],
-        ),
-        size=r["size"],
-        attempts=r["attempts"],
-        next_attempt_at=r["next_attempt_at"],
-        first_attempt_at=r["first_attempt_at"],
-        last_error=r["last_error"],
-        backend=r["backend"],
-        rule=r["rule"],
-        action=r["action"],
-        ticket_ref=r["ticket_ref"],
-        ticket_id=r["ticket_id"],
-        message_id=r["message_id"],
-        subject=r["subject"],
-        progress=json.loads(r["progress"] or "{}"),
-        uncertain=bool(r["uncertain"]),
-        crashes=r["crashes"],
-        updated_at=r["updated_at"],
-        claimed_by=r["claimed_by"],
-        lease_until=r["lease_until"],
-        raw=raw,
-    )
 
 
 class _Body:
@@ -692,16 +660,7 @@ class PostgresSpool:
             " FROM nodes WHERE seen_at >= %s ORDER BY owner",
             (self.clock() - within,),
         )
-        return [
-            NodeInfo(
-                owner=r["owner"],
-                node=r["node"],
-                seen_at=r["seen_at"],
-                started_at=r["started_at"],
-                claims=int(r["claims"]),
-            )
-            for r in rows
-        ]
+        return [node_info(r) for r in rows]
 
     async def claim_due(self, limit: int) -> list[int]:
         now = self.clock()
@@ -736,7 +695,7 @@ class PostgresSpool:
                 cur = await conn.execute("SELECT raw FROM bodies WHERE id = %s", (msg_id,))
                 b = await cur.fetchone()
                 raw = bytes(b["raw"]) if b else None
-            return _row_to_message(r, raw)
+            return message_row(r, raw)
 
         return await self._run(go)
 
@@ -907,13 +866,7 @@ class PostgresSpool:
             " ORDER BY created_at DESC",
             (ref,),
         )
-        for r in rows:
-            if prefer_backend is None or r["backend"] == prefer_backend:
-                return TicketInfo(r["backend"], r["system"], r["ticket_id"], r["requester"])
-        if not rows:
-            return None
-        r = rows[0]
-        return TicketInfo(r["backend"], r["system"], r["ticket_id"], r["requester"])
+        return pick_ticket(rows, prefer_backend)
 
     async def thread_lookup(self, message_ids: list[str]) -> ThreadHit | None:
         if not message_ids:
@@ -963,18 +916,7 @@ class PostgresSpool:
             " RETURNING id, message_id, rcpt, mail_from, data, attempts, next_attempt_at",
             {"owner": self.owner, "until": now + self.lease, "now": now, "limit": limit},
         )
-        return [
-            AckRow(
-                id=r["id"],
-                message_id=r["message_id"],
-                rcpt=r["rcpt"],
-                mail_from=r["mail_from"],
-                data=bytes(r["data"]),
-                attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"],
-            )
-            for r in sorted(rows, key=lambda r: r["id"])
-        ]
+        return [ack_row(r) for r in sorted(rows, key=lambda r: r["id"])]
 
     async def ack_result(
         self, ack_id: int, *, sent: bool, error: str = "", retry_in: float | None = None
@@ -1105,7 +1047,7 @@ class PostgresSpool:
             rows = await self._all(
                 f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT %s", (limit,)
             )
-        return [_row_to_message(r) for r in rows]
+        return [message_row(r) for r in rows]
 
     async def retry(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
         now = self.clock()
@@ -1457,24 +1399,15 @@ class PostgresSpool:
 async def _ack_limited(
     conn: Conn, limits: AckLimits, sender_key: str, domain: str, known: bool, since: float
 ) -> str:
-    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or "".
-    The same rules as the SQLite spool's."""
-
-    async def count(where: str, *args: object) -> int:
+    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
+    for step in ack_limit_steps(limits, sender_key, domain, known):
+        if step.most <= 0:
+            return step.verdict
+        where, args = (f"{step.column} = %s", (step.value,)) if step.column else ("TRUE", ())
         cur = await conn.execute(
             f"SELECT COUNT(*) AS n FROM outbox WHERE {where} AND created_at >= %s", (*args, since)
         )
         row = await cur.fetchone()
-        return int(row["n"]) if row else 0
-
-    if limits.per_sender <= 0 or await count("sender_key = %s", sender_key) >= limits.per_sender:
-        return "sender"
-    if limits.per_domain and await count("domain = %s", domain) >= limits.per_domain:
-        return "domain"
-    if limits.global_limit:
-        if await count("TRUE") >= limits.global_limit:
-            return "global"
-        strangers = max(1, int(limits.global_limit * limits.stranger_share))
-        if not known and await count("known = 0") >= strangers:
-            return "global"
+        if (int(row["n"]) if row else 0) >= step.most:
+            return step.verdict
     return ""
