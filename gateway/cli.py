@@ -397,9 +397,9 @@ def _line_of(cfg: Config, loc: tuple[str, ...]) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from gateway import routing
-    from gateway.ackpolicy import apply_policy
-    from gateway.app import ack_policy, load_rule_set
+    from gateway import dkimcheck, routing
+    from gateway.ackpolicy import apply_policy, from_domain, own_dkim_wanted
+    from gateway.app import ack_policy, dkim_settings, load_rule_set
     from gateway.mail import parse
     from gateway.models import Envelope
 
@@ -451,7 +451,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     followup = _followup_from_spool(cfg, rules, mail, env, ctx)
     decision = routing.route(rules, mail, env, ctx, followup)
     # the worker's own acknowledgement policy (hourly limits are counted when it is queued)
-    decision, _verdict = apply_policy(decision, mail, env, ack_policy(cfg))
+    policy = ack_policy(cfg)
+    dkim = None
+    if own_dkim_wanted(decision, mail, env, policy):  # the worker's own DKIM check, done alike
+        dkim = dkimcheck.check(raw, from_domain(mail), dkim_settings(cfg))
+    decision, _verdict = apply_policy(decision, mail, env, policy, dkim)
     if args.json:
         print(json.dumps(decision.to_json(), ensure_ascii=False))
     else:
