@@ -248,3 +248,15 @@ def test_nameservers_are_checked_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
     assert "ack.dkim_nameservers" in str(exc.value) and "not a name server" in str(exc.value)
+
+
+def test_a_signature_no_dns_name_can_hold_fails_quietly(key: tuple[bytes, str]) -> None:
+    """d= and s= are a stranger's words: a name DNS cannot carry is a failed check, not an error."""
+    pem, _txt = key
+    raw = signed(message(), pem, "customer.example", selector="x" * 70)
+    with TxtServer() as dns:
+        settings = DkimSettings(nameservers=(f"127.0.0.1:{dns.port}",), timeout=2)
+        result = check(raw, "customer.example", settings)
+    assert result.passed == "" and result.why.startswith(
+        "own DKIM check failed: d=customer.example"
+    )
