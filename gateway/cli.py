@@ -362,6 +362,12 @@ def _warn_ack_policy(cfg: Config) -> None:
     reach: forged senders would make the gateway send mail to anyone (backscatter, spam)."""
     import ipaddress
 
+    if cfg.ack.enabled and cfg.ack.verify_dkim and cfg.ack.require != "authenticated":
+        print(
+            f"{cfg.path}:{_line_of(cfg, ('ack', 'verify_dkim'))}: warning: ack.verify_dkim has"
+            ' no effect unless ack.require = "authenticated"',
+            file=sys.stderr,
+        )
     if not cfg.ack.enabled or cfg.ack.require != "none":
         return
     reachable: list[str] = []
