@@ -313,6 +313,7 @@ def own_dkim_wanted(
 
 
 def from_domain(mail: ParsedMail) -> str:
+    """The From address's domain ("" when there is none)."""
     return _domain_of(mail.from_addr) if "@" in mail.from_addr else ""
 
 

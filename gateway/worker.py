@@ -255,7 +255,6 @@ class Worker:
         try:
             await self.process(msg_id)
         except asyncio.CancelledError:
-            self._dkim.pop(msg_id, None)
             # cut by shutdown: the message stays `processing` and recovery requeues it
             raise
         except SpoolError as exc:

@@ -15,13 +15,13 @@ import dns.rrset
 
 
 class TxtServer:
-    def __init__(self, records: dict[str, str] | None = None) -> None:
+    def __init__(self, records: dict[str, str] | None = None, port: int = 0) -> None:
         self.records: dict[str, str] = {}
         for name, value in (records or {}).items():
             self.publish(name, value)
         self.queries: list[str] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self._sock.settimeout(0.2)
         self.port: int = self._sock.getsockname()[1]
         self._stop = threading.Event()
