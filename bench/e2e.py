@@ -247,7 +247,10 @@ class Bench:
     async def run_limit(self, limit: int, backends: list[str]) -> list[Cell]:
         ports = common.Ports.pick(self.sim_ports.sim_http, self.sim_ports.sim_smtp)
         overrides = {
-            "gateway": {"workers": max(16, 2 * limit)},
+            "gateway": {
+                "workers": max(16, 2 * limit),
+                "worker_processes": self.args.worker_processes,
+            },
             # a few senders, many mails: every one acknowledged
             "ack": {
                 "rate_limit": 1_000_000,
@@ -377,6 +380,7 @@ def main() -> int:
         "--backends", type=lambda s: [x.strip() for x in s.split(",")], default=list(BACKENDS)
     )
     p.add_argument("--latency-ms", type=int, default=100)
+    p.add_argument("--worker-processes", type=int, default=1, help="[gateway] worker_processes (1)")
     p.add_argument("--burst-seconds", type=float, default=6.0, help="burst size, s of work")
     p.add_argument("--burst-min", type=int, default=30)
     p.add_argument("--burst-max", type=int, default=1500)

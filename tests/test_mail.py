@@ -421,10 +421,11 @@ def test_nameless_parts_get_generated_names() -> None:
 
 def test_html_only_mail_is_converted() -> None:
     mail = parsed("html_only.eml")
+    # inscriptis' layout: blocks on their own lines, list items bulleted, table cells in a row
     assert mail.text == (
         "Order problem\n\nHello & good morning,\n\n"
         "my order #4711 did not arrive. See the order page (https://shop.example/orders/4711) "
-        "or help@shop.example.\n\n- item one\n- item <two>\n\nTotal 12€\n\nRegards\nKim"
+        "or help@shop.example.\n\n  * item one\n  * item <two>\nTotal  12€\n\nRegards\nKim"
     )
     assert "<script>" in mail.html
 
@@ -432,15 +433,40 @@ def test_html_only_mail_is_converted() -> None:
 def test_html_to_text_details() -> None:
     assert html_to_text("<p>a</p><p>b</p>") == "a\n\nb"
     assert html_to_text("x<br>y<br/>z") == "x\ny\nz"
+    # a link is kept as "text (url)" unless its text is the address already
     assert html_to_text('<a href="https://x.example/">https://x.example</a>') == "https://x.example"
     assert html_to_text('<a href="https://x.example/p">here</a>') == "here (https://x.example/p)"
-    assert html_to_text("<pre>  a\n    b</pre>") == "a\n    b"
+    assert html_to_text('<a href="mailto:h@x.example">h@x.example</a>') == "h@x.example"
+    assert html_to_text('<a href="#top">top</a> <a href="cid:i1"><img src="cid:i1"></a>') == "top"
+    assert html_to_text("<pre>  a\n    b</pre>") == "  a\n    b"
     assert html_to_text("<head><title>t</title></head><body>b</body>") == "b"
     assert html_to_text("<head><title>t</title><body>no closing head</body>") == "no closing head"
     assert html_to_text("<style>x{}</style><script>y()</script>z &lt;&gt;&#x263a;") == "z <>☺"
     assert html_to_text("<div>a</div><div>b</div>") == "a\nb"
-    assert html_to_text("") == ""
+    assert html_to_text("") == html_to_text("   ") == html_to_text("<!-- only -->") == ""
     assert html_to_text("<![if !mso]><p>x<![endif]>") == "x"
+    assert html_to_text('<?xml version="1.0" encoding="utf-8"?><p>declared</p>') == "declared"
+    assert html_to_text("<table><tr><td>a</td><td>b</td></tr></table>after") == "a  b\n\nafter"
+    assert html_to_text("<blockquote><p>quoted</p></blockquote>new") == "  quoted\n\nnew"
+
+
+@pytest.mark.parametrize("depth", [300, 1500, 5000])
+def test_html_nested_deeper_than_the_parsers_keeps_its_text(depth: int) -> None:
+    # libxml2 stops at 255 levels by default (dropping the rest), 2,048 with huge_tree;
+    # inscriptis recurses per level: each depth has its way to keep every word in order
+    html = "<p>before</p>" + "<div>" * depth + "deep" + "</div>" * depth + "<p>a &amp; b</p>"
+    text = html_to_text(html)
+    assert text.split() == ["before", "deep", "a", "&", "b"]
+
+
+def test_html_above_the_layout_limit_keeps_its_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.mail as limits
+
+    monkeypatch.setattr(limits, "MAX_HTML_PARSE", 100)
+    html = "<style>p{}</style><p>first <b>bold</b> words</p>" + "<p>more</p>" * 20
+    text = html_to_text(html)
+    assert text.startswith("first bold words\n\nmore") and "p{}" not in text
+    assert text.count("more") == 20
 
 
 # ---- charsets -------------------------------------------------------------------------------

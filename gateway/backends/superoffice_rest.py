@@ -11,6 +11,9 @@ A new ticket (see `Backend`):
     per attachment: SaveAttachmentEntity + UploadAttachment (base64)
                                                       progress step "attachments" {ids}
     CreateDefaultTicketMessageEntity → Body/HtmlBody/Author/MessageId/Person/Ticket.TicketId
+      (Body is always the text; a mail with an HTML body also sends it, sanitised by nh3
+      (gateway.backends.html), as HtmlBody with Type "Html", and its inline images go with
+      InlineImage and ContentId set so the HTML shows them where they stood)
     SaveTicketMessageEntity (…WithNotify when notify) progress step "message"  {id}
     AddAttachments (connects the uploaded files; repeating it is harmless)
 
@@ -40,7 +43,6 @@ import asyncio
 import base64
 import html as htmllib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -52,6 +54,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
+from gateway.backends.html import safe_html
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import header_block, reply_view, select_attachments, ticket_text
 from gateway.errors import (
@@ -168,15 +171,15 @@ def _odata_string(value: str) -> str:
 
 
 def _html_with_header(mail: ParsedMail, fields: list[str]) -> str:
-    """The mail's HTML with the sender block on top, so agents reading HTML see who wrote."""
+    """The mail's HTML, sanitised (a fragment: no html/head/body), with the sender block on top
+    so agents reading HTML see who wrote; "" when the HTML has nothing left to show."""
+    html = safe_html(mail.html)
+    if not html.strip():
+        return ""
     block = header_block(mail, fields)
     if not block:
-        return mail.html
-    top = f'<div class="ticket-gateway-header"><pre>{htmllib.escape(block)}</pre><hr></div>'
-    m = re.search(r"<body[^>]*>", mail.html, re.IGNORECASE)
-    if m is None:
-        return top + mail.html
-    return mail.html[: m.end()] + top + mail.html[m.end() :]
+        return html
+    return f"<div><pre>{htmllib.escape(block)}</pre><hr></div>" + html
 
 
 class _Secret:
@@ -399,13 +402,17 @@ class SuperOfficeRestBackend:
             max_total=cfg.max_total_attachment_bytes,
             blocked_extensions=cfg.blocked_extensions,
         )
+        html = ""
+        if mail.html and len(mail.html) <= cfg.max_body_chars:
+            html = _html_with_header(mail, cfg.header_fields)
         uploaded = progress.data.get("attachments")
         att_ids: list[int] = list(uploaded["ids"]) if uploaded else []
         message = progress.data.get("message")
         if message is None:
             if keep and uploaded is None:
                 await progress.begin("attachments")
-                att_ids = [await self._upload(att) for att in keep]
+                # inline images are shown inside the HTML body (by ContentId) when it goes
+                att_ids = [await self._upload(att, inline=bool(html)) for att in keep]
                 await progress.done("attachments", ids=att_ids)
             entity = await self._call("CreateDefaultTicketMessageEntity", entity_call=False)
             if not isinstance(entity, dict):
@@ -421,8 +428,8 @@ class SuperOfficeRestBackend:
                 not_forwarded=skipped,
                 automatic=automatic,
             )
-            if mail.html and len(mail.html) <= cfg.max_body_chars:
-                entity["HtmlBody"] = _html_with_header(mail, cfg.header_fields)
+            if html:
+                entity["HtmlBody"] = html
                 entity["Type"] = "Html"
             entity["Author"] = mail.from_addr
             if mail.message_id:
@@ -456,18 +463,17 @@ class SuperOfficeRestBackend:
                 json={"TicketMessageEntityId": int(message_id), "AttachmentIds": att_ids},
             )
 
-    async def _upload(self, att: Attachment) -> int:
-        saved = await self._call(
-            "SaveAttachmentEntity",
-            json={
-                "AttachmentId": 0,
-                "Name": att.filename or "attachment",
-                "ContentType": att.content_type or "application/octet-stream",
-                "AttSize": att.size,
-                "InlineImage": False,
-            },
-            entity_call=False,
-        )
+    async def _upload(self, att: Attachment, *, inline: bool) -> int:
+        entity: dict[str, Any] = {
+            "AttachmentId": 0,
+            "Name": att.filename or "attachment",
+            "ContentType": att.content_type or "application/octet-stream",
+            "AttSize": att.size,
+            "InlineImage": False,
+        }
+        if inline and att.inline and att.content_id:
+            entity.update(InlineImage=True, ContentId=att.content_id)
+        saved = await self._call("SaveAttachmentEntity", json=entity, entity_call=False)
         att_id = int(self._id_of(saved, "AttachmentId", "SaveAttachmentEntity"))
         # {"AttachmentId": N, "Content": "<base64>"}, the base64 made piece by piece as it is
         # sent: the attachment is never held encoded (nor inside a JSON string)

@@ -45,8 +45,8 @@ Sender identity
 
 Body and attachments (what a helpdesk agent wants to read)
     * `text` is the text/plain body; where a body part has only HTML, the HTML converted to
-      text (links kept as "text (url)", scripts and styles dropped, block elements become
-      newlines, entities decoded). Several inline text parts (e.g. text, image, text) are
+      text by inscriptis over lxml's tree (links kept as "text (url)", scripts, styles and
+      hidden preview text dropped, block elements on their own lines, entities decoded). Several inline text parts (e.g. text, image, text) are
       joined in order. format=flowed is unwrapped.
     * A forwarded message (message/rfc822 or message/global) is shown in the body as a
       "Forwarded message" block (its From/Date/Subject/To and its text), and kept whole as an
@@ -70,7 +70,8 @@ Limits (so that hostile input costs linear time)
       Structured fields (addresses, ids) are read from the full values, each address field
       (all its occurrences together) up to `MAX_ADDRESS_HEADER` characters (~7,000 addresses).
     * Content-Type and Content-Disposition values are cut at 8 KiB (the stdlib's parameter
-      parser is quadratic); HTML above `MAX_HTML_PARSE` is converted by a plain tag stripper.
+      parser is quadratic); HTML above `MAX_HTML_PARSE` is not laid out, only its words are
+      taken from lxml's tree (inscriptis is the slower step).
     * `references` keeps the first id (the thread root) and the last `MAX_REFERENCES - 1`.
     * At most `MAX_PARTS` MIME parts are examined; at most `MAX_DEFECTS` defects are listed.
     * A flood of parts costs the stdlib ~15 µs and ~300 bytes each: past `MAX_BOUNDARY_LINES`
@@ -82,7 +83,7 @@ Layers (each module imports only those above it)
     charset   bytes + declared charset -> text (`decode_bytes`), 8-bit header text
     headers   RFC 2047 words, unfolding, message ids, the header index, addresses
     mime      bytes -> the stdlib's Message tree (bounded parser, flood cut, start of message)
-    html      HTML -> readable text (`html_to_text`)
+    html      HTML -> readable text (`html_to_text`: lxml + inscriptis)
     walk      the MIME walk: body segments, attachments, forwards, reports, TNEF
     source    `parse` (whole bytes or a RawSource read in pieces), `extract_message_id`
 
@@ -99,7 +100,7 @@ MAX_HEADERS_TOTAL = 256 * 1024  # characters kept in `headers` altogether
 MAX_ADDRESS_HEADER = 256 * 1024  # characters of one address field (all occurrences) parsed
 MAX_REFERENCES = 100
 MAX_DEFECTS = 40
-MAX_HTML_PARSE = 1024 * 1024  # larger HTML is converted by a fast tag stripper instead
+MAX_HTML_PARSE = 1024 * 1024  # larger HTML gives its words without layout (lxml only)
 MAX_BOUNDARY_LINES = 10_000  # "--x" lines parsed as MIME; the rest is kept raw (part floods)
 _FEED_CHUNK = 1024 * 1024  # bytes fed to the MIME parser at a time
 _SOURCE_HEAD = 1 << 20  # what is read first of a RawSource: the header section lives here

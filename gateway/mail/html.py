@@ -1,130 +1,82 @@
-"""HTML to readable text for the ticket body: links kept as "text (url)", scripts and styles
-dropped, block elements on new lines, entities decoded; oversized HTML goes through a tag stripper."""
+"""HTML to readable text for the ticket body, through kept libraries: lxml parses, inscriptis
+lays the text out (blocks on their own lines, lists with bullets, table rows, `<pre>` as is,
+scripts, styles, the head and comments dropped, entities decoded).
+
+What is ours is only the configuration and the links: a link whose address says more than its
+text is kept as "text (url)" (inscriptis' own `[text](url)` would repeat addresses that are their
+own label, and show `#anchors` and `cid:` images). HTML above `MAX_HTML_PARSE` characters is not
+laid out: its text is taken from lxml's tree without scripts and styles, so a hostile part costs
+linear time. Measured against html2text (Markdown, GPL-3.0, escapes `*`/`#` and turns tables into
+pipes) on the samples and the peer corpus, see tests/test_mail.py and bench/parse_time.py.
+"""
 
 from __future__ import annotations
 
 import html as html_module
 import re
-from html.parser import HTMLParser
+
+import lxml.etree
+import lxml.html
+from inscriptis import Inscriptis
+from inscriptis.css_profiles import CSS_PROFILES
+from inscriptis.html_properties import Display
+from inscriptis.model.config import ParserConfig
+from inscriptis.model.html_element import HtmlElement
 
 from gateway import mail as limits
 
-_WS = re.compile(r"\s+")
-_MANY_NEWLINES = re.compile(r"\n{3,}")
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")  # lxml refuses str input that declares one
+_BLANK_RUNS = re.compile(r"\n[ \t]*(?:\n[ \t]*)+\n")
 _TAG = re.compile(r"<[^>]*>")
 _SKIP_BLOCK = re.compile(r"<(script|style|head|title)\b.*?</\1\s*>", re.S | re.I)
+_INLINE = frozenset(
+    "a abbr b bdi bdo big cite code del dfn em font i img ins kbd mark q s samp small span"
+    " strike strong sub sup time tt u var wbr".split()
+)
+_HIDDEN = ("script", "style", "head", "title", "template", "noscript")
 
 
-class _HTMLToText(HTMLParser):
-    _BLOCK = frozenset(
-        {"p", "div", "tr", "table", "ul", "ol", "dl", "dt", "dd", "h1", "h2", "h3", "h4",
-         "h5", "h6", "blockquote", "pre", "hr", "section", "article", "header", "footer",
-         "address", "center", "form", "fieldset", "figure", "figcaption", "main", "nav",
-         "aside", "tbody", "thead", "tfoot", "caption", "body", "details", "summary"}
-    )  # fmt: skip
-    _PARAGRAPH = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table", "ul",
-                            "ol", "pre", "hr"})  # fmt: skip
-    _SKIP = frozenset({"script", "style", "template", "title"})
+def _css() -> dict[str, HtmlElement]:
+    """inscriptis' "strict" profile (a browser's defaults), quotes set off by a blank line and
+    indented as mail readers show them, templates and noscript fallbacks hidden."""
+    css = CSS_PROFILES["strict"].copy()
+    css["blockquote"] = HtmlElement(
+        display=Display.block, margin_before=1, margin_after=1, padding_inline=2
+    )
+    for tag in ("template", "noscript"):
+        css[tag] = HtmlElement(display=Display.none)
+    return css
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self._out: list[str] = []
-        self._newlines = 2  # trailing newlines in the output (2 = start of text)
-        self._space = True
-        self._skip = 0
-        self._head = False
-        self._pre = 0
-        self._links: list[tuple[str, int]] = []
 
-    def _emit(self, text: str) -> None:
-        if not text:
-            return
-        self._out.append(text)
-        stripped = text.rstrip("\n")
-        if stripped:
-            self._newlines = len(text) - len(stripped)
-        else:
-            self._newlines += len(text)
-        self._space = text[-1].isspace()
+_CONFIG = ParserConfig(css=_css(), display_links=False, display_images=False)
 
-    def _break(self, count: int) -> None:
-        if self._newlines < count:
-            self._emit("\n" * (count - self._newlines))
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skip += 1
-            return
-        if tag == "head":
-            self._head = True
-            return
-        if tag == "body":
-            self._head = False
-        if self._skip or self._head:
-            return
-        if tag == "br":
-            self._emit("\n")
-        elif tag == "li":
-            self._break(1)
-            self._emit("- ")
-            self._space = True
-        elif tag in ("td", "th"):
-            if not self._space:
-                self._emit(" ")
-        elif tag in self._BLOCK:
-            self._break(2 if tag in self._PARAGRAPH else 1)
-            if tag == "pre":
-                self._pre += 1
-            elif tag == "hr":
-                self._emit("----------\n")
-        elif tag == "a" and len(self._links) < 32:  # bounded: a label is joined at </a>
-            href = next((v for k, v in attrs if k == "href" and v), "")
-            self._links.append((href.strip(), len(self._out)))
+def _tree(html: str) -> lxml.html.HtmlElement | None:
+    """lxml's tree of the document; None when it has no element, or when it is nested deeper
+    than libxml2 builds (2,048 levels with huge_tree; 255 without, which drops real mail) and
+    the rest of it would be lost."""
+    html = _XML_DECLARATION.sub("", html, count=1)
+    if not html.strip():
+        return None
+    parser = lxml.html.HTMLParser(huge_tree=True)  # per call: a parser is not thread-safe
+    try:
+        tree = lxml.html.document_fromstring(html, parser=parser)
+    except (lxml.etree.ParserError, ValueError):  # nothing but comments, or no element at all
+        return None
+    if parser.error_log.filter_types([lxml.etree.ErrorTypes.ERR_RESOURCE_LIMIT]):
+        return None
+    return tree
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skip = max(0, self._skip - 1)
-            return
-        if tag == "head":
-            self._head = False
-            return
-        if self._skip or self._head:
-            return
-        if tag == "a" and self._links:
-            href, start = self._links.pop()
-            label = "".join(self._out[start : start + 64]).strip()
-            if _show_url(href, label) and not label.endswith(f"({href})"):
-                self._emit(f" ({href})")
-        elif tag in self._BLOCK:
-            if tag == "pre":
-                self._pre = max(0, self._pre - 1)
-            self._break(2 if tag in self._PARAGRAPH else 1)
 
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
-        if tag not in ("br", "hr", "img"):
-            self.handle_endtag(tag)
-
-    def handle_data(self, data: str) -> None:
-        if self._skip or self._head or not data:
-            return
-        if self._pre:
-            self._emit(data)
-            return
-        text = _WS.sub(" ", data)
-        if self._space or self._newlines:
-            text = text.lstrip(" ")
-        self._emit(text)
-
-    def text(self) -> str:
-        out = "".join(self._out)
-        out = _TRAILING_SPACE.sub("\n", out)
-        return _MANY_NEWLINES.sub("\n\n", out).strip()
+def _stripped(html: str) -> str:
+    """The last resort for a document lxml cannot take whole: tags out, entities decoded."""
+    text = html_module.unescape(_TAG.sub(" ", _SKIP_BLOCK.sub(" ", html)))
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
 
 
 def _show_url(href: str, label: str) -> bool:
-    if not href or not label:
+    if not href or not label.strip():
         return False
     low = href.lower()
     if low.startswith(("#", "javascript:", "data:", "cid:", "about:")):
@@ -140,19 +92,39 @@ def _show_url(href: str, label: str) -> bool:
     return norm(href) != norm(label)
 
 
+def _keep_links(tree: lxml.html.HtmlElement) -> None:
+    """Write "(url)" after each link whose address its text does not already show."""
+    for a in tree.iter("a"):
+        href = (a.get("href") or "").strip()
+        if _show_url(href, a.text_content()):
+            a.tail = f" ({href})" + (a.tail or "")
+
+
+def _plain_text(tree: lxml.html.HtmlElement) -> str:
+    """The text of an oversized or too deep document: no layout, its words in order, a line
+    break at each element that is not inline text."""
+    lxml.etree.strip_elements(tree, *_HIDDEN, lxml.etree.Comment, with_tail=False)
+    for el in tree.iter():
+        if isinstance(el.tag, str) and el.tag not in _INLINE:
+            el.text = "\n" + (el.text or "")
+            el.tail = "\n" + (el.tail or "")
+    lines = (" ".join(line.split()) for line in tree.text_content().splitlines())
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
 def html_to_text(html: str) -> str:
     """Readable text from HTML: links as "text (url)", no scripts/styles, blocks on new lines."""
     if not html:
         return ""
-    if len(html) <= limits.MAX_HTML_PARSE:
-        parser = _HTMLToText()
-        try:
-            parser.feed(html)
-            parser.close()
-            return parser.text()
-        except Exception:  # html.parser has asserted on odd markup before
-            pass
-    text = _TAG.sub(" ", _SKIP_BLOCK.sub(" ", html))
-    text = html_module.unescape(text)
-    lines = (" ".join(line.split()) for line in text.splitlines())
-    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+    tree = _tree(html)
+    if tree is None:
+        return _stripped(html)
+    if len(html) > limits.MAX_HTML_PARSE:
+        return _plain_text(tree)
+    _keep_links(tree)
+    try:
+        text = Inscriptis(tree, _CONFIG).get_text()
+    except RecursionError:  # inscriptis walks the tree recursively (~900 levels)
+        return _plain_text(tree)
+    lines = [line.rstrip() for line in text.splitlines()]
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip("\n")

@@ -395,7 +395,11 @@ def _save_message(store: _Store, entity: dict[str, Any], notify: bool) -> dict[s
             att_ids.append(aid)
     _check_attachments(store, att_ids)
     author = str(entity.get("Author") or (persons[pid]["email"] if pid is not None else ""))
-    msg = SimMessage(body=body, author=author, html=html)
+    msg_type = entity.get("Type") or ("Html" if html.strip() else "Text")
+    if not isinstance(msg_type, str) or msg_type.lower() not in ("text", "html"):
+        raise SoError(400, f"Unknown message Type {msg_type!r}", "ValidationException")
+    # what the message carried besides its text: its Type, and which files are inline images
+    msg = SimMessage(body=body, author=author, html=html, fields={"Type": msg_type})
     t.messages.append(msg)
     t.fields["Notify"] = notify
     mid = store.next_message_id()
@@ -416,7 +420,8 @@ def _save_message(store: _Store, entity: dict[str, Any], notify: bool) -> dict[s
 
 def _attachment_info(store: _Store, aid: int) -> dict[str, Any]:
     a = store.attachments[aid]
-    return {k: a[k] for k in ("AttachmentId", "Name", "ContentType", "AttSize", "InlineImage")}
+    keys = ("AttachmentId", "Name", "ContentType", "AttSize", "InlineImage", "ContentId")
+    return {k: a[k] for k in keys}
 
 
 def _check_attachments(store: _Store, ids: list[int]) -> None:
@@ -433,7 +438,10 @@ def _link(store: _Store, mid: int, ids: list[int]) -> None:
     for aid in ids:
         if aid not in store.links[mid]:
             store.links[mid].add(aid)
-            msg.attachments.append(str(store.attachments[aid]["Name"]))
+            att = store.attachments[aid]
+            msg.attachments.append(str(att["Name"]))
+            if att["InlineImage"]:
+                msg.fields.setdefault("InlineImages", {})[str(att["Name"])] = att["ContentId"]
 
 
 async def _agent_ticket(store: _Store, request: web.Request) -> web.Response:
@@ -454,7 +462,14 @@ async def _agent_ticket(store: _Store, request: web.Request) -> web.Response:
         return web.json_response(_default_message_entity())
     if method == "CreateDefaultAttachmentEntity":
         return web.json_response(
-            {"AttachmentId": 0, "Name": "", "ContentType": "", "AttSize": 0, "InlineImage": False}
+            {
+                "AttachmentId": 0,
+                "Name": "",
+                "ContentType": "",
+                "AttSize": 0,
+                "InlineImage": False,
+                "ContentId": "",
+            }
         )
     if method == "SaveTicketEntity":
         return web.json_response(_save_ticket(store, _entity_body(await body(), "TicketEntity")))
@@ -483,6 +498,7 @@ async def _agent_ticket(store: _Store, request: web.Request) -> web.Response:
             "ContentType": str(entity.get("ContentType") or "application/octet-stream"),
             "AttSize": _as_int(entity.get("AttSize") or 0, "AttSize"),
             "InlineImage": bool(entity.get("InlineImage")),
+            "ContentId": str(entity.get("ContentId") or ""),
             "content": None,
         }
         return web.json_response(_attachment_info(store, aid))

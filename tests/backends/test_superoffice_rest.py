@@ -145,6 +145,55 @@ async def test_html_body_carries_the_sender_block(make: Make, sim: httpx.AsyncCl
     assert m["body"].endswith("It is really burning.")
 
 
+async def test_html_body_is_sanitised_and_shows_its_inline_images(
+    make: Make, sim: httpx.AsyncClient
+) -> None:
+    html = (
+        "<html><head><title>T</title><style>p{background:url(https://t.example/s.gif)}</style>"
+        '<meta http-equiv="refresh" content="0;url=https://evil.example/"></head>'
+        '<body onload="steal()"><p style="color:red;background-image:url(https://t.example/b.gif)"'
+        ">Screen <b>below</b>:</p>"
+        '<img src="cid:shot@customer.example" alt="shot">'
+        '<img src="https://tracker.example/pixel.gif" width="1">'
+        '<a href="javascript:alert(1)">run</a> <a href="https://docs.example/fix">fix</a>'
+        "<script>alert(2)</script><iframe src='https://evil.example/'></iframe></body></html>"
+    )
+    atts = (
+        Attachment(
+            "shot.png", "image/png", b"\x89PNG1", inline=True, content_id="shot@customer.example"
+        ),
+        Attachment("report.pdf", "application/pdf", b"%PDF-1.4"),
+    )
+    await make().open_ticket(decision(), mail(html=html, attachments=atts), MemoryProgress())
+    [t] = await tickets(sim)
+    [m] = t["messages"]
+    got = m["html"]
+    assert m["fields"]["Type"] == "Html" and m["body"].endswith("It is really burning.")
+    assert '<p style="color:red">Screen <b>below</b>:</p>' in got
+    assert '<img src="cid:shot@customer.example" alt="shot">' in got
+    assert 'href="https://docs.example/fix" rel="noopener noreferrer"' in got
+    for banned in ("script", "alert", "onload", "iframe", "tracker.example", "t.example",
+                   "evil.example", "javascript", "<title", "<style", "<meta"):  # fmt: skip
+        assert banned not in got, banned
+    # the inline image goes as an inline image of the HTML; a real attachment stays a file
+    assert m["attachments"] == ["shot.png", "report.pdf"]
+    assert m["fields"]["InlineImages"] == {"shot.png": "shot@customer.example"}
+
+
+async def test_text_only_mail_and_empty_html_send_no_html_body(
+    make: Make, sim: httpx.AsyncClient
+) -> None:
+    backend = make()
+    inline = Attachment("logo.png", "image/png", b"\x89PNG", inline=True, content_id="logo")
+    await backend.open_ticket(decision(), mail(attachments=(inline,)), MemoryProgress())
+    await backend.open_ticket(decision(), mail(html="<script>x()</script>"), MemoryProgress())
+    for t in await tickets(sim):
+        [m] = t["messages"]
+        assert m["html"] == "" and m["fields"]["Type"] == "Text"
+        # no HTML to show it in: the inline image is an ordinary file of the ticket
+        assert "InlineImages" not in m["fields"]
+
+
 async def test_attachments_uploaded_and_connected(make: Make, sim: httpx.AsyncClient) -> None:
     atts = (
         Attachment("report.pdf", "application/pdf", b"%PDF-1.4 data"),

@@ -203,7 +203,7 @@ async def test_message_with_html_and_attachments(client: httpx.AsyncClient) -> N
         "author": "alice@example.org",
         "attachments": ["log.txt"],
         "html": "<p>html</p>",
-        "fields": {},  # what the call carried besides text (WHMCS fills it)
+        "fields": {"Type": "Text"},  # what the call carried besides text (the default Type)
     }
     assert t["fields"]["Notify"] is True
     entity = (
