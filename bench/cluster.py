@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import httpx
@@ -43,30 +43,30 @@ LIMIT = 8
 CALLS = 2  # superoffice-soap: newTicket + addMessage
 
 
-def node_config(work: Path, name: str, ports: common.Ports, url: str) -> Path:
-    cfg = common.write_config(
+def node_config(work: Path, name: str, ports: common.Ports, url: str, nice: int) -> Path:
+    """A node's config; `url` "" = its own SQLite spool (the one-node reference)."""
+    return common.write_config(
         work / name,
         ports,
         {
-            "gateway": {"node": name, "workers": 16},
+            "gateway": {"node": name, "workers": 16, "worker_nice": nice},
             "backends": {"superoffice-soap": {"concurrency": LIMIT}},
         },
+        spool_url=url,
     )
-    text = cfg.read_text()
-    text, n = re.subn(r'(?m)^path = "var/gateway.sqlite"$', f'url = "{url}"', text)
-    assert n == 1, "no [spool] path in the written config"
-    cfg.write_text(text)
-    return cfg
 
 
-async def send_all(ports: list[int], count: int, tag: str, clients: int = 8) -> float:
-    """Send `count` mails round-robin over `ports` with `clients` senders; time of the first 250."""
+async def send_all(ports: list[int], count: int, tag: str, clients: int = 8) -> tuple[float, float]:
+    """Send `count` mails round-robin over `ports` with `clients` senders; times of the first
+    and the last 250."""
     first: list[float] = []
+    last = 0.0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
         queue.put_nowait(i)
 
     async def sender() -> None:
+        nonlocal last
         while not queue.empty():
             i = queue.get_nowait()
             data = common.make_mail(f"c{i % 50}@example.org", "support@example.com", f"{tag} {i}")
@@ -85,9 +85,10 @@ async def send_all(ports: list[int], count: int, tag: str, clients: int = 8) -> 
                     await asyncio.sleep(0.2)
             if not first:
                 first.append(time.monotonic())
+            last = max(last, time.monotonic())
 
     await asyncio.gather(*(sender() for _ in range(clients)))
-    return first[0]
+    return first[0], last
 
 
 async def tickets_done(sim: common.SimClient, tag: str, count: int) -> bool:
@@ -98,8 +99,10 @@ async def tickets_done(sim: common.SimClient, tag: str, count: int) -> bool:
     return len(found) >= count and all(t["messages"] for t in found)
 
 
-async def run_nodes(pg: PostgresServer, work: Path, n: int, count: int) -> dict[str, float]:
-    url = pg.new_database()
+async def run_nodes(
+    pg: PostgresServer, work: Path, n: int, count: int, nice: int, sqlite: bool = False
+) -> dict[str, Any]:
+    url = "" if sqlite else pg.new_database()
     sim_ports = common.Ports.pick()
     sim_proc = common.start_simulator(work / f"sim{n}", sim_ports)
     nodes: list[tuple[common.Proc, common.Ports]] = []
@@ -107,28 +110,77 @@ async def run_nodes(pg: PostgresServer, work: Path, n: int, count: int) -> dict[
     try:
         for i in range(n):
             ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
-            cfg = node_config(work / f"n{n}", f"n{i + 1}", ports, url)
+            cfg = node_config(work / f"n{n}{'s' if sqlite else ''}", f"n{i + 1}", ports, url, nice)
             nodes.append((common.start_gateway(cfg, ports, timeout=120), ports))
         await sim.fault("superoffice-soap", "slow", latency_ms=LATENCY_MS)
         smtp = [p.smtp for _, p in nodes]
         await send_all(smtp, len(smtp), "warmup", clients=len(smtp))
         if not await common.wait_until(lambda: tickets_done(sim, "warmup", len(smtp)), 120):
             raise RuntimeError("warm-up mails were not ticketed")
-        start = await send_all(smtp, count, "burst")
+        pg_pid = pg_postmaster(pg)
+        split0 = cpu_by_role([p.pid for p, _ in nodes])
+        cpu0 = (
+            sum(common.tree_cpu_seconds(p.pid) for p, _ in nodes),
+            common.tree_cpu_seconds(sim_proc.pid),
+            common.tree_cpu_seconds(pg_pid) if pg_pid else 0.0,
+        )
+        start, last = await send_all(smtp, count, "burst")
         ok = await common.wait_until(lambda: tickets_done(sim, "burst", count), 600, 0.1)
         elapsed = time.monotonic() - start
+        split = cpu_by_role([p.pid for p, _ in nodes])
+        split = {k: (v - split0.get(k, 0.0)) * 1000 / count for k, v in split.items()}
+        cpu = (
+            sum(common.tree_cpu_seconds(p.pid) for p, _ in nodes) - cpu0[0],
+            common.tree_cpu_seconds(sim_proc.pid) - cpu0[1],
+            (common.tree_cpu_seconds(pg_pid) - cpu0[2]) if pg_pid else float("nan"),
+        )
         if not ok:
             raise RuntimeError(f"{n} nodes: not all {count} tickets within 600 s")
         async with httpx.AsyncClient(timeout=10) as http:
             inflight = (await http.get(f"{sim.base}/_sim/inflight")).json()["superoffice-soap"]
         rate = count / elapsed
         bound = LIMIT / (CALLS * LATENCY_MS / 1000)
-        return {"tickets_s": rate, "bound": bound, "share": rate / bound, "max": inflight["max"]}
+        return {
+            "tickets_s": rate,
+            "bound": bound,
+            "share": rate / bound,
+            "max": inflight["max"],
+            "accept_s": count / max(1e-6, last - start),
+            "after_s": start + elapsed - last,
+            "cpu_ms": [c * 1000 / count for c in cpu],
+            "split": split,
+        }
     finally:
         await sim.aclose()
         for proc, _ in nodes:
             proc.stop()
         sim_proc.stop()
+
+
+def cpu_by_role(roots: list[int]) -> dict[str, float]:
+    """CPU seconds of the nodes' processes summed by role: intake (`gateway run`), worker."""
+    out: dict[str, float] = {}
+    for root in roots:
+        for pid in common.tree_pids(root):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            role = "worker" if b"_worker" in argv else "intake"
+            out[role] = (
+                out.get(role, 0.0)
+                + common.tree_cpu_seconds(pid)
+                - sum(common.tree_cpu_seconds(c) for c in common.tree_pids(pid)[1:])
+            )
+    return out
+
+
+def pg_postmaster(pg: PostgresServer) -> int | None:
+    """The private PostgreSQL's postmaster pid (its backends are its children)."""
+    try:
+        return int((pg.data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -137,27 +189,45 @@ async def main_async(args: argparse.Namespace) -> int:
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
-            for n in args.nodes:
-                common.log(f"{n} node(s): {args.count} mails")
-                r = await run_nodes(pg, Path(tmp), n, args.count)
+            runs = [(n, False) for n in args.nodes] + ([(1, True)] if args.sqlite else [])
+            for n, sqlite in runs:
+                what = f"{n} node(s){' on SQLite' if sqlite else ''}"
+                common.log(f"{what}: {args.count} mails")
+                r = await run_nodes(pg, Path(tmp), n, args.count, args.worker_nice, sqlite)
+                common.log(f"{what}: {r['tickets_s']:.1f} tickets/s = {r['share']:.2f} of bound")
                 common.log(
-                    f"{n} node(s): {r['tickets_s']:.1f} tickets/s = {r['share']:.2f} of bound"
+                    f"{what}: node CPU ms/ticket by role: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["split"].items()))
                 )
                 rows.append(
                     [
-                        str(n),
+                        f"{n} (SQLite)" if sqlite else str(n),
                         str(args.count),
                         f"{r['tickets_s']:.1f}",
                         f"{r['bound']:.0f}",
                         f"{r['share']:.2f}",
                         ">= 0.80",
                         str(int(r["max"])),
+                        f"{r['accept_s']:.1f}",
+                        f"{r['after_s']:.1f}",
+                        "/".join(f"{c:.1f}" for c in r["cpu_ms"]),
                     ]
                 )
     finally:
         pg.cleanup()
     common.print_table(
-        ["nodes", "mails", "tickets/s", "bound/s", "x bound", "target", "max calls in flight"],
+        [
+            "nodes",
+            "mails",
+            "tickets/s",
+            "bound/s",
+            "x bound",
+            "target",
+            "max calls in flight",
+            "accepted/s",
+            "s after last 250",
+            "CPU ms/ticket nodes/sim/pg",
+        ],
         rows,
     )
     print(
@@ -171,6 +241,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--nodes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     ap.add_argument("--count", type=int, default=300, help="mails per node count (300)")
+    ap.add_argument(
+        "--sqlite", action="store_true", help="also one node on its own SQLite spool (reference)"
+    )
+    ap.add_argument(
+        "--worker-nice",
+        type=int,
+        default=10,
+        help="[gateway] worker_nice of the nodes (10, the default; 0 on a machine shared with"
+        " other jobs, whose share the niced worker would measure)",
+    )
     return asyncio.run(main_async(ap.parse_args()))
 
 

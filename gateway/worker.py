@@ -19,7 +19,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Any
@@ -140,6 +140,25 @@ class SlotGate:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+
+class _SlotHold:
+    """A call slot held for one mail: `release` gives it back once (spool row, gate place)."""
+
+    def __init__(self, spool: Spool, gate: SlotGate, backend: str, msg_id: int) -> None:
+        self.spool, self.gate, self.backend, self.msg_id = spool, gate, backend, msg_id
+        self._held = True
+
+    async def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        try:
+            with contextlib.suppress(SpoolError):  # unreleased, it expires with the lease
+                await self.spool.release_slot(self.backend, self.msg_id)
+        finally:
+            self.gate.local.release()
+            self.gate.freed()
 
 
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
@@ -487,16 +506,14 @@ class Worker:
                 count_attempt=False,
             )
             return
+        hold = _SlotHold(self.spool, gate, backend.name, msg_id) if gate is not None else None
         try:
-            await self._deliver(row, mail, decision, backend)
+            # the slot goes back as soon as the backend calls are over (before the outcome is
+            # written): it stands for a call in flight, and the next mail may start its own
+            await self._deliver(row, mail, decision, backend, hold.release if hold else None)
         finally:
-            if gate is not None:
-                try:
-                    with contextlib.suppress(SpoolError):
-                        await self.spool.release_slot(backend.name, msg_id)
-                finally:
-                    gate.local.release()
-                    gate.freed()
+            if hold is not None:
+                await hold.release()
 
     def _slot_gate(self, backend: str, limit: int) -> SlotGate:
         gate = self._slot_gates.get(backend)
@@ -606,8 +623,15 @@ class Worker:
         return mail.from_addr.rpartition("@")[2].lower() == requester.rpartition("@")[2].lower()
 
     async def _deliver(
-        self, row: MessageRow, mail: ParsedMail, decision: Decision, backend: Backend
+        self,
+        row: MessageRow,
+        mail: ParsedMail,
+        decision: Decision,
+        backend: Backend,
+        calls_over: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """The backend calls for one mail, then its outcome. `calls_over` is awaited once the
+        calls are over, whatever their result (the call slot goes back)."""
         progress = SpoolProgress(self.spool, row.id, row.progress)
         started = time.monotonic()
         action = decision.action
@@ -653,11 +677,15 @@ class Worker:
                     if recreate and not backend.searchable:
                         await self._possible_duplicate(row, backend, ref, mail, notes)
         except TransientError as exc:
+            if calls_over is not None:
+                await calls_over()
             self._observe(backend.name, started, ok=False)
             self._failing[backend.name] = True
             await self._transient(row, backend.name, str(exc), exc.retry_after, decision)
             return
         except PermanentError as exc:
+            if calls_over is not None:
+                await calls_over()
             self._observe(backend.name, started, ok=False)
             await self._finish(
                 row,
@@ -672,6 +700,8 @@ class Worker:
             )
             return
         except BackendUnavailable as exc:
+            if calls_over is not None:
+                await calls_over()
             self._observe(backend.name, started, ok=False)
             self._pause(backend.name, str(exc))
             if self.s.shared_pauses:  # every process and node holds back too
@@ -689,6 +719,8 @@ class Worker:
             if self.metrics:
                 self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend.name)
             return
+        if calls_over is not None:
+            await calls_over()
         self._observe(backend.name, started, ok=True)
         if self._resume(backend.name) and self.s.shared_pauses:
             self._pauses.pop(backend.name, None)

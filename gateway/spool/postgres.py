@@ -255,7 +255,9 @@ class PostgresSpool:
         self.lease = settings.lease
         self.clock = clock
         self.opened_version: int | None = None
-        self._kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": False}
+        # autocommit: a single statement is its own transaction (one round trip, no BEGIN and
+        # COMMIT around it); several statements run in `_tx`, an explicit transaction
+        self._kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
         if settings.password is not None:
             self._kwargs["password"] = settings.password
         self._pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
@@ -311,34 +313,41 @@ class PostgresSpool:
     # -- plumbing ---------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[Conn]:
-        """A pooled connection inside one transaction; any psycopg failure is `SpoolError`."""
+    async def _conn(self, *, tx: bool) -> AsyncIterator[Conn]:
+        """A pooled connection, inside one transaction when `tx` (else each statement is its
+        own); any psycopg failure is `SpoolError`."""
         if self._closed:
             raise SpoolError("spool is closed")
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
+            async with self._pool.connection() as conn:
+                if tx:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
         except PoolTimeout as exc:
             raise SpoolError(f"spool unreachable ({self.where()}): {exc}") from exc
         except psycopg.Error as exc:
             raise SpoolError(f"spool failed ({self.where()}): {exc}") from exc
 
     async def _run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        async with self._tx() as conn:
+        """`fn`'s statements in one transaction."""
+        async with self._conn(tx=True) as conn:
             return await fn(conn)
 
     async def _one(self, query: str, params: Any = None) -> dict[str, Any] | None:
-        async with self._tx() as conn:
+        """One statement (its own transaction); its first row."""
+        async with self._conn(tx=False) as conn:
             cur = await conn.execute(query, params)
             return await cur.fetchone()
 
     async def _all(self, query: str, params: Any = None) -> list[dict[str, Any]]:
-        async with self._tx() as conn:
+        async with self._conn(tx=False) as conn:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
     async def _exec(self, query: str, params: Any = None) -> int:
-        async with self._tx() as conn:
+        async with self._conn(tx=False) as conn:
             cur = await conn.execute(query, params)
             return cur.rowcount
 
@@ -819,7 +828,11 @@ class PostgresSpool:
                         " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
-            await conn.execute("DELETE FROM slots WHERE msg_id = %s", (msg_id,))
+            cur = await conn.execute(
+                "DELETE FROM slots WHERE msg_id = %s RETURNING backend", (msg_id,)
+            )
+            for slot in await cur.fetchall():  # a slot still held: its waiters may go
+                await conn.execute("SELECT pg_notify(%s, %s)", (SLOT_CHANNEL, slot["backend"]))
             ack = outcome.ack
             if ack is None:
                 return ""
@@ -1339,13 +1352,9 @@ class PostgresSpool:
 
         er = await self._run(go)
         try:
-            async with self._pool.connection() as conn:
-                await conn.set_autocommit(True)
-                try:
-                    for table in DATA_TABLES:
-                        await conn.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(table)))
-                finally:
-                    await conn.set_autocommit(False)
+            async with self._pool.connection() as conn:  # autocommit: VACUUM needs it
+                for table in DATA_TABLES:
+                    await conn.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(table)))
             er.compacted = True
         except (psycopg.Error, PoolTimeout) as exc:
             log.warning("event=erase_vacuum_failed error=%r", str(exc))
