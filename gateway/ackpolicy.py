@@ -18,7 +18,9 @@ decide the same way:
 * `rate_keys` gives the keys the hourly limits count on: the normalised address (case, `+tag`,
   the sub-addressing the big providers document, Gmail's dots) and the organisational domain,
   so that `victim+1@`, `Victim+2@`, `v.i.c.t.i.m@gmail` all count as one sender;
-* `safe_subject` is the only form of a stranger's subject the default template quotes.
+* `safe_subject` is the only form of a stranger's subject the default template quotes;
+* `own_dkim_wanted` says when the gateway's own DKIM check (`[ack] verify_dkim`, done with I/O in
+  gateway.dkimcheck) is worth its cost; its `DkimResult` is an input of `apply_policy`.
 
 The hourly counters themselves live in the spool (they must hold across processes and nodes);
 see `Spool.finish` / `AckLimits`.
@@ -39,10 +41,13 @@ __all__ = [
     "AckPolicy",
     "AckVerdict",
     "AuthResult",
+    "DkimResult",
     "ack_verdict",
     "apply_policy",
+    "from_domain",
     "normalise_address",
     "org_domain",
+    "own_dkim_wanted",
     "parse_authentication_results",
     "rate_keys",
     "safe_subject",
@@ -59,6 +64,15 @@ class AckPolicy:
     trusted_authserv_ids: frozenset[str] = frozenset()
     own_addresses: frozenset[str] = frozenset()
     never_to: tuple[str, ...] = ()
+    verify_dkim: bool = False  # the gateway's own DKIM check where no trusted header vouches
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    """What the gateway's own DKIM check found (gateway.dkimcheck.check)."""
+
+    passed: str  # e.g. "dkim=pass (d=example.com, aligned with From) verified by the gateway"
+    why: str = ""  # why not, when `passed` is ""
 
 
 @dataclass(frozen=True)
@@ -281,8 +295,33 @@ def sender_authentication(
 # -- the decision ----------------------------------------------------------------------------------
 
 
-def ack_verdict(mail: ParsedMail, envelope: Envelope, policy: AckPolicy) -> AckVerdict:
-    """Whether an acknowledgement may go out for this mail and to whom (before rate limits)."""
+def own_dkim_wanted(
+    decision: Decision, mail: ParsedMail, envelope: Envelope, policy: AckPolicy
+) -> bool:
+    """Whether the gateway should verify DKIM itself before `apply_policy`: only when an
+    acknowledgement hinges on it (authentication required, the rules want one, no trusted header
+    vouches for the sender) and the mail carries a DKIM-Signature. Bounds what a stranger can
+    make the gateway compute or look up."""
+    if not (policy.verify_dkim and policy.enabled and policy.require == "authenticated"):
+        return False
+    if decision.ack is None or decision.automatic or not mail.header_all("DKIM-Signature"):
+        return False
+    if "@" not in mail.from_addr:
+        return False
+    authenticated, _why = sender_authentication(mail, envelope, policy.trusted_authserv_ids)
+    return not authenticated
+
+
+def from_domain(mail: ParsedMail) -> str:
+    """The From address's domain ("" when there is none)."""
+    return _domain_of(mail.from_addr) if "@" in mail.from_addr else ""
+
+
+def ack_verdict(
+    mail: ParsedMail, envelope: Envelope, policy: AckPolicy, dkim: DkimResult | None = None
+) -> AckVerdict:
+    """Whether an acknowledgement may go out for this mail and to whom (before rate limits).
+    `dkim` is the gateway's own DKIM check, where one was made (`own_dkim_wanted`)."""
     if not policy.enabled:
         return AckVerdict(None, "acknowledgements are off ([ack] enabled = false)")
     if not envelope.mail_from and envelope.intake == "smtp":
@@ -291,6 +330,11 @@ def ack_verdict(mail: ParsedMail, envelope: Envelope, policy: AckPolicy) -> AckV
     from_addr = mail.from_addr.lower()
     if policy.require == "authenticated":
         authenticated, why = sender_authentication(mail, envelope, policy.trusted_authserv_ids)
+        if not authenticated and dkim is not None:
+            authenticated = dkim.passed
+            why = f"{why}; {dkim.why}" if dkim.why else why
+        elif not authenticated and policy.verify_dkim and not mail.header_all("DKIM-Signature"):
+            why = f"{why}; no DKIM-Signature for the gateway to verify"
         if not authenticated:
             return AckVerdict(None, f"sender not authenticated: {why}")
         rcpt = from_addr
@@ -314,14 +358,18 @@ NO_ACK = "no acknowledgement: "  # how a route reason saying why none goes out b
 
 
 def apply_policy(
-    decision: Decision, mail: ParsedMail, envelope: Envelope, policy: AckPolicy
+    decision: Decision,
+    mail: ParsedMail,
+    envelope: Envelope,
+    policy: AckPolicy,
+    dkim: DkimResult | None = None,
 ) -> tuple[Decision, AckVerdict | None]:
     """The decision with `ack` cleared, and a reason added, where the policy forbids one.
 
     Returns the verdict too (None when the rules asked for no acknowledgement at all)."""
     if decision.ack is None or decision.automatic:
         return decision, None
-    verdict = ack_verdict(mail, envelope, policy)
+    verdict = ack_verdict(mail, envelope, policy, dkim)
     if verdict.rcpt is None:
         reasons = (*decision.reasons, f"{NO_ACK}{verdict.reason}")
         return dataclasses.replace(decision, ack=None, reasons=reasons), verdict

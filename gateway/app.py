@@ -36,6 +36,7 @@ from gateway.backends.base import Backend
 from gateway.backends.http import ResponseBudget
 from gateway.backends.registry import make_backend
 from gateway.config import Config, load_config, spool_settings
+from gateway.dkimcheck import DkimSettings
 from gateway.errors import ConfigError, GatewayError, Problem
 from gateway.health import HealthServer
 from gateway.intake.smtp import IntakeHandler, SmtpListener
@@ -170,7 +171,13 @@ def ack_policy(cfg: Config) -> AckPolicy:
         trusted_authserv_ids=frozenset(cfg.ack.trusted_authserv_ids),
         own_addresses=frozenset(cfg.own_addresses()),
         never_to=tuple(cfg.ack.never_to),
+        verify_dkim=cfg.ack.verify_dkim,
     )
+
+
+def dkim_settings(cfg: Config) -> DkimSettings:
+    """Where the gateway's own DKIM check looks keys up (`[ack] dkim_nameservers`)."""
+    return DkimSettings(nameservers=tuple(cfg.ack.dkim_nameservers))
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
@@ -188,6 +195,7 @@ def worker_settings(cfg: Config) -> WorkerSettings:
         followup_closed=cfg.gateway.followup_closed,
         followup_sender=cfg.gateway.followup_sender,
         ack_policy=ack_policy(cfg),
+        dkim=dkim_settings(cfg),
         ack_limits=AckLimits(
             per_sender=cfg.ack.rate_limit,
             per_domain=cfg.ack.domain_rate_limit,

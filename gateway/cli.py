@@ -362,6 +362,12 @@ def _warn_ack_policy(cfg: Config) -> None:
     reach: forged senders would make the gateway send mail to anyone (backscatter, spam)."""
     import ipaddress
 
+    if cfg.ack.enabled and cfg.ack.verify_dkim and cfg.ack.require != "authenticated":
+        print(
+            f"{cfg.path}:{_line_of(cfg, ('ack', 'verify_dkim'))}: warning: ack.verify_dkim has"
+            ' no effect unless ack.require = "authenticated"',
+            file=sys.stderr,
+        )
     if not cfg.ack.enabled or cfg.ack.require != "none":
         return
     reachable: list[str] = []
@@ -397,9 +403,9 @@ def _line_of(cfg: Config, loc: tuple[str, ...]) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from gateway import routing
-    from gateway.ackpolicy import apply_policy
-    from gateway.app import ack_policy, load_rule_set
+    from gateway import dkimcheck, routing
+    from gateway.ackpolicy import apply_policy, from_domain, own_dkim_wanted
+    from gateway.app import ack_policy, dkim_settings, load_rule_set
     from gateway.mail import parse
     from gateway.models import Envelope
 
@@ -451,7 +457,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     followup = _followup_from_spool(cfg, rules, mail, env, ctx)
     decision = routing.route(rules, mail, env, ctx, followup)
     # the worker's own acknowledgement policy (hourly limits are counted when it is queued)
-    decision, _verdict = apply_policy(decision, mail, env, ack_policy(cfg))
+    policy = ack_policy(cfg)
+    dkim = None
+    if own_dkim_wanted(decision, mail, env, policy):  # the worker's own DKIM check, done alike
+        dkim = dkimcheck.check(raw, from_domain(mail), dkim_settings(cfg))
+    decision, _verdict = apply_policy(decision, mail, env, policy, dkim)
     if args.json:
         print(json.dumps(decision.to_json(), ensure_ascii=False))
     else:

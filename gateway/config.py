@@ -197,6 +197,10 @@ class AckSection(_Model):
     # Authentication-Results header vouches for (DMARC pass, aligned DKIM or SPF pass)
     require: Literal["none", "authenticated"] = "none"
     trusted_authserv_ids: list[str] = []  # authserv-ids whose Authentication-Results count
+    # with "authenticated": where no trusted header vouches, verify the mail's DKIM signature
+    # (aligned with From) with dkimpy, looking the key up in DNS (gateway.dkimcheck)
+    verify_dkim: bool = False
+    dkim_nameservers: list[str] = []  # "ip" or "ip:port" for the key look-ups; [] = resolv.conf
     rate_limit: int = Field(5, ge=0)  # per normalised sender (case, +tag, gmail dots) per hour
     domain_rate_limit: int = Field(100, ge=0)  # per recipient domain per hour; 0 = no limit
     global_rate_limit: int = Field(5000, ge=0)  # acknowledgements per hour in all; 0 = no limit
@@ -234,6 +238,23 @@ class AckSection(_Model):
                 )
             out.append(value)
         return out
+
+    @field_validator("dkim_nameservers")
+    @classmethod
+    def _nameservers(cls, v: list[str]) -> list[str]:
+        for value in v:
+            host, sep, port = value.rpartition(":")
+            if not sep or (host.count(":") and not host.endswith("]")):
+                host, port = value, "53"  # a bare IPv4 or IPv6 address
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                if not 0 < int(port) < 65536:
+                    raise ValueError(port)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a name server (an IP address, optionally :port)"
+                ) from None
+        return v
 
 
 class RetentionSection(_Model):

@@ -1,5 +1,6 @@
 """Prometheus series: outcomes by intake/rule/backend, queue depth, oldest age, latency, the state
-of each component (as /healthz), acknowledgements held back by a rate limit.
+of each component (as /healthz), acknowledgements sent and held back (`gateway_acks_withheld_total
+{reason}`: the policy's reasons and the hourly limits, rate_sender/rate_domain/rate_global).
 
 contrib/prometheus/ticket-gateway.rules.yml alerts on them; contrib/grafana/ shows them.
 
@@ -90,12 +91,6 @@ class Metrics:
             ["backend"],
             registry=self.registry,
         )
-        self.acks_limited = Counter(
-            "gateway_acks_limited",
-            "Acknowledgements not sent because a rate limit was reached (sender, global)",
-            ["limit"],
-            registry=self.registry,
-        )
         self._refresh: Callable[[], None] | None = None
 
     def outcome(self, name: str, intake: str, rule: str, backend: str) -> None:
@@ -116,9 +111,6 @@ class Metrics:
 
     def backend_latency(self, backend: str, seconds: float, ok: bool) -> None:
         self.latency.labels(backend=backend, result="ok" if ok else "error").observe(seconds)
-
-    def ack_limited(self, limit: str) -> None:
-        self.acks_limited.labels(limit=limit).inc()
 
     def on_scrape(self, refresh: Callable[[], None]) -> None:
         self._refresh = refresh

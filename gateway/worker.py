@@ -24,9 +24,18 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway import classify, routing
+from gateway import classify, dkimcheck, routing
 from gateway.ack import Template, build_ack
-from gateway.ackpolicy import NO_ACK, AckPolicy, ack_verdict, apply_policy, rate_keys
+from gateway.ackpolicy import (
+    NO_ACK,
+    AckPolicy,
+    DkimResult,
+    ack_verdict,
+    apply_policy,
+    from_domain,
+    own_dkim_wanted,
+    rate_keys,
+)
 from gateway.backends.base import Backend
 from gateway.errors import (
     BackendUnavailable,
@@ -86,6 +95,7 @@ class WorkerSettings:
     followup_sender: str = "any"
     # who may get an acknowledgement (see gateway.ackpolicy) and the hourly limits (AckLimits)
     ack_policy: AckPolicy = dataclasses.field(default_factory=AckPolicy)
+    dkim: dkimcheck.DkimSettings = dataclasses.field(default_factory=dkimcheck.DkimSettings)
     ack_limits: AckLimits = dataclasses.field(default_factory=AckLimits)
     ack_from_address: str = ""
     ack_from_name: str = "Support"
@@ -139,6 +149,7 @@ class Worker:
         self._orphans: set[int] = set()  # claims whose processing ended without an outcome
         self._pauses: dict[str, tuple[float, str]] = {}
         self._pauses_read = 0.0
+        self._dkim: dict[int, DkimResult] = {}  # mail -> the gateway's own DKIM check, if made
         spool.on_work(self.wake.set)  # another node stored or released mail
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._backend_status = {
@@ -260,6 +271,29 @@ class Worker:
                 await self.spool.finish(
                     msg_id, Outcome(state=State.DEAD, reason=f"quarantined: internal error\n{tb}")
                 )
+        finally:
+            self._dkim.pop(msg_id, None)
+
+    async def _own_dkim(self, row: MessageRow, mail: ParsedMail) -> DkimResult:
+        """The gateway's own DKIM check (`[ack] verify_dkim`), in a thread: DNS and hashing.
+        The raw bytes were let go after parsing; this rare path reads them again."""
+        if row.size > dkimcheck.MAX_BYTES:
+            return DkimResult("", f"not verified: larger than {dkimcheck.MAX_BYTES} bytes")
+        data = await self.spool.read_body(row.id)
+        if data is None:
+            return DkimResult("", "not verified: the raw message is gone")
+        result = await asyncio.to_thread(dkimcheck.check, data, from_domain(mail), self.s.dkim)
+        log.info(
+            "dkim_checked",
+            extra={
+                "fields": {
+                    "id": row.id,
+                    "result": "pass" if result.passed else "fail",
+                    "detail": (result.passed or result.why)[:300],
+                }
+            },
+        )
+        return result
 
     async def _parse(self, raw: bytes | RawSource) -> ParsedMail:
         parse_one = functools.partial(parse, fallback_charsets=self.s.fallback_charsets)
@@ -356,7 +390,10 @@ class Worker:
             self.rules, mail, env, ctx, routing.Followup(f_ref, f_backend, f_note)
         )
         # the same acknowledgement policy as `gateway route`: the reasons say why none goes out
-        decision, _verdict = apply_policy(decision, mail, env, self.s.ack_policy)
+        dkim = None
+        if own_dkim_wanted(decision, mail, env, self.s.ack_policy):
+            dkim = self._dkim[msg_id] = await self._own_dkim(row, mail)
+        decision, _verdict = apply_policy(decision, mail, env, self.s.ack_policy, dkim)
         if decision.action == "suppress":
             notice_name = self.rules.notice_for(decision)
             notice = await self._reply(mail, row, notice_name, None) if notice_name else None
@@ -720,7 +757,7 @@ class Worker:
         (`gateway.ackpolicy`: RFC 3834, own and no-reply addresses, sender authentication).
         The hourly limits are checked by the spool when it queues it (`AckLimits`)."""
         s = self.s
-        verdict = ack_verdict(mail, row.envelope, s.ack_policy)
+        verdict = ack_verdict(mail, row.envelope, s.ack_policy, self._dkim.get(row.id))
         rcpt = verdict.rcpt
         if rcpt is None:
             log.info("ack_skipped", extra={"fields": {"id": row.id, "reason": verdict.reason}})
@@ -802,7 +839,6 @@ class Worker:
             # the hourly limits are checked where the acknowledgement is queued (atomically)
             log.info("ack_rate_limited", extra={"fields": {"id": row.id, "limit": withheld}})
             self._count("acks_withheld", reason=f"rate_{withheld}")
-            self._count("acks_limited", limit=withheld)  # gateway_acks_limited{limit} (issue 17)
         for name, probe in list(self._probe.items()):
             if probe == row.id:  # a probe that ended (dead, ...) hands the role to the next
                 del self._probe[name]

@@ -69,9 +69,6 @@ class EventMetrics:
     def recovered_mails(self, requeued: int, uncertain: int) -> None:
         self._emit({"t": "recovered", "requeued": requeued, "uncertain": uncertain})
 
-    def ack_limited(self, limit: str) -> None:
-        self._emit({"t": "ack_limited", "limit": limit})
-
     def status(self, board: StatusBoard, skip: tuple[str, ...] = ()) -> None:
         for comp in board.components.values():
             if comp.name in skip:
@@ -111,8 +108,6 @@ def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) ->
         )
     elif kind == "recovered":
         metrics.recovered_mails(int(event.get("requeued", 0)), int(event.get("uncertain", 0)))
-    elif kind == "ack_limited":
-        metrics.ack_limited(str(event.get("limit", "")))
     elif kind == "status":
         comp = status.register(str(event["name"]), str(event.get("kind", "worker")))
         comp.ok = bool(event.get("ok"))

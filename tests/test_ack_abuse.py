@@ -176,3 +176,79 @@ def test_limits_cannot_be_dodged_and_known_customers_keep_their_acks(
     assert _metric(daemon, "gateway_acks_withheld_total", reason="rate_sender") == 15
     assert _metric(daemon, "gateway_acks_withheld_total", reason="rate_domain") == 10
     assert _metric(daemon, "gateway_acks_withheld_total", reason="rate_global") == 6
+
+
+# -- the gateway's own DKIM check ([ack] verify_dkim): no MTA in front writes a header -----------
+
+
+def test_own_dkim_check_authenticates_a_signed_sender(tmp_path: Path) -> None:
+    from tests.dns_server import TxtServer
+    from tests.test_dkimcheck import make_key, signed
+
+    pem, txt = make_key(tmp_path)
+    tag = uuid.uuid4().hex[:8]
+
+    def mail(subject: str, sender: str) -> bytes:
+        msg = _mail(f"{subject} {tag}", sender)
+        return bytes(msg).replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")
+
+    good = signed(mail("signed", "anna@customer.example"), pem, "mail.customer.example")
+    tampered = signed(mail("tampered", "bob@customer.example"), pem, "customer.example")
+    tampered = tampered.replace(b"Hello", b"Hello, buy pills at http://spam.example")
+    foreign = signed(mail("foreign", "victim@victim.example"), pem, "spammer.example")
+    with TxtServer(
+        {
+            "sel._domainkey.mail.customer.example": txt,
+            "sel._domainkey.customer.example": txt,
+            "sel._domainkey.spammer.example": txt,
+        }
+    ) as dns:
+        sim = SimProcess(tmp_path)
+        sim.start()
+        cfg = write_config(
+            tmp_path / "gw",
+            sim_http=sim.http_port,
+            sim_smtp=sim.smtp_port,
+            replace={
+                'require = "none"': 'require = "authenticated"',
+                "trusted_authserv_ids = []": 'trusted_authserv_ids = ["mx.example.com"]',
+                "verify_dkim = false": "verify_dkim = true",
+                "dkim_nameservers = []": f'dkim_nameservers = ["127.0.0.1:{dns.port}"]',
+            },
+        )
+        daemon = DaemonProcess(cfg)
+        daemon.start()
+        try:
+            with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as s:
+                for sender, raw in (
+                    ("anna@customer.example", good),
+                    ("bob@customer.example", tampered),
+                    ("victim@victim.example", foreign),
+                ):
+                    s.sendmail(sender, ["support@example.com"], raw)
+            assert wait_for(lambda: len(_tickets(sim, tag)) == 3, timeout=40), _tickets(sim, tag)
+            acks = wait_for(lambda: _acks(sim, tag), timeout=20)
+            assert [a["rcpt_tos"] for a in acks] == [["anna@customer.example"]]
+            assert wait_for(
+                lambda: (
+                    _metric(daemon, "gateway_acks_withheld_total", reason="unauthenticated") == 2
+                ),
+                timeout=10,
+            )
+            # the dry run makes the same check and says why
+            for raw, ack_expected, why in (
+                (good, True, "dkim=pass (d=mail.customer.example, aligned with From) verified"),
+                (tampered, False, "own DKIM check failed: d=customer.example: body hash mismatch"),
+                (foreign, False, "d=spammer.example not aligned with From (victim.example)"),
+            ):
+                eml = tmp_path / "m.eml"
+                eml.write_bytes(raw)
+                out = daemon.gateway("route", "-c", str(daemon.config), str(eml), "--json")
+                assert out.returncode == 0, out.stderr
+                decision = json.loads(out.stdout)
+                assert decision["ack"] is ack_expected, decision
+                assert any(why in r for r in decision["reasons"]), decision["reasons"]
+            assert "sel._domainkey.spammer.example." not in dns.queries  # never looked up
+        finally:
+            daemon.stop()
+            sim.stop()

@@ -163,3 +163,16 @@ def test_check_refuses_box_auth_value_in_a_rule(tmp_path: Path, ticket: str) -> 
     problems = [p for p in (out.stdout + out.stderr).splitlines() if "box_auth_value" in p]
     assert len(problems) == 2
     assert all("Root Password" in p and "config" in p for p in problems)
+
+
+def test_verify_dkim_without_required_authentication_is_warned_about(tmp_path: Path) -> None:
+    cfg = setup_config(tmp_path, ("verify_dkim = false", "verify_dkim = true"))
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    line = line_of(cfg, "verify_dkim = true")
+    assert f"{cfg}:{line}: warning: ack.verify_dkim has no effect unless" in out.stderr
+    (tmp_path / "b").mkdir()
+    cfg = setup_config(tmp_path / "b", ('require = "none"', 'require = "authenticated"'))
+    cfg.write_text(cfg.read_text().replace("verify_dkim = false", "verify_dkim = true"))
+    out = gateway("check", "-c", str(cfg))
+    assert out.returncode == 0 and "verify_dkim" not in out.stderr

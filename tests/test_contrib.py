@@ -75,7 +75,7 @@ def _exported_names() -> set[str]:
     m.backend_latency("b", 0.1, True)
     m.component_up.labels(component="spool", kind="spool").set(1)
     m.backend_paused.labels(backend="b").set(0)
-    m.ack_limited("global")
+    m.count("acks_withheld", reason="rate_global")
     names = set()
     for line in m.render().decode().splitlines():
         if line and not line.startswith("#"):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +124,43 @@ def test_journald_keeps_the_priority(
     err, info = stream.getvalue().splitlines()
     assert err.startswith("<3>gateway.test role=worker pid=") and err.endswith(" event=boom")
     assert info.startswith("<6>") and info.endswith("free text without fields")
+
+
+# -- docs/log-events.md names every event the gateway logs -----------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+# `log.info("event=NAME key=%s", ...)`, or `log.info("NAME", extra={"fields": {...}})`
+_TEMPLATE_EVENT = re.compile(r"event=([a-z][a-z0-9_]*)")
+_EXTRA_EVENT = re.compile(
+    r"\b(?:log|logger)\.(?:debug|info|warning|error|exception|critical)\(\s*"
+    r"\"([a-z][a-z0-9_]*)\"\s*,\s*extra="
+)
+
+
+def logged_events() -> dict[str, str]:
+    """event -> the first module that logs it (the simulators have a log of their own)."""
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        if "simulators" in path.parts or path.name == "logs.py":  # logs.py: examples only
+            continue
+        text = path.read_text()
+        for m in (*_TEMPLATE_EVENT.finditer(text), *_EXTRA_EVENT.finditer(text)):
+            found.setdefault(m.group(1), str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_logged_event_is_documented() -> None:
+    doc = (ROOT / "docs/log-events.md").read_text()
+    events = logged_events()
+    assert {"outcome", "accepted", "ack_skipped"} <= set(events)  # the scan finds them at all
+    missing = {e: where for e, where in events.items() if f"`{e}`" not in doc}
+    assert missing == {}, "log events missing from docs/log-events.md"
+    # the two events whose name is an argument (app.py: "event=%s")
+    assert "`ready` / `worker_ready`" in doc
+
+
+def test_the_doc_names_the_fields_every_line_carries() -> None:
+    doc = (ROOT / "docs/log-events.md").read_text()
+    for field in ("`level`", "`logger`", "`role`", "`pid`", "`event`"):
+        assert field in doc
+    assert "role=worker pid=" in doc

@@ -95,6 +95,18 @@ FORBIDDEN = {
         "gateway.classify",
         "gateway.ack",
     ),
+    # the own DKIM check: the mail's bytes and DNS in, a DkimResult out
+    "gateway.dkimcheck": (
+        "gateway.backends",
+        "gateway.intake",
+        "gateway.spool",
+        "gateway.worker",
+        "gateway.rules",
+        "gateway.app",
+        "gateway.config",
+        "gateway.mail",
+        "gateway.classify",
+    ),
     "gateway.worker": ("gateway.intake", "gateway.app", "gateway.config", "gateway.simulators"),
 }
 
