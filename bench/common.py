@@ -161,10 +161,10 @@ def _dump_table(data: dict[str, Any], path: tuple[str, ...], out: list[str]) -> 
                 _dump_table(item, sub, out)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            merge(base[k], v)
         else:
             base[k] = v
 
@@ -186,19 +186,32 @@ class Ports:
         )
 
 
-def write_config(directory: Path, ports: Ports, overrides: dict[str, Any] | None = None) -> Path:
+def write_config(
+    directory: Path,
+    ports: Ports,
+    overrides: dict[str, Any] | None = None,
+    *,
+    host: str = HOST,
+    spool_url: str = "",
+) -> Path:
     """config.example.toml adjusted to `ports`, its own spool and rules/templates in `directory`.
 
     Returns the config path. `overrides` is merged key by key (e.g. {"backends": {"whmcs":
-    {"concurrency": 8}}}).
+    {"concurrency": 8}}}). `host`: the loopback address the SMTP and health listeners bind
+    (a node of a cluster drill: 127.0.0.2, ...); `spool_url`: a PostgreSQL spool instead of the
+    SQLite file.
     """
     directory.mkdir(parents=True, exist_ok=True)
     with (REPO / "config.example.toml").open("rb") as f:
         cfg: dict[str, Any] = tomllib.load(f)
     sim = f"http://{HOST}:{ports.sim_http}"
-    cfg.setdefault("smtp", {})["listen"] = f"{HOST}:{ports.smtp}"
-    cfg.setdefault("health", {})["listen"] = f"{HOST}:{ports.health}"
-    cfg.setdefault("spool", {})["path"] = "var/gateway.sqlite"
+    cfg.setdefault("smtp", {})["listen"] = f"{host}:{ports.smtp}"
+    cfg.setdefault("health", {})["listen"] = f"{host}:{ports.health}"
+    if spool_url:
+        cfg.setdefault("spool", {}).pop("path", None)
+        cfg["spool"]["url"] = spool_url
+    else:
+        cfg.setdefault("spool", {})["path"] = "var/gateway.sqlite"
     cfg.setdefault("rules", {})["dir"] = "rules"
     cfg.setdefault("ack", {})["relay"] = f"{HOST}:{ports.sim_smtp}"
     cfg["ack"]["templates_dir"] = "templates"
@@ -210,7 +223,7 @@ def write_config(directory: Path, ports: Ports, overrides: dict[str, Any] | None
         url = str(b.get("url", ""))
         if url.startswith("http://127.0.0.1:8900"):
             b["url"] = sim + url[len("http://127.0.0.1:8900") :]
-    _merge(cfg, overrides or {})
+    merge(cfg, overrides or {})
     rules_dir = directory / "rules"
     if rules_dir.exists():
         shutil.rmtree(rules_dir)
@@ -315,12 +328,12 @@ def _wait_http(proc: Proc, url: str, timeout: float) -> None:
     )
 
 
-def _wait_tcp(proc: Proc, port: int, timeout: float) -> None:
+def _wait_tcp(proc: Proc, port: int, timeout: float, host: str = HOST) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited early; log {proc.log_path}:\n{proc.tail()}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0) as s:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0) as s:
             s.recv(128)  # the SMTP banner
             return
         time.sleep(0.05)
@@ -349,7 +362,7 @@ def start_simulator(workdir: Path, ports: Ports, timeout: float = 30.0) -> Proc:
     return proc
 
 
-def start_gateway(config: Path, ports: Ports, timeout: float = 60.0) -> Proc:
+def start_gateway(config: Path, ports: Ports, timeout: float = 60.0, host: str = HOST) -> Proc:
     proc = Proc(
         "gateway run",
         [gateway_exe(), "run", "-c", str(config)],
@@ -357,8 +370,8 @@ def start_gateway(config: Path, ports: Ports, timeout: float = 60.0) -> Proc:
         cwd=config.parent,
     )
     try:
-        _wait_http(proc, f"http://{HOST}:{ports.health}/healthz", timeout)
-        _wait_tcp(proc, ports.smtp, timeout)
+        _wait_http(proc, f"http://{host}:{ports.health}/healthz", timeout)
+        _wait_tcp(proc, ports.smtp, timeout, host)
     except Exception:
         proc.stop()
         raise

@@ -1,18 +1,30 @@
-"""IMAP backlog -> tickets: mails/s and CPU ms per mail, with the same mails over SMTP beside it.
+"""IMAP backlog -> tickets: mails/s and CPU ms per mail, beside the django-helpdesk peer on the
+same backlog in the same run, and the same mails over SMTP.
 
-Run by hand (never by CI), from the repo root, as root (the private Dovecot needs its mail user):
+Run by hand (never by CI), from the repo root, as root (the private Dovecots need their mail
+users; the peer's first run installs django-helpdesk 2.6.1 into /tmp/dhvenv with pip):
 
-    .venv/bin/python bench/imap.py                  # 1,000 mails, one run
-    .venv/bin/python bench/imap.py --runs 3 --count 1000
+    .venv/bin/python bench/imap.py                  # 1,000 mails, one run, worker_processes = 2
+    .venv/bin/python bench/imap.py --runs 3 --worker-processes 1
+    .venv/bin/python bench/imap.py --no-peer --mails own   # our own mail mix, no peer
 
 Per run:
 
+0. Peer (unless --no-peer): django-helpdesk 2.6.1 `manage.py get_email` (SQLite, acknowledgements
+   to Django's locmem outbox) drains the backlog from its own private Dovecot, run by
+   ../shared/peers/bench_django_helpdesk.py exactly as ../shared/peers/bench_django_helpdesk.sh
+   runs it (dovecot-up.sh on free ports, its own work directory under ours): its wall time and
+   the CPU of the get_email process (/usr/bin/time), start-up included.
 1. A private Dovecot (tests/imap_server.py: own config under /tmp, plain IMAP on a loopback port)
-   gets a backlog of `--count` small mails APPENDed to INBOX: 2-11 KiB each, a quarter of them
-   multipart/mixed with an attachment (PDF, text or JPEG bytes, base64), a quarter
-   multipart/alternative (text + HTML), the rest text/plain; every mail from its own sender, with
-   its own Message-ID, to support@example.com (routed to superoffice-soap by the demo rules). The
-   copies in the mailbox carry Return-Path and Delivered-To, as a delivery agent adds them.
+   gets the backlog of `--count` mails APPENDed to INBOX. `--mails peer` (the default): the
+   peer's generator with the seed of its run 1, so both sides read the same bytes (2-11 KiB, 20 %
+   with non-ASCII text, every 7th quoting an older mail, 2.5 % with an attachment, 250 senders
+   in 17 domains). `--mails own`: 2-11 KiB each, a quarter of them multipart/mixed with an
+   attachment (PDF, text or JPEG bytes, base64), a quarter multipart/alternative (text + HTML),
+   the rest text/plain, every mail from its own sender, with Return-Path and Delivered-To as a
+   delivery agent adds them. All to support@example.com (routed to superoffice-soap by the demo
+   rules). The daemon acknowledges every ticket as the peer does (the ack rate limits are lifted
+   for the bench: 250 senders would otherwise be capped at 5 acks each).
 2. IMAP phase: `gateway simulate` and then `gateway run` with an [[imap]] section for that mailbox
    (security = "plain" to 127.0.0.1, after = "move", the other keys at their defaults). The clock
    starts just before the daemon process is spawned (its start-up is included) and stops when
@@ -32,10 +44,12 @@ Completion is watched cheaply: /_sim/calls (a few bytes) every 50 ms; the full /
 (megabytes at 1,000 tickets) is fetched only once the simulator has seen at least two calls per
 mail, and every 2 s regardless.
 
-Reference (issue 7): django-helpdesk 2.6.1 with SQLite, on this kind of machine, about 36 mails/s
-at about 20 ms CPU per mail for this workload; target >= 5x = 180 mails/s. Everything here (daemon,
-simulator, Dovecot, this load generator) shares the machine's cores (2 here); noise between runs
-is 10-30 %, so compare figures of the same run. Everything binds and connects to 127.0.0.1 only.
+Targets (issue 13, with worker_processes = 2): >= 5x the peer's mails/s and <= 1/3 of its CPU per
+mail, both measured in the same run (a figure of another day is no baseline: the peer measured
+36 mails/s at 19.8 ms one day and 70 mails/s at 9.0 ms another on this kind of machine).
+Everything here (daemon, simulator, Dovecot, the peer, this load generator) shares the machine's
+cores (2 here); noise between runs is 10-30 %, so compare figures of the same run. Everything
+binds and connects to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -43,9 +57,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
+import json
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,9 +82,12 @@ from imap_server import DovecotServer  # noqa: E402
 
 RCPT = "support@example.com"
 BACKEND = "superoffice-soap"  # where the demo rules send support@
-REF_RATE = 36.0  # django-helpdesk 2.6.1, mails/s (issue 7)
-REF_CPU_MS = 20.0  # its CPU ms per mail
-TARGET_FACTOR = 5.0
+TARGET_RATE = 5.0  # x the peer's mails/s
+TARGET_CPU = 1 / 3  # x the peer's CPU ms per mail
+PEERS = BENCH.parent.parent / "shared" / "peers"  # ../shared/peers beside the repo
+PEER_SEED = 1001  # bench_django_helpdesk.py fills its run k with seed 1000 + k; we run k = 1
+PEER_VENV = Path("/tmp/dhvenv")
+PEER_VERSION = "2.6.1"
 SMTP_CLIENTS = 8
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -98,9 +119,12 @@ class BenchMail:
     sender: str
     raw: bytes  # as sent over SMTP
     has_attachment: bool
+    delivery_headers: bool = True  # the mailbox copy gets Return-Path/Delivered-To
 
     def as_delivered(self) -> bytes:
         """The copy in the mailbox: what a delivery agent adds in front of it."""
+        if not self.delivery_headers:
+            return self.raw
         return (
             f"Return-Path: <{self.sender}>\r\nDelivered-To: {RCPT}\r\n".encode("ascii") + self.raw
         )
@@ -202,6 +226,123 @@ def make_mails(count: int, tag: str, seed: int = 7) -> list[BenchMail]:
             raw = _build(i, tag, random.Random(i), kind, text_size, att)
         mails.append(BenchMail(f"customer{i}@bench-imap.example.org", raw, kind == "attachment"))
     return mails
+
+
+def _peer_module(peers: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("bench_django_helpdesk", peers / PEER_SCRIPT)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"bench: cannot load {peers / PEER_SCRIPT}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PEER_SCRIPT = "bench_django_helpdesk.py"
+
+
+def peer_mails(peers: Path, count: int) -> list[BenchMail]:
+    """The peer's backlog of its run 1, byte for byte (its generator, its seed)."""
+    mod = _peer_module(peers)
+    rng = random.Random(PEER_SEED)
+    mails = []
+    for i in range(1, count + 1):
+        raw: bytes = mod.make_mail(i, rng, PEER_SEED)
+        found = re.search(rb"^From:.*<([^>]+)>", raw, re.M)
+        sender = found.group(1).decode() if found else "customer@example.org"
+        has_att = b"Content-Disposition: attachment" in raw
+        mails.append(BenchMail(sender, raw, has_att, delivery_headers=False))
+    return mails
+
+
+# ---------------------------------------------------------------------------------- the peer
+
+
+@dataclass
+class PeerRun:
+    mails: int
+    seconds: float
+    cpu_ms: float  # CPU ms per mail of `manage.py get_email` (/usr/bin/time -v)
+    tickets: int
+    acks: int
+    rss_mib: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.mails / self.seconds if self.seconds > 0 else float("nan")
+
+
+def peer_phase(root: Path, count: int, peers: Path) -> PeerRun:
+    """django-helpdesk drains `count` mails, as bench_django_helpdesk.sh runs it, on free ports."""
+    py = PEER_VENV / "bin" / "python"
+    ok = py.exists() and subprocess.run([str(py), "-c", "import helpdesk"], check=False).returncode
+    if not py.exists() or ok != 0:
+        common.log(f"installing django-helpdesk {PEER_VERSION} into {PEER_VENV} (first run)")
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run(
+            [str(PEER_VENV / "bin" / "pip"), "install", "-q", f"django-helpdesk=={PEER_VERSION}"],
+            check=True,
+        )
+    if not Path("/usr/bin/time").exists():
+        subprocess.run(["apt-get", "install", "-y", "-qq", "time"], check=True)
+    port, ssl_port = common.free_port(), common.free_port()
+    work = root / "peer"
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PEER_DOVECOT_DIR=str(work / "dovecot"), PEER_RESET="1")
+    subprocess.run(
+        ["bash", str(peers / "dovecot-up.sh"), str(port), str(ssl_port)],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    out = work / "results.json"
+    try:
+        res = subprocess.run(
+            [
+                str(py),
+                str(peers / PEER_SCRIPT),
+                "--mails",
+                str(count),
+                "--runs",
+                "1",
+                "--port",
+                str(port),
+                "--venv",
+                str(PEER_VENV),
+                "--workdir",
+                str(work / "dh"),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+    finally:
+        subprocess.run(
+            ["bash", str(peers / "dovecot-down.sh"), str(port)],
+            env=env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    if res.returncode != 0 or not out.exists():
+        raise RuntimeError(
+            f"the peer failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+        )
+    run = json.loads(out.read_text())["runs"][0]
+    return PeerRun(
+        mails=int(run["mails"]),
+        seconds=float(run["wall_s"]),
+        cpu_ms=float(run["cpu_ms_per_mail"]),
+        tickets=int(run["verify"]["tickets"]),
+        acks=int(run["acks_in_outbox"]),
+        rss_mib=float(run["time_v"].get("maxrss_kb", 0)) / 1024,
+        note=f"second get_email +{run['second_run']['new_tickets']} tickets;"
+        f" mailbox after {run['mailbox_after']}",
+    )
 
 
 # ---------------------------------------------------------------------------------- /proc
@@ -336,7 +477,12 @@ WORKER_PROCESSES = 1  # [gateway] worker_processes of the daemon (--worker-proce
 
 
 def gateway_config(workdir: Path, ports: common.Ports, imap: dict[str, Any] | None) -> Path:
-    overrides: dict[str, Any] = {"gateway": {"worker_processes": WORKER_PROCESSES}}
+    overrides: dict[str, Any] = {
+        "gateway": {"worker_processes": WORKER_PROCESSES},
+        # an acknowledgement per ticket, as the peer sends one (its 250 senders would otherwise
+        # be capped at 5 an hour each)
+        "ack": {"rate_limit": 1_000_000, "domain_rate_limit": 0, "global_rate_limit": 0},
+    }
     if imap is not None:
         overrides["imap"] = [imap]
     return common.write_config(workdir, ports, overrides)
@@ -472,9 +618,9 @@ def smtp_phase(root: Path, mails: list[BenchMail], within: float) -> Phase:
 # ---------------------------------------------------------------------------------- report
 
 
-def report(run: int, imap: Phase, smtp: Phase) -> None:
-    target = REF_RATE * TARGET_FACTOR
-    rows = []
+def report(run: int, imap: Phase, smtp: Phase, peer: PeerRun | None) -> None:
+    rows: list[list[object]] = []
+    nan = float("nan")
     for p in (imap, smtp):
         rows.append(
             [
@@ -483,15 +629,33 @@ def report(run: int, imap: Phase, smtp: Phase) -> None:
                 p.tickets,
                 p.seconds,
                 p.rate,
-                p.rate / REF_RATE,
+                p.rate / peer.rate if peer else nan,
                 p.per_mail_ms(p.cpu),
+                p.per_mail_ms(p.cpu) / peer.cpu_ms if peer else nan,
                 p.per_mail_ms(p.sim_cpu),
                 p.per_mail_ms(p.dovecot_cpu),
                 len(p.procs),
             ]
         )
-    rows.append(["django-helpdesk 2.6.1 (ref.)", "", "", "", REF_RATE, 1.0, REF_CPU_MS, "", "", ""])
-    rows.append(["target (>= 5x ref.)", "", "", "", target, TARGET_FACTOR, "", "", "", ""])
+    if peer is not None:
+        rows.append(
+            [
+                f"django-helpdesk {PEER_VERSION}",
+                peer.mails,
+                peer.tickets,
+                peer.seconds,
+                peer.rate,
+                1.0,
+                peer.cpu_ms,
+                1.0,
+                "",
+                "",
+                1,
+            ]
+        )
+        rows.append(
+            ["target (IMAP)", "", "", "", "", f">= {TARGET_RATE:g}", "", "<= 0.33", "", "", ""]
+        )
     common.print_table(
         [
             "path",
@@ -499,15 +663,27 @@ def report(run: int, imap: Phase, smtp: Phase) -> None:
             "tickets",
             "s",
             "mails/s",
-            "x ref",
-            "daemon CPU ms/mail",
+            "x peer",
+            "CPU ms/mail",
+            "x peer CPU",
             "sim CPU ms/mail",
             "dovecot CPU ms/mail",
             "procs",
         ],
         rows,
-        title=f"run {run}: backlog of {imap.count} mails (2-11 KiB) -> tickets in {BACKEND}",
+        title=f"run {run}: backlog of {imap.count} mails -> tickets in {BACKEND},"
+        f" worker_processes = {WORKER_PROCESSES}",
     )
+    if peer is not None:
+        speed, cpu = imap.rate / peer.rate, imap.per_mail_ms(imap.cpu) / peer.cpu_ms
+        print(
+            f"  IMAP vs peer: {speed:.2f}x the mails/s (target >= {TARGET_RATE:g}x:"
+            f" {'met' if speed >= TARGET_RATE else 'NOT met'}), {cpu:.2f}x the CPU per mail"
+            f" (target <= 0.33x: {'met' if cpu <= TARGET_CPU else 'NOT met'})"
+        )
+        print(
+            f"  peer: {peer.acks} acks in its outbox, peak RSS {peer.rss_mib:.0f} MiB; {peer.note}"
+        )
     print(
         f"  IMAP: daemon start-up (spawn -> /healthz 200) {imap.start_up:.2f}s is inside its time;"
         f" from /healthz 200: {imap.seconds_ready:.2f}s = {imap.rate_ready:.0f} mails/s."
@@ -524,21 +700,23 @@ def report(run: int, imap: Phase, smtp: Phase) -> None:
     sys.stdout.flush()
 
 
-def summary(results: list[tuple[Phase, Phase]]) -> None:
+def summary(results: list[tuple[Phase, Phase, PeerRun | None]]) -> None:
     if len(results) < 2:
         return
     rows = []
-    for i, (imap, smtp) in enumerate(results, 1):
+    nan = float("nan")
+    for i, (imap, smtp, peer) in enumerate(results, 1):
         rows.append(
             [
                 i,
+                peer.rate if peer else nan,
+                peer.cpu_ms if peer else nan,
                 imap.rate,
-                imap.rate_ready,
+                imap.rate / peer.rate if peer else nan,
                 imap.per_mail_ms(imap.cpu),
-                imap.per_mail_ms(imap.sim_cpu),
+                imap.per_mail_ms(imap.cpu) / peer.cpu_ms if peer else nan,
                 smtp.rate,
                 smtp.per_mail_ms(smtp.cpu),
-                smtp.per_mail_ms(smtp.sim_cpu),
             ]
         )
     cols = list(zip(*rows, strict=True))
@@ -546,17 +724,17 @@ def summary(results: list[tuple[Phase, Phase]]) -> None:
     common.print_table(
         [
             "run",
+            "peer mails/s",
+            "peer ms/mail",
             "IMAP mails/s",
-            "IMAP from ready",
-            "IMAP daemon ms/mail",
-            "IMAP sim ms/mail",
+            "x peer",
+            "IMAP ms/mail",
+            "x peer CPU",
             "SMTP mails/s",
-            "SMTP daemon ms/mail",
-            "SMTP sim ms/mail",
+            "SMTP ms/mail",
         ],
         rows,
-        title=f"summary (reference {REF_RATE:.0f} mails/s at ~{REF_CPU_MS:.0f} ms CPU/mail;"
-        f" target >= {REF_RATE * TARGET_FACTOR:.0f} mails/s)",
+        title=f"summary (targets: >= {TARGET_RATE:g}x the peer's mails/s, <= 0.33x its CPU/mail)",
     )
 
 
@@ -567,20 +745,31 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="s to wait for the tickets")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, spools)")
     ap.add_argument(
-        "--worker-processes", type=int, default=1, help="[gateway] worker_processes (1)"
+        "--worker-processes", type=int, default=2, help="[gateway] worker_processes (2)"
     )
+    ap.add_argument("--no-peer", action="store_true", help="do not run django-helpdesk beside it")
+    ap.add_argument(
+        "--mails",
+        choices=("peer", "own"),
+        default="peer",
+        help="the backlog: the peer's generator (default) or our own mix",
+    )
+    ap.add_argument("--peers", type=Path, default=PEERS, help=f"the peers directory ({PEERS})")
     args = ap.parse_args()
     global WORKER_PROCESSES
     WORKER_PROCESSES = args.worker_processes
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     common.log(f"work directory {root}; rules: rules/ of the repo")
-    results: list[tuple[Phase, Phase]] = []
+    results: list[tuple[Phase, Phase, PeerRun | None]] = []
     ok = False
     try:
         for run in range(1, args.runs + 1):
             tag = uuid.uuid4().hex[:8]
-            mails = make_mails(args.count, tag)
+            if args.mails == "peer":
+                mails = peer_mails(args.peers, args.count)
+            else:
+                mails = make_mails(args.count, tag)
             sizes = [len(m.raw) for m in mails]
             common.log(
                 f"run {run}: {len(mails)} mails, {min(sizes)}-{max(sizes)} bytes "
@@ -588,11 +777,16 @@ def main() -> int:
                 f"{sum(m.has_attachment for m in mails)} with an attachment"
             )
             run_dir = root / f"run{run}"
+            peer = None
+            if not args.no_peer:
+                common.log(f"run {run}: django-helpdesk on the same backlog ...")
+                peer = peer_phase(run_dir, args.count, args.peers)
+                common.log(f"   {peer.rate:.1f} mails/s, {peer.cpu_ms:.2f} ms CPU/mail")
             imap, dovecot = imap_phase(run_dir, mails, tag, args.timeout)
             dovecot.cleanup()  # before the SMTP phase: nothing else on the cores
             smtp = smtp_phase(run_dir, mails, args.timeout)
-            report(run, imap, smtp)
-            results.append((imap, smtp))
+            report(run, imap, smtp, peer)
+            results.append((imap, smtp, peer))
         summary(results)
         print(
             "\nNoise: daemon, simulator, Dovecot and the load generator share this machine's"

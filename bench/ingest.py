@@ -4,18 +4,23 @@ Run by hand (never by CI), from the repo root:
 
     .venv/bin/python bench/ingest.py                # 8 and 32 clients, 3 x (A, B), 3000 mails each
     .venv/bin/python bench/ingest.py --duration 10  # fixed 10 s per run instead of a count
+    .venv/bin/python bench/ingest.py --spool sqlite,postgresql   # both engines, as root
 
 8 KiB mails, aiosmtplib clients, one message per connection (connect, EHLO, MAIL, RCPT, DATA,
 QUIT). A = a bare aiosmtpd server that discards (its own process). B = `gateway run` with the
-quick-start config (own ports, a fresh spool per run; SQLite WAL, synchronous=FULL), its worker
-running and `gateway simulate` answering, so every mail also becomes a ticket and an
-acknowledgement while the next ones arrive. Runs are interleaved A B A B A B per client count;
-medians and the ratio B/A are reported (issue 2: >= 0.8x at 8 clients, >= 0.7x at 32).
+quick-start config (own ports, a fresh spool per run), its worker running and `gateway simulate`
+answering, so every mail also becomes a ticket and an acknowledgement while the next ones arrive.
+With `--spool sqlite,postgresql` there is one B per engine: SQLite (WAL, synchronous=FULL, the
+default) and PostgreSQL (a private cluster started by tests/pg_server.py on 127.0.0.1, fsync on,
+a fresh database per run; issue 13: >= 0.6x of A at 8 and 32 clients). Runs are interleaved
+A B.. A B.. per client count; medians and the ratios B/A are reported (issue 2, SQLite: >= 0.8x
+at 8 clients, >= 0.7x at 32).
 
 Secondary figures per B run: how long the worker took after the load to ticket the backlog
 (until the daemon's ticketed counter reaches the accepted count, confirmed against the
 simulator's /_sim/tickets), the spool's group commit (mails per fsync of the daemon during the
-load, counted with `perf stat` when available; the worker's own transactions share those fsyncs),
+load, counted with `perf stat` when available; the worker's own transactions share those fsyncs;
+PostgreSQL's fsyncs are the server's: not counted),
 CPU of the load generator and of the server process tree, and the daemon's peak memory.
 
 The load generator, the server and (for B) the worker and simulators share this machine's cores:
@@ -32,6 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -40,9 +46,12 @@ RCPT = "support@example.com"  # routed to superoffice-soap by the demo rules
 WARMUP = 20  # mails per run before the measurement (not counted)
 
 
+TARGETS = {"sqlite": (0.8, 0.7), "postgresql": (0.6, 0.6)}  # B/A at <= 8 clients, above
+
+
 @dataclass
 class RunFigures:
-    kind: str  # "A" or "B"
+    kind: str  # "A" (the sink), "B sqlite" or "B postgresql" (the daemon on that spool)
     clients: int
     run: int
     rate: float
@@ -108,15 +117,21 @@ async def run_b(
     clients: int,
     run: int,
     args: argparse.Namespace,
+    pg: Any = None,  # tests.pg_server.PostgresServer: the daemon's spool is a fresh database
 ) -> RunFigures:
     ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
-    workdir = root / f"gw-{clients}-{run}"  # a fresh spool per run
+    engine = "postgresql" if pg is not None else "sqlite"
+    workdir = root / f"gw-{engine}-{clients}-{run}"  # a fresh spool per run
+    url = pg.new_database() if pg is not None else ""
     config = common.write_config(
-        workdir, ports, {"ack": {"envelope_from": args.ack_envelope_from, "global_rate_limit": 0}}
+        workdir,
+        ports,
+        {"ack": {"envelope_from": args.ack_envelope_from, "global_rate_limit": 0}},
+        spool_url=url,
     )
     await sim.reset()
     gw = common.start_gateway(config, ports)
-    tag = f"b{clients}-{run}"
+    tag = f"b{engine[0]}{clients}-{run}"
     try:
         # warm-up: the backend logs in, the parse process starts; wait until ticketed
         make = mail_factory(tag)
@@ -129,7 +144,7 @@ async def run_b(
             return c["ticketed"] >= warm.accepted
 
         await common.wait_until(warmed, 60)
-        fsyncs = common.FsyncCounter(gw.pid, workdir / "perf-fsync.csv")
+        fsyncs = common.FsyncCounter(gw.pid, workdir / "perf-fsync.csv") if not url else None
         cpu0 = common.tree_cpu_seconds(gw.pid)
         res = await common.run_load(
             ports.smtp,
@@ -139,7 +154,7 @@ async def run_b(
             duration=args.duration,
         )
         server_cpu = common.tree_cpu_seconds(gw.pid) - cpu0
-        n_fsync = fsyncs.stop()
+        n_fsync = fsyncs.stop() if fsyncs is not None else None
         load_end = time.monotonic()
         target = warm.accepted + res.accepted
         state: dict[str, float] = {}
@@ -170,9 +185,9 @@ async def run_b(
         common.log(f"gateway run exited with {rc}; log {gw.log_path}")
     for err in gw.errors():
         note = f"{note}; daemon logged: {err}" if note else f"daemon logged: {err}"
-    rows = spool_rows(workdir / "var" / "gateway.sqlite")
+    rows = pg_rows(url) if url else spool_rows(workdir / "var" / "gateway.sqlite")
     return RunFigures(
-        "B",
+        f"B {engine}",
         clients,
         run,
         res.rate,
@@ -199,6 +214,17 @@ def spool_rows(path: Path) -> int | None:
         return None
 
 
+def pg_rows(url: str) -> int | None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:
+        return None
+
+
 def fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -207,18 +233,28 @@ async def main_async(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     sim_ports = common.Ports.pick()
     common.log(f"work dir {root}; rules: rules/ of the repo")
+    pg = None
+    if "postgresql" in args.spool:
+        sys.path.insert(0, str(common.REPO))
+        from tests.pg_server import PostgresServer
+
+        pg = PostgresServer()
+        pg.start()
+        common.log(f"private PostgreSQL on 127.0.0.1:{pg.port}")
     simulator = common.start_simulator(root, sim_ports)
     sim = common.SimClient(sim_ports.sim_http)
     results: list[RunFigures] = []
+    kinds = ["A"] + [f"B {e}" for e in args.spool]
     try:
         for clients in args.clients:
             for run in range(1, args.runs + 1):
-                for kind in ("A", "B"):
+                for kind in kinds:
                     common.log(f"{kind} clients={clients} run={run} ...")
                     if kind == "A":
                         fig = await run_a(root, clients, run, args)
                     else:
-                        fig = await run_b(root, sim, sim_ports, clients, run, args)
+                        on_pg = pg if kind == "B postgresql" else None
+                        fig = await run_b(root, sim, sim_ports, clients, run, args, on_pg)
                     common.log(f"   {fig.rate:.0f} mails/s, errors {fig.errors}")
                     results.append(fig)
     except RuntimeError as exc:
@@ -227,12 +263,15 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         await sim.aclose()
         simulator.stop()
+        if pg is not None:
+            pg.cleanup()
 
     amount = f"{args.duration:g} s" if args.duration else f"{args.count} mails"
     print(
         f"\nIngest over SMTP: 8 KiB mails, one message per connection, {amount} per run,"
         f" {WARMUP} warm-up mails not counted; A = bare aiosmtpd sink (discard),"
-        " B = gateway daemon (SQLite WAL synchronous=FULL, worker + simulators running)"
+        " B = gateway daemon (worker + simulators running) on SQLite (WAL synchronous=FULL)"
+        " or PostgreSQL (private cluster, fsync on)"
     )
     common.print_table(
         [
@@ -270,22 +309,26 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     notes = [f"{f.kind} {f.clients}/{f.run}: {f.backlog_note}" for f in results if f.backlog_note]
     summary = []
-    for clients in args.clients:
+    for clients, engine in ((c, e) for c in args.clients for e in args.spool):
+        kind = f"B {engine}"
         a = [f.rate for f in results if f.clients == clients and f.kind == "A"]
-        b = [f.rate for f in results if f.clients == clients and f.kind == "B"]
+        b = [f.rate for f in results if f.clients == clients and f.kind == kind]
         pairs = [fb / fa for fa, fb in zip(a, b, strict=False) if fa > 0]
         ma, mb = common.median(a), common.median(b)
         ratio = mb / ma if ma > 0 else float("nan")
-        target = 0.8 if clients <= 8 else 0.7
+        target = TARGETS[engine][0 if clients <= 8 else 1]
         backlog = [
-            f.backlog_s for f in results if f.clients == clients and f.kind == "B" and f.backlog_s
+            f.backlog_s for f in results if f.clients == clients and f.kind == kind and f.backlog_s
         ]
         per_fsync = [
-            f.mails_per_fsync for f in results if f.clients == clients and f.mails_per_fsync
+            f.mails_per_fsync
+            for f in results
+            if f.clients == clients and f.kind == kind and f.mails_per_fsync
         ]
         summary.append(
             (
                 clients,
+                engine,
                 f"{ma:.0f}",
                 f"{mb:.0f}",
                 f"{ratio:.2f}x",
@@ -299,6 +342,7 @@ async def main_async(args: argparse.Namespace) -> int:
     common.print_table(
         [
             "clients",
+            "B spool",
             "A median/s",
             "B median/s",
             "B/A (medians)",
@@ -332,6 +376,12 @@ def main() -> int:
     )
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--spool",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["sqlite"],
+        help="the daemon's spool engine(s), comma-separated: sqlite, postgresql (sqlite)",
+    )
     p.add_argument("--count", type=int, default=3000, help="mails per run (default 3000)")
     p.add_argument(
         "--duration", type=float, default=None, help="seconds per run instead of --count"
@@ -343,6 +393,9 @@ def main() -> int:
         help='[ack] envelope_from for the daemon (default "": the null sender, as in quick start)',
     )
     args = p.parse_args()
+    unknown = set(args.spool) - set(TARGETS)
+    if unknown:
+        p.error(f"--spool: unknown engine(s) {sorted(unknown)}; choose sqlite, postgresql")
     return asyncio.run(main_async(args))
 
 

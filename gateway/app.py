@@ -63,6 +63,7 @@ EXIT_CONFIG = 1
 EXIT_STARTUP = 2
 EXIT_FAILED = 3
 CLOSE_TIMEOUT = 2.0  # seconds the backends' courtesy logouts may take at a stop
+ACK_STOP_TIMEOUT = 10.0  # seconds an acknowledgement on its way may take to finish at a stop
 
 
 def sd_notify(message: str) -> None:
@@ -248,6 +249,7 @@ class Daemon:
         self.smtp: SmtpListener | None = None
         self.health: HealthServer | None = None
         self.ack_sender: AckSender | None = None
+        self._ack_task: asyncio.Task[None] | None = None
         self.imaps: list[Any] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.retention: RetentionTask | None = None
@@ -360,7 +362,8 @@ class Daemon:
             asyncio.create_task(self.worker.keep_leases(cfg.spool.lease), name="leases")
         )
         if self.ack_sender is not None:
-            self.tasks.append(asyncio.create_task(self.ack_sender.run(), name="ack-sender"))
+            self._ack_task = asyncio.create_task(self.ack_sender.run(), name="ack-sender")
+            self.tasks.append(self._ack_task)
 
     async def _start_worker_role(self) -> None:
         """The child: lower priority, wake-ups from stdin, status lines to stdout."""
@@ -785,6 +788,10 @@ class Daemon:
             await self.smtp.stop(grace=0.0)
         if self.ack_sender is not None:
             self.ack_sender.stop()
+            if self._ack_task is not None:
+                # the acknowledgement on its way goes out and is recorded as sent: cut between
+                # the relay's 250 and that record, it would be sent again after the restart
+                await asyncio.wait({self._ack_task}, timeout=ACK_STOP_TIMEOUT)
         if self.retention is not None:
             self.retention.stop()
         for task in self.tasks:

@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -108,6 +109,39 @@ class WorkerSettings:
 
 
 SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
+
+
+class SlotGate:
+    """This process's side of one backend's call slots (the slots themselves are spool rows,
+    counted across the cluster). At most `limit` of its tasks hold or try for a slot at a time;
+    the others wait on `local`, so that a slot this process frees goes at once to the next of
+    its own mails without a round of polling. A task that tried and found every slot taken (by
+    other processes) waits for `freed()`: a release here, or one elsewhere signalled by the
+    spool. Polling stays as the fallback (engines without signals, a dead owner's slot that
+    expires)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.local = asyncio.Semaphore(limit)
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """Register before trying, so that a release during the try is not missed."""
+        while self._waiting and self._waiting[0].done():
+            self._waiting.popleft()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(fut)
+        return fut
+
+    def freed(self) -> None:
+        """A slot came free: the first waiter tries again (one per release, no stampede)."""
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 
 
@@ -149,8 +183,10 @@ class Worker:
         self._orphans: set[int] = set()  # claims whose processing ended without an outcome
         self._pauses: dict[str, tuple[float, str]] = {}
         self._pauses_read = 0.0
+        self._slot_gates: dict[str, SlotGate] = {}
         self._dkim: dict[int, DkimResult] = {}  # mail -> the gateway's own DKIM check, if made
         spool.on_work(self.wake.set)  # another node stored or released mail
+        spool.on_slot_freed(self._slot_freed)  # another process released a call slot
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._backend_status = {
             name: self.status.register(f"backend:{name}", "backend") for name in backends
@@ -447,7 +483,8 @@ class Worker:
         # The backend's concurrency limit holds for the whole cluster: a slot in the spool per
         # call in flight, taken by every worker process of every node.
         limit = self.s.backend_concurrency.get(backend.name, 0)
-        if limit and not await self._take_slot(backend.name, limit, msg_id):
+        gate = await self._take_slot(backend.name, limit, msg_id) if limit else None
+        if limit and gate is None:
             await self.spool.defer(
                 msg_id,
                 error=f"backend {backend.name}: all {limit} call slots of the cluster busy",
@@ -459,21 +496,54 @@ class Worker:
         try:
             await self._deliver(row, mail, decision, backend)
         finally:
-            if limit:
-                with contextlib.suppress(SpoolError):
-                    await self.spool.release_slot(backend.name, msg_id)
+            if gate is not None:
+                try:
+                    with contextlib.suppress(SpoolError):
+                        await self.spool.release_slot(backend.name, msg_id)
+                finally:
+                    gate.local.release()
+                    gate.freed()
 
-    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> bool:
-        """A call slot of `backend`, waiting a little while all are taken (then False)."""
+    def _slot_gate(self, backend: str, limit: int) -> SlotGate:
+        gate = self._slot_gates.get(backend)
+        if gate is None or gate.limit != limit:  # new, or the limit changed on a reload
+            gate = self._slot_gates[backend] = SlotGate(limit)
+        return gate
+
+    def _slot_freed(self, backend: str) -> None:
+        gate = self._slot_gates.get(backend)
+        if gate is not None:
+            gate.freed()
+
+    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> SlotGate | None:
+        """A call slot of `backend`, waiting a little while all are taken (then None). The caller
+        then holds the slot and a place in the returned gate until it releases both."""
+        gate = self._slot_gate(backend, limit)
         deadline = time.monotonic() + SLOT_WAIT
+        try:
+            await asyncio.wait_for(gate.local.acquire(), timeout=SLOT_WAIT)
+        except TimeoutError:
+            return None
         tries = 0
-        while True:
-            if await self.spool.acquire_slot(backend, limit, msg_id):
-                return True
-            if time.monotonic() > deadline or self._stopping:
-                return False
-            tries += 1
-            await asyncio.sleep(SLOT_BACKOFF.delay(tries))
+        try:
+            while True:
+                woken = gate.waiter()
+                try:
+                    if await self.spool.acquire_slot(backend, limit, msg_id):
+                        return gate
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stopping:
+                        gate.local.release()
+                        return None
+                    tries += 1
+                    # a release wakes us at once; the poll is only the fallback
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken, timeout=min(left, SLOT_BACKOFF.delay(tries)))
+                finally:
+                    woken.cancel()
+        except BaseException:
+            gate.local.release()
+            raise
 
     async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
         """The backend pauses recorded in the spool (by any process), read at most once a s."""

@@ -3,7 +3,8 @@
 - A node killed with SIGKILL while it holds claims: another node takes them over within the
   lease (+ 5 s), every accepted mail becomes one ticket (a second one only for a mail flagged
   uncertain), and /healthz names the nodes alive.
-- A backend's `concurrency` holds for the cluster: the simulator counts the calls in flight.
+- A backend's `concurrency` holds for the cluster: the simulator counts the calls in flight; the
+  per-sender acknowledgement limit counts every node's acknowledgements.
 - PostgreSQL stopped: SMTP answers 451 and /healthz 503 naming the spool; everything resumes by
   itself when the server is back, nothing accepted is lost.
 """
@@ -116,6 +117,16 @@ def titles(sim: SimProcess) -> Counter[str]:
     return Counter(t["title"] for t in sim.get("/_sim/tickets"))
 
 
+def counter(d: DaemonProcess, name: str, labels: str = "") -> float:
+    """The value of a /metrics sample `name{...labels...}` of node `d` (0 when absent)."""
+    text = httpx.get(f"http://127.0.0.1:{d.health_port}/metrics", timeout=15).text
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        if metric.split("{", 1)[0] == name and labels in metric:
+            return float(value)
+    return 0.0
+
+
 def log_time(d: DaemonProcess, text: str) -> float:
     """The time of the first line of the node's log that holds `text` (whole seconds)."""
     line = next(x for x in d.log.read_text().splitlines() if text in x)
@@ -183,7 +194,9 @@ def test_a_killed_nodes_claims_are_taken_over(cluster: Cluster, sim: SimProcess)
     assert wait_for(lambda: health(b)[1]["spool"]["nodes"] == ["beta"], LEASE + 10), health(b)
 
 
-def test_backend_concurrency_holds_across_nodes(cluster: Cluster, sim: SimProcess) -> None:
+def test_backend_concurrency_and_ack_limit_hold_across_nodes(
+    cluster: Cluster, sim: SimProcess
+) -> None:
     nodes = [cluster.node(n, concurrency=2) for n in ("n1", "n2", "n3")]
     for d in nodes:
         d.start(timeout=90)
@@ -196,6 +209,20 @@ def test_backend_concurrency_holds_across_nodes(cluster: Cluster, sim: SimProces
     # newTicket and addMessage are two calls of one mail, one after the other: at most 2 at once
     assert 1 <= inflight["max"] <= 2, inflight
     assert all(titles(sim)[s] == 1 for s in subjects)
+
+    # The per-sender acknowledgement limit ([ack] rate_limit = 5 an hour) counts across nodes:
+    # the 24 mails are all from one sender, 8 accepted by each node: 5 acks in all, 19 withheld.
+    def withheld() -> float:
+        return sum(counter(d, "gateway_acks_withheld_total", 'reason="rate_sender"') for d in nodes)
+
+    assert wait_for(lambda: withheld() == len(subjects) - 5, 60), withheld()
+
+    def acks() -> int:
+        return sum("cluster@example.org" in m["rcpt_tos"] for m in sim.get("/_sim/outbox"))
+
+    assert wait_for(lambda: acks() >= 5, 60), acks()
+    time.sleep(1)  # an ack over the limit would be on its way by now
+    assert acks() == 5
 
 
 def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> None:

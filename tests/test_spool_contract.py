@@ -392,6 +392,36 @@ async def test_backend_slots_hold_across_owners(open_: Opener) -> None:
     assert await a.acquire_slot("whmcs", b_held + 1, 202) is False
 
 
+async def test_a_released_slot_is_signalled_to_other_processes(open_: Opener) -> None:
+    """Engines with signals (PostgreSQL's NOTIFY) tell every process that a call slot of a
+    backend came free, so that a waiter tries again at once; SQLite has none (waiters poll)."""
+    a, b = await open_(node="a"), await open_(node="b")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    a.on_slot_freed(heard.put_nowait)
+    if a.engine == "sqlite":
+        assert await b.acquire_slot("whmcs", 1, 1)
+        await b.release_slot("whmcs", 1)
+        await asyncio.sleep(0.2)
+        assert heard.empty()
+        return
+    got = None
+    for n in range(50):  # until a's listening connection is up
+        assert await b.acquire_slot("whmcs", 1, n)
+        await b.release_slot("whmcs", n)
+        try:
+            got = await asyncio.wait_for(heard.get(), timeout=0.2)
+            break
+        except TimeoutError:
+            continue
+    assert got == "whmcs"
+    await asyncio.sleep(0.3)  # late signals of the tries before a listened
+    while not heard.empty():
+        heard.get_nowait()
+    await b.release_slot("whmcs", 999)  # held by no one: nothing was freed, nothing signalled
+    await asyncio.sleep(0.3)
+    assert heard.empty()
+
+
 async def test_backend_pauses_are_shared(open_: Opener) -> None:
     a, b = await open_(node="a"), await open_(node="b")
     clock = open_.clock  # type: ignore[attr-defined]

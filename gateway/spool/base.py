@@ -460,6 +460,11 @@ class Spool(Protocol):
 
     async def release_slot(self, backend: str, msg_id: int) -> None: ...
 
+    def on_slot_freed(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(backend)` (on the event loop) when a process may have released a call
+        slot of `backend`. Engines without such signals never call it: waiters poll."""
+        ...
+
     async def pause_backend(self, backend: str, until: float, reason: str) -> None:
         """Record a backend pause for every node (wall-clock `until`)."""
         ...

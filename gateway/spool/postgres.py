@@ -11,7 +11,9 @@ What PostgreSQL itself provides does the cluster work:
   (`lease_until`) that the owner's heartbeat renews; after a node dies, any node's `take_over`
   puts its mails back (uncertain where a backend call was in flight).
 - Wake-ups: a batch of puts (and every release) sends `NOTIFY gateway_work`; each worker LISTENs
-  on a session connection of its own and claims at once instead of polling.
+  on a session connection of its own and claims at once instead of polling. A released backend
+  call slot sends `NOTIFY gateway_slots, 'BACKEND'`, so that a worker waiting for one tries again
+  at once.
 - One process per owner name: a session-level advisory lock (`hold_owner`).
 - Schema versions: `meta.schema_version`, created or migrated at start-up in one transaction under
   a transaction-level advisory lock, so nodes starting together migrate once, one at a time.
@@ -62,6 +64,7 @@ from gateway.spool.base import (
     ThreadHit,
     TicketInfo,
 )
+from gateway.spool.rows import ack_limit_steps, ack_row, message_row, node_info, pick_ticket
 
 log = logging.getLogger("gateway.spool")
 
@@ -71,6 +74,7 @@ SCHEMA_VERSION = 1
 MIGRATE_LOCK = 0x67617465  # pg_advisory_xact_lock key for schema changes ("gate")
 ACK_LIMIT_LOCK = 0x61636B6C  # pg_advisory_xact_lock key for queueing a limited ack ("ackl")
 CHANNEL = "gateway_work"
+SLOT_CHANNEL = "gateway_slots"  # payload: the backend whose call slot was released
 CONNECT_TIMEOUT = 3.0  # s to get a connection before the spool counts as unreachable
 MAX_BATCH = 256  # puts in one transaction
 
@@ -221,39 +225,6 @@ SELECT id, true AS duplicate FROM messages WHERE %s::text IS NOT NULL AND source
 """
 
 
-def _row_to_message(r: dict[str, Any], raw: bytes | None = None) -> MessageRow:
-    return MessageRow(
-        id=r["id"],
-        state=r["state"],
-        envelope=Envelope(
-            mail_from=r["mail_from"],
-            rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
-            peer=r["peer"],
-            intake=r["intake"],
-            received_at=r["received_at"],
-        ),
-        size=r["size"],
-        attempts=r["attempts"],
-        next_attempt_at=r["next_attempt_at"],
-        first_attempt_at=r["first_attempt_at"],
-        last_error=r["last_error"],
-        backend=r["backend"],
-        rule=r["rule"],
-        action=r["action"],
-        ticket_ref=r["ticket_ref"],
-        ticket_id=r["ticket_id"],
-        message_id=r["message_id"],
-        subject=r["subject"],
-        progress=json.loads(r["progress"] or "{}"),
-        uncertain=bool(r["uncertain"]),
-        crashes=r["crashes"],
-        updated_at=r["updated_at"],
-        claimed_by=r["claimed_by"],
-        lease_until=r["lease_until"],
-        raw=raw,
-    )
-
-
 class _Body:
     """A message's bytes as a `BodySource` (PostgreSQL hands a bytea over whole)."""
 
@@ -304,6 +275,7 @@ class PostgresSpool:
         self._session: psycopg.AsyncConnection[Any] | None = None  # LISTEN + owner lock
         self._session_task: asyncio.Task[None] | None = None
         self._on_work: list[Callable[[], None]] = []
+        self._on_slot: list[Callable[[str], None]] = []
         self._hold_owner = False
         self._owner_held = asyncio.Event()
         self.commits = 0
@@ -497,9 +469,14 @@ class PostgresSpool:
                         await asyncio.sleep(0.5)
                     self._owner_held.set()
                 await conn.execute(f"LISTEN {CHANNEL}")
+                await conn.execute(f"LISTEN {SLOT_CHANNEL}")
                 for cb in self._on_work:  # whatever came while no one listened
                     cb()
-                async for _ in conn.notifies():
+                async for note in conn.notifies():
+                    if note.channel == SLOT_CHANNEL:
+                        for slot_cb in self._on_slot:
+                            slot_cb(note.payload)
+                        continue
                     for cb in self._on_work:
                         cb()
             except psycopg.Error as exc:
@@ -515,6 +492,10 @@ class PostgresSpool:
 
     def on_work(self, callback: Callable[[], None]) -> None:
         self._on_work.append(callback)
+        self._ensure_session()
+
+    def on_slot_freed(self, callback: Callable[[str], None]) -> None:
+        self._on_slot.append(callback)
         self._ensure_session()
 
     async def hold_owner(self) -> None:
@@ -690,16 +671,7 @@ class PostgresSpool:
             " FROM nodes WHERE seen_at >= %s ORDER BY owner",
             (self.clock() - within,),
         )
-        return [
-            NodeInfo(
-                owner=r["owner"],
-                node=r["node"],
-                seen_at=r["seen_at"],
-                started_at=r["started_at"],
-                claims=int(r["claims"]),
-            )
-            for r in rows
-        ]
+        return [node_info(r) for r in rows]
 
     async def claim_due(self, limit: int) -> list[int]:
         now = self.clock()
@@ -734,7 +706,7 @@ class PostgresSpool:
                 cur = await conn.execute("SELECT raw FROM bodies WHERE id = %s", (msg_id,))
                 b = await cur.fetchone()
                 raw = bytes(b["raw"]) if b else None
-            return _row_to_message(r, raw)
+            return message_row(r, raw)
 
         return await self._run(go)
 
@@ -905,13 +877,7 @@ class PostgresSpool:
             " ORDER BY created_at DESC",
             (ref,),
         )
-        for r in rows:
-            if prefer_backend is None or r["backend"] == prefer_backend:
-                return TicketInfo(r["backend"], r["system"], r["ticket_id"], r["requester"])
-        if not rows:
-            return None
-        r = rows[0]
-        return TicketInfo(r["backend"], r["system"], r["ticket_id"], r["requester"])
+        return pick_ticket(rows, prefer_backend)
 
     async def thread_lookup(self, message_ids: list[str]) -> ThreadHit | None:
         if not message_ids:
@@ -961,18 +927,7 @@ class PostgresSpool:
             " RETURNING id, message_id, rcpt, mail_from, data, attempts, next_attempt_at",
             {"owner": self.owner, "until": now + self.lease, "now": now, "limit": limit},
         )
-        return [
-            AckRow(
-                id=r["id"],
-                message_id=r["message_id"],
-                rcpt=r["rcpt"],
-                mail_from=r["mail_from"],
-                data=bytes(r["data"]),
-                attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"],
-            )
-            for r in sorted(rows, key=lambda r: r["id"])
-        ]
+        return [ack_row(r) for r in sorted(rows, key=lambda r: r["id"])]
 
     async def ack_result(
         self, ack_id: int, *, sent: bool, error: str = "", retry_in: float | None = None
@@ -1039,7 +994,14 @@ class PostgresSpool:
         return await self._run(go)
 
     async def release_slot(self, backend: str, msg_id: int) -> None:
-        await self._exec("DELETE FROM slots WHERE backend = %s AND msg_id = %s", (backend, msg_id))
+        async def go(conn: Conn) -> None:
+            cur = await conn.execute(
+                "DELETE FROM slots WHERE backend = %s AND msg_id = %s", (backend, msg_id)
+            )
+            if cur.rowcount:  # waiters on every node try again (delivered at commit)
+                await conn.execute("SELECT pg_notify(%s, %s)", (SLOT_CHANNEL, backend))
+
+        await self._run(go)
 
     async def pause_backend(self, backend: str, until: float, reason: str) -> None:
         await self._exec(
@@ -1096,7 +1058,7 @@ class PostgresSpool:
             rows = await self._all(
                 f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT %s", (limit,)
             )
-        return [_row_to_message(r) for r in rows]
+        return [message_row(r) for r in rows]
 
     async def retry(self, msg_id: int | None = None, *, all_dead: bool = False) -> int:
         now = self.clock()
@@ -1448,24 +1410,15 @@ class PostgresSpool:
 async def _ack_limited(
     conn: Conn, limits: AckLimits, sender_key: str, domain: str, known: bool, since: float
 ) -> str:
-    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or "".
-    The same rules as the SQLite spool's."""
-
-    async def count(where: str, *args: object) -> int:
+    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
+    for step in ack_limit_steps(limits, sender_key, domain, known):
+        if step.most <= 0:
+            return step.verdict
+        where, args = (f"{step.column} = %s", (step.value,)) if step.column else ("TRUE", ())
         cur = await conn.execute(
             f"SELECT COUNT(*) AS n FROM outbox WHERE {where} AND created_at >= %s", (*args, since)
         )
         row = await cur.fetchone()
-        return int(row["n"]) if row else 0
-
-    if limits.per_sender <= 0 or await count("sender_key = %s", sender_key) >= limits.per_sender:
-        return "sender"
-    if limits.per_domain and await count("domain = %s", domain) >= limits.per_domain:
-        return "domain"
-    if limits.global_limit:
-        if await count("TRUE") >= limits.global_limit:
-            return "global"
-        strangers = max(1, int(limits.global_limit * limits.stranger_share))
-        if not known and await count("known = 0") >= strangers:
-            return "global"
+        if (int(row["n"]) if row else 0) >= step.most:
+            return step.verdict
     return ""

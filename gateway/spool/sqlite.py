@@ -56,6 +56,7 @@ from gateway.spool.base import (
     TicketInfo,
 )
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
+from gateway.spool.rows import ack_limit_steps, ack_row, message_row, node_info, pick_ticket
 
 __all__ = ["BLOB_STREAM_MIN", "SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
 
@@ -101,39 +102,6 @@ class BodyReader:
     def close(self) -> None:
         self._blob.close()
         self._conn.close()
-
-
-def _row_to_message(r: sqlite3.Row, raw: bytes | None = None) -> MessageRow:
-    return MessageRow(
-        id=r["id"],
-        state=r["state"],
-        envelope=Envelope(
-            mail_from=r["mail_from"],
-            rcpt_tos=tuple(json.loads(r["rcpt_tos"])),
-            peer=r["peer"],
-            intake=r["intake"],
-            received_at=r["received_at"],
-        ),
-        size=r["size"],
-        attempts=r["attempts"],
-        next_attempt_at=r["next_attempt_at"],
-        first_attempt_at=r["first_attempt_at"],
-        last_error=r["last_error"],
-        backend=r["backend"],
-        rule=r["rule"],
-        action=r["action"],
-        ticket_ref=r["ticket_ref"],
-        ticket_id=r["ticket_id"],
-        message_id=r["message_id"],
-        subject=r["subject"],
-        progress=json.loads(r["progress"] or "{}"),
-        uncertain=bool(r["uncertain"]),
-        crashes=r["crashes"],
-        updated_at=r["updated_at"],
-        claimed_by=r["claimed_by"],
-        lease_until=r["lease_until"],
-        raw=raw,
-    )
 
 
 class _Job:
@@ -610,13 +578,7 @@ class SqliteSpool:
 
         def q(conn: sqlite3.Connection) -> list[NodeInfo]:
             return [
-                NodeInfo(
-                    owner=r["owner"],
-                    node=r["node"],
-                    seen_at=r["seen_at"],
-                    started_at=r["started_at"],
-                    claims=r["claims"],
-                )
+                node_info(r)
                 for r in conn.execute(
                     "SELECT owner, node, seen_at, started_at, (SELECT COUNT(*) FROM messages m"
                     "  WHERE m.state = 'processing' AND m.claimed_by = nodes.owner) AS claims"
@@ -663,6 +625,9 @@ class SqliteSpool:
     def on_work(self, callback: Callable[[], None]) -> None:
         """No signal between processes here: the intake wakes its worker itself (workerproc)."""
 
+    def on_slot_freed(self, callback: Callable[[str], None]) -> None:
+        """No signal between processes here: a worker process polls for a slot of another."""
+
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
             r = conn.execute(
@@ -670,7 +635,7 @@ class SqliteSpool:
             ).fetchone()
             if r is None:
                 return None
-            return _row_to_message(r, read_body(conn, msg_id) if with_raw else None)
+            return message_row(r, read_body(conn, msg_id) if with_raw else None)
 
         return await self._read(q)
 
@@ -921,18 +886,7 @@ class SqliteSpool:
                 "UPDATE outbox SET claimed_by = ?, lease_until = ? WHERE id = ?",
                 [(self.owner, now + self.lease, r["id"]) for r in rows],
             )
-            return [
-                AckRow(
-                    id=r["id"],
-                    message_id=r["message_id"],
-                    rcpt=r["rcpt"],
-                    mail_from=r["mail_from"],
-                    data=bytes(r["data"]),
-                    attempts=r["attempts"],
-                    next_attempt_at=r["next_attempt_at"],
-                )
-                for r in rows
-            ]
+            return [ack_row(r) for r in rows]
 
         return await self._write(job)
 
@@ -1079,7 +1033,7 @@ class SqliteSpool:
                 rows = conn.execute(
                     f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT ?", (limit,)
                 )
-            return [_row_to_message(r) for r in rows]
+            return [message_row(r) for r in rows]
 
         return await self._read(q)
 
@@ -1180,23 +1134,15 @@ def _ack_limited(
     since: float,
 ) -> str:
     """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
-
-    def count(where: str, *args: object) -> int:
+    for step in ack_limit_steps(limits, sender_key, domain, known):
+        if step.most <= 0:
+            return step.verdict
+        where, args = (f"{step.column} = ?", (step.value,)) if step.column else ("1 = 1", ())
         row = conn.execute(
             f"SELECT COUNT(*) FROM outbox WHERE {where} AND created_at >= ?", (*args, since)
         ).fetchone()
-        return int(row[0])
-
-    if limits.per_sender <= 0 or count("sender_key = ?", sender_key) >= limits.per_sender:
-        return "sender"
-    if limits.per_domain and count("domain = ?", domain) >= limits.per_domain:
-        return "domain"
-    if limits.global_limit:
-        if count("1 = 1") >= limits.global_limit:
-            return "global"
-        strangers = max(1, int(limits.global_limit * limits.stranger_share))
-        if not known and count("known = 0") >= strangers:
-            return "global"
+        if int(row[0]) >= step.most:
+            return step.verdict
     return ""
 
 
@@ -1209,10 +1155,7 @@ def ticket_by_ref(
         " ORDER BY created_at DESC",
         (ref,),
     ).fetchall()
-    for r in rows:
-        if prefer_backend is None or r[0] == prefer_backend:
-            return TicketInfo(r[0], r[1], r[2], r[3])
-    return TicketInfo(rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
+    return pick_ticket(rows, prefer_backend)
 
 
 def thread_lookup(conn: sqlite3.Connection, message_ids: list[str]) -> ThreadHit | None:
