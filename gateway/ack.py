@@ -260,7 +260,7 @@ class AckSender:
                 try:
                     due = await self.spool.due_acks()
                 except Exception as exc:
-                    log.error("event=outbox_read_failed error=%r", str(exc))
+                    log.error("outbox_read_failed", extra={"fields": {"error": str(exc)}})
                     due = []
                 if due and not self._stopping:
                     # several connections at once: one slow relay round trip must not hold up
@@ -337,7 +337,7 @@ class AckSender:
             return
         except Exception as exc:  # never let one acknowledgement stop the sender
             await lane.close()
-            log.exception("event=ack_error ack=%d", ack.id)
+            log.exception("ack_error", extra={"fields": {"ack": ack.id}})
             await self._failed(ack, f"internal error: {type(exc).__name__}: {exc}", False)
             return
         await self.spool.ack_result(ack.id, sent=True)
@@ -346,7 +346,7 @@ class AckSender:
             self.metrics.count("acks_sent")
         if self.status is not None:
             self.status.set_ok()
-        log.info("event=ack_sent ack=%d message=%d", ack.id, ack.message_id)
+        log.info("ack_sent", extra={"fields": {"ack": ack.id, "message": ack.message_id}})
 
     async def _failed(
         self, ack: AckRow, error: str, permanent: bool, *, unreachable: bool = False
@@ -357,14 +357,18 @@ class AckSender:
             self.failed += 1
             await self.spool.ack_result(ack.id, sent=False, error=error)
             log.warning(
-                "event=ack_failed ack=%d message=%d error=%r", ack.id, ack.message_id, error
+                "ack_failed",
+                extra={"fields": {"ack": ack.id, "message": ack.message_id, "error": error}},
             )
             return
         delay = retry.ACK.delay(ack.attempts + 1)
         await self.spool.ack_result(ack.id, sent=False, error=error, retry_in=delay)
         if self.status is not None and unreachable:
             self.status.set_down(error)
-        log.info("event=ack_deferred ack=%d retry_in=%.1f error=%r", ack.id, delay, error)
+        log.info(
+            "ack_deferred",
+            extra={"fields": {"ack": ack.id, "retry_in": f"{delay:.1f}", "error": error}},
+        )
 
     def stop(self) -> None:
         self._stopping = True

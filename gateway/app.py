@@ -78,7 +78,7 @@ def sd_notify(message: str) -> None:
             s.connect(addr)
             s.sendall(message.encode())
     except OSError as exc:
-        log.debug("event=sd_notify_failed error=%r", str(exc))
+        log.debug("sd_notify_failed", extra={"fields": {"error": str(exc)}})
 
 
 def load_rule_set(cfg: Config, *, tests: bool = True) -> tuple[RuleSet, dict[str, Template]]:
@@ -300,7 +300,10 @@ class Daemon:
             await self.spool.hold_owner()
             rec = await self.spool.recover()
             if rec.requeued:
-                log.warning("event=recovered requeued=%d uncertain=%d", rec.requeued, rec.uncertain)
+                log.warning(
+                    "recovered",
+                    extra={"fields": {"requeued": rec.requeued, "uncertain": rec.uncertain}},
+                )
         spool_status.set_ok(self.spool.engine if cfg.spool.url else str(cfg.spool_path.name))
         if self.role != "intake":
             self._start_pipeline()
@@ -369,7 +372,7 @@ class Daemon:
         worker = self.worker
 
         def parent_gone() -> None:
-            log.warning("event=parent_gone")
+            log.warning("parent_gone", extra={"fields": {}})
             self.should_exit = True
             self._wakeup.set()
 
@@ -415,7 +418,7 @@ class Daemon:
             now = await asyncio.to_thread(self._files_signature)
             if now != last:
                 last = now
-                log.info("event=files_changed action=reload")
+                log.info("files_changed", extra={"fields": {"action": "reload"}})
                 self.reload_requested = True
                 self._wakeup.set()
 
@@ -493,13 +496,18 @@ class Daemon:
         while not self.should_exit:
             if not await self._try_lease(name, lease):
                 if not standby:
-                    log.info("event=imap_standby mailbox=%s node=%s", icfg.name, self.cfg.node)
+                    log.info(
+                        "imap_standby",
+                        extra={"fields": {"mailbox": icfg.name, "node": self.cfg.node}},
+                    )
                     comp.set_ok("standby: another node polls this mailbox")
                     standby = True
                 await asyncio.sleep(min(2.0, lease / 3))
                 continue
             standby = False
-            log.info("event=imap_lease_taken mailbox=%s node=%s", icfg.name, self.cfg.node)
+            log.info(
+                "imap_lease_taken", extra={"fields": {"mailbox": icfg.name, "node": self.cfg.node}}
+            )
             intake = ImapIntake(
                 icfg, _CountingSpool(self.spool, self), comp, base_dir=self.cfg.base_dir
             )
@@ -516,7 +524,7 @@ class Daemon:
                         renewed = time.monotonic()
                     elif held is False or time.monotonic() - renewed > lease * 0.8:
                         # taken by another node (or no renewal for most of a lease)
-                        log.warning("event=imap_lease_lost mailbox=%s", icfg.name)
+                        log.warning("imap_lease_lost", extra={"fields": {"mailbox": icfg.name}})
                         break
             finally:
                 if not run.done():
@@ -532,7 +540,7 @@ class Daemon:
         try:
             return await self.spool.try_lease(name, seconds)
         except GatewayError as exc:
-            log.warning("event=lease_failed lease=%s error=%r", name, str(exc))
+            log.warning("lease_failed", extra={"fields": {"lease": name, "error": str(exc)}})
             return None
 
     def _on_stored(self, msg_id: int) -> None:
@@ -620,7 +628,7 @@ class Daemon:
             self.rules_status.set_down(
                 f"reload refused, old rules in force: {exc}".replace("\n", "; ")
             )
-            log.error("event=reload_refused problems=%r", str(exc))
+            log.error("reload_refused", extra={"fields": {"problems": str(exc)}})
             return
         for sup in self.supervisors:
             sup.reload()  # the worker re-reads the same, now validated, files
@@ -631,7 +639,7 @@ class Daemon:
             self._backend_keys[name] = key
             self.worker.paused.pop(name, None)  # new credentials are tried at once
             self._retire(old)
-            log.info("event=backend_rebuilt backend=%s", name)
+            log.info("backend_rebuilt", extra={"fields": {"backend": name}})
         if self.ack_sender is not None:
             host, _, port = new_cfg.ack.relay.rpartition(":")
             self.ack_sender.host, self.ack_sender.port = host, int(port)
@@ -646,7 +654,7 @@ class Daemon:
                 new_cfg.gateway.log_level, new_cfg.gateway.log_format, new_cfg.log_file
             )  # also reopens the log file after logrotate moved it
         except OSError as exc:
-            log.error("event=log_reopen_failed error=%r", str(exc))
+            log.error("log_reopen_failed", extra={"fields": {"error": str(exc)}})
         self.cfg = new_cfg
         self._response_budget.limit = new_cfg.gateway.max_response_bytes_in_flight
         if self.worker is not None:
@@ -658,7 +666,7 @@ class Daemon:
             self.smtp.handler.recipients = {r.lower() for r in new_cfg.smtp.recipients}
         self.rules, self.templates = rules, templates
         self.rules_status.set_ok(f"{len(rules.rule_names)} rules (reloaded)")
-        log.info("event=reloaded rules=%d", len(rules.rule_names))
+        log.info("reloaded", extra={"fields": {"rules": len(rules.rule_names)}})
 
     def _build_changed_backends(
         self, new_cfg: Config
@@ -700,9 +708,8 @@ class Daemon:
         notify = sd_notify if self.role != "worker" else (lambda _msg: None)  # only the main
         notify("READY=1\nSTATUS=started")
         log.info(
-            "event=%s version=%s",
             "worker_ready" if self.role == "worker" else "ready",
-            __version__,
+            extra={"fields": {"version": __version__}},
         )
         while not self.should_exit:
             self._wakeup.clear()
@@ -716,7 +723,8 @@ class Daemon:
             for task in self.tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.error(
-                        "event=task_failed task=%s error=%r", task.get_name(), str(task.exception())
+                        "task_failed",
+                        extra={"fields": {"task": task.get_name(), "error": str(task.exception())}},
                     )
                     self.should_exit = True
                     self.failed = True
@@ -731,7 +739,7 @@ class Daemon:
     async def shutdown(self) -> None:
         if self.role != "worker":
             sd_notify("STOPPING=1")
-        log.info("event=stopping")
+        log.info("stopping", extra={"fields": {}})
         grace = 0.0 if self.force_exit else self.cfg.gateway.drain_timeout
         # Everything below fits in drain_timeout + 5 s: the SMTP sessions still open finish
         # (at most 5 s) while the worker drains, new connections get 421 meanwhile, and what is
@@ -773,7 +781,7 @@ class Daemon:
                 draining.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await draining
-                log.warning("event=drain_forced")
+                log.warning("drain_forced", extra={"fields": {}})
                 cut = await self.worker.drain(0.0)
         if smtp_stopped is not None and self.smtp is not None:
             await smtp_stopped
@@ -803,7 +811,7 @@ class Daemon:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.spool is not None:
             await self.spool.close()
-        log.info("event=stopped cut_short=%d", cut)
+        log.info("stopped", extra={"fields": {"cut_short": cut}})
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -814,7 +822,7 @@ class Daemon:
         except ConfigError:
             raise
         except (GatewayError, OSError) as exc:
-            log.error("event=startup_failed error=%r", str(exc))
+            log.error("startup_failed", extra={"fields": {"error": str(exc)}})
             await self.shutdown()
             return EXIT_STARTUP
         try:

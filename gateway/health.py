@@ -128,7 +128,7 @@ class HealthServer:
             try:
                 await asyncio.wait_for(self.before_scrape(), SPOOL_TIMEOUT)
             except Exception as exc:  # the spool's gauges keep their last values
-                log.warning("event=metrics_refresh_failed error=%r", str(exc))
+                log.warning("metrics_refresh_failed", extra={"fields": {"error": str(exc)}})
         data = self.metrics.render()
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -143,7 +143,7 @@ class HealthServer:
         server = site._server
         if server is not None and self.port == 0:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        log.info("event=health_listening host=%s port=%d", self.host, self.port)
+        log.info("health_listening", extra={"fields": {"host": self.host, "port": self.port}})
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -17,5 +17,5 @@ def raise_open_files(want: int = 65536) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (ValueError, OSError) as exc:
-            log.warning("event=rlimit_nofile_failed error=%r", str(exc))
+            log.warning("rlimit_nofile_failed", extra={"fields": {"error": str(exc)}})
     return int(soft)

@@ -1,12 +1,12 @@
 """Logging set-up: one event per line, key=value (default) or JSON, journald-friendly levels.
 
-Events are structured when they are logged, with logging's own means:
-`log.info("event=stored id=%d size=%d", msg_id, size)` names its fields in the template and
-passes the values as arguments, and `log.info("stored", extra={"fields": {"id": 1}})` passes them
-as a mapping. Either way the formatters take the field names from the template (or the mapping)
-and the values from the record's arguments: a value is never split out of rendered text, so one
-with spaces, quotes or `=` in it stays one value. Every line also says which process wrote it:
-`role` (intake | worker | all | cli) and `pid`.
+Events are structured when they are logged, with logging's own means: the message is the
+event's name and the fields go as a mapping,
+`log.info("stored", extra={"fields": {"id": msg_id, "size": size}})`, rendered as
+`event=stored id=7 size=20` (or the same keys in JSON). The formatters take names and values from
+that mapping: nothing is parsed out of text, so a value with spaces, quotes or `=` in it stays one
+value. Lines of other libraries keep their text (`msg`). Every line also says which process wrote
+it: `role` (intake | worker | all | cli) and `pid`.
 
 Under systemd (JOURNAL_STREAM set) lines carry a `<N>` syslog priority prefix so journald keeps
 the level; elsewhere a timestamp leads.
@@ -22,7 +22,6 @@ import json
 import logging
 import logging.handlers
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -35,53 +34,31 @@ _PRIORITY = {
     logging.CRITICAL: 2,
 }
 
-# one `key=%x` placeholder of a template (printf-style conversion, as logging uses)
-_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(%[-#0 +]*\d*(?:\.\d+)?[sdirfgeExXc])")
-_BARE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=([^\s%]+)")
-
 _role = "cli"
 
 
 def event_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The fields of one record: from `extra={"fields": {...}}`, else from its template's
-    `key=%s` placeholders paired with its arguments (and literal `key=value` words of the
-    template). Templates that do not fit this shape keep their rendered text as `msg`."""
+    """The fields of one record, as its call site passed them: the message is the event's name
+    and `extra={"fields": {...}}` its fields, in order. A record without fields (a library's
+    line, a message of free text) keeps its rendered message as `msg`; nothing is parsed out of
+    any text."""
     given = getattr(record, "fields", None)
-    if isinstance(given, dict):
-        fields: dict[str, Any] = {}
-        if isinstance(record.msg, str) and "=" not in record.msg and " " not in record.msg:
-            fields["event"] = record.msg
-        fields.update(given)
-        return fields
-    template = record.msg if isinstance(record.msg, str) else str(record.msg)
-    args = record.args if isinstance(record.args, tuple) else ()
-    if template.count("%") - 2 * template.count("%%") != len(args):
+    if not isinstance(given, dict):
         return {"msg": record.getMessage()}
-    fields = {}
-    values = iter(args)
-    pos = 0
-    for m in _FIELD.finditer(template):
-        for bare in _BARE.finditer(template, pos, m.start()):
-            fields[bare.group(1)] = bare.group(2)
-        value = next(values)
-        conv = m.group(2)
-        if conv.endswith("r"):
-            if not isinstance(value, str):  # a string stays itself: the formatter quotes it
-                value = repr(value)
-        elif conv[-1] in "di" and isinstance(value, int) and not isinstance(value, bool):
-            pass  # a number stays a number (JSON)
-        elif not conv.endswith("s"):
-            try:
-                value = conv % value
-            except (TypeError, ValueError):
-                pass
-        fields[m.group(1)] = value
-        pos = m.end()
-    for bare in _BARE.finditer(template, pos):
-        fields[bare.group(1)] = bare.group(2)
-    if not fields:
-        return {"msg": record.getMessage()}
+    fields: dict[str, Any] = {}
+    if isinstance(record.msg, str) and "=" not in record.msg and " " not in record.msg:
+        fields["event"] = record.msg
+    fields.update(given)
     return fields
+
+
+def event_text(record: logging.LogRecord) -> str:
+    """The record's fields as `key=value` words (the body of a key=value line), values quoted
+    where they hold spaces, quotes or `=`; a record without fields gives its message."""
+    fields = event_fields(record)
+    if set(fields) == {"msg"}:
+        return str(fields["msg"])
+    return " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
 
 
 def _kv(value: Any) -> str:
@@ -97,11 +74,7 @@ class KeyValueFormatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = event_fields(record)
-        if set(fields) == {"msg"}:
-            body = str(fields["msg"])
-        else:
-            body = " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
+        body = event_text(record)
         if record.exc_info:
             body += " traceback=" + repr(self.formatException(record.exc_info))
         body = body.replace("\n", "\\n")

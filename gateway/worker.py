@@ -226,7 +226,7 @@ class Worker:
                 try:
                     ids = await self.spool.claim_due(free)
                 except SpoolError as exc:
-                    log.error("event=claim_failed error=%r", str(exc))
+                    log.error("claim_failed", extra={"fields": {"error": str(exc)}})
                     await asyncio.sleep(1.0)
                     continue
                 for msg_id in ids:
@@ -254,13 +254,12 @@ class Worker:
                     self._orphans.difference_update(orphans)
                 rec = await self.spool.take_over()
             except SpoolError as exc:
-                log.error("event=lease_renewal_failed error=%r", str(exc))
+                log.error("lease_renewal_failed", extra={"fields": {"error": str(exc)}})
             else:
                 if rec.requeued:
                     log.warning(
-                        "event=claims_taken_over requeued=%d uncertain=%d",
-                        rec.requeued,
-                        rec.uncertain,
+                        "claims_taken_over",
+                        extra={"fields": {"requeued": rec.requeued, "uncertain": rec.uncertain}},
                     )
                     if self.metrics is not None:
                         self.metrics.recovered_mails(rec.requeued, rec.uncertain)
@@ -315,11 +314,14 @@ class Worker:
         except SpoolError as exc:
             # the spool failed (PostgreSQL unreachable, disk full): no outcome can be recorded
             # now, so the mail goes back to the queue once the spool answers again
-            log.error("event=spool_failed_during_processing id=%d error=%r", msg_id, str(exc))
+            log.error(
+                "spool_failed_during_processing",
+                extra={"fields": {"id": msg_id, "error": str(exc)}},
+            )
             self._orphans.add(msg_id)
         except Exception:
             tb = traceback.format_exc(limit=8)
-            log.error("event=worker_internal_error id=%d", msg_id)
+            log.error("worker_internal_error", extra={"fields": {"id": msg_id}})
             with contextlib.suppress(SpoolError):
                 await self.spool.finish(
                     msg_id, Outcome(state=State.DEAD, reason=f"quarantined: internal error\n{tb}")
@@ -337,10 +339,14 @@ class Worker:
             return DkimResult("", "not verified: the raw message is gone")
         result = await asyncio.to_thread(dkimcheck.check, data, from_domain(mail), self.s.dkim)
         log.info(
-            "event=dkim_checked id=%d result=%s detail=%r",
-            row.id,
-            "pass" if result.passed else "fail",
-            (result.passed or result.why)[:300],
+            "dkim_checked",
+            extra={
+                "fields": {
+                    "id": row.id,
+                    "result": "pass" if result.passed else "fail",
+                    "detail": (result.passed or result.why)[:300],
+                }
+            },
         )
         return result
 
@@ -730,7 +736,10 @@ class Worker:
         if self._failing.pop(backend.name, False):
             # it answers again: what waits for it need not sit out its backoff
             released = await self.spool.release_deferred(backend.name)
-            log.info("event=backend_recovered backend=%s released=%d", backend.name, released)
+            log.info(
+                "backend_recovered",
+                extra={"fields": {"backend": backend.name, "released": released}},
+            )
         ack = await self._ack(mail, row, decision, ref, action)
         reasons = [*decision.reasons, *notes]
         await self._finish(
@@ -789,12 +798,16 @@ class Worker:
             delay = max(delay, retry_after)
         await self.spool.defer(row.id, error=f"{backend}: {error}", delay=delay, backend=backend)
         log.info(
-            "event=deferred id=%d backend=%s attempt=%d retry_in=%.1f error=%r",
-            row.id,
-            backend,
-            row.attempts,
-            delay,
-            error,
+            "deferred",
+            extra={
+                "fields": {
+                    "id": row.id,
+                    "backend": backend,
+                    "attempt": row.attempts,
+                    "retry_in": f"{delay:.1f}",
+                    "error": error,
+                }
+            },
         )
         if self.metrics:
             self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend)
@@ -803,13 +816,13 @@ class Worker:
         self.paused[backend] = time.monotonic() + self.s.paused_check
         self._failing[backend] = True
         self._backend_status[backend].set_down(f"paused: {reason}")
-        log.warning("event=backend_paused backend=%s reason=%r", backend, reason)
+        log.warning("backend_paused", extra={"fields": {"backend": backend, "reason": reason}})
 
     def _resume(self, backend: str) -> bool:
         """True when it was paused (here or, as last read, by another process)."""
         was = self.paused.pop(backend, None) is not None or backend in self._pauses
         if was:
-            log.info("event=backend_resumed backend=%s", backend)
+            log.info("backend_resumed", extra={"fields": {"backend": backend}})
         self._backend_status[backend].set_ok()
         return was
 
@@ -831,7 +844,10 @@ class Worker:
         if ack_name is None or decision.automatic:
             for reason in decision.reasons:
                 if reason.startswith(NO_ACK):  # the policy's (apply_policy), not the rules'
-                    log.info("event=ack_skipped id=%d reason=%r", row.id, reason[len(NO_ACK) :])
+                    log.info(
+                        "ack_skipped",
+                        extra={"fields": {"id": row.id, "reason": reason[len(NO_ACK) :]}},
+                    )
                     self._withheld(reason.removeprefix(NO_ACK))
             return None
         return await self._reply(mail, row, ack_name, ref)
@@ -846,7 +862,7 @@ class Worker:
         verdict = ack_verdict(mail, row.envelope, s.ack_policy, self._dkim.get(row.id))
         rcpt = verdict.rcpt
         if rcpt is None:
-            log.info("event=ack_skipped id=%d reason=%r", row.id, verdict.reason)
+            log.info("ack_skipped", extra={"fields": {"id": row.id, "reason": verdict.reason}})
             self._withheld(verdict.reason)
             return None
         template = self.templates.get(template_name) or self.templates.get("default")
@@ -892,11 +908,15 @@ class Worker:
         except Exception:  # best effort: the ticket exists, the mail is done
             first = None
         log.warning(
-            "event=possible_duplicate id=%d backend=%s ticket=%s first_ticket=%s",
-            row.id,
-            backend.name,
-            ref.id,
-            first or "unknown",
+            "possible_duplicate",
+            extra={
+                "fields": {
+                    "id": row.id,
+                    "backend": backend.name,
+                    "ticket": ref.id,
+                    "first_ticket": first or "unknown",
+                }
+            },
         )
         notes.append(
             f"possible duplicate: created again after a crash cut the create call; the first"
@@ -919,22 +939,26 @@ class Worker:
         withheld = await self.spool.finish(row.id, outcome)
         if withheld:
             # the hourly limits are checked where the acknowledgement is queued (atomically)
-            log.info("event=ack_rate_limited id=%d limit=%s", row.id, withheld)
+            log.info("ack_rate_limited", extra={"fields": {"id": row.id, "limit": withheld}})
             self._count("acks_withheld", reason=f"rate_{withheld}")
         for name, probe in list(self._probe.items()):
             if probe == row.id:  # a probe that ended (dead, ...) hands the role to the next
                 del self._probe[name]
         rule = outcome.rule or (decision.rule if decision else "")
         log.info(
-            "event=outcome id=%d intake=%s state=%s rule=%s backend=%s action=%s ref=%s reason=%r",
-            row.id,
-            row.envelope.intake,
-            outcome.state.value,
-            rule or "-",
-            outcome.backend or "-",
-            outcome.action or "-",
-            outcome.ticket_ref or "-",
-            outcome.reason[:300],
+            "outcome",
+            extra={
+                "fields": {
+                    "id": row.id,
+                    "intake": row.envelope.intake,
+                    "state": outcome.state.value,
+                    "rule": rule or "-",
+                    "backend": outcome.backend or "-",
+                    "action": outcome.action or "-",
+                    "ref": outcome.ticket_ref or "-",
+                    "reason": outcome.reason[:300],
+                }
+            },
         )
         if self.metrics:
             name = {

@@ -101,7 +101,7 @@ def apply_event(event: dict[str, Any], status: StatusBoard, metrics: Metrics) ->
         try:
             metrics.count(str(event.get("name", "")), **{str(k): str(v) for k, v in labels.items()})
         except ValueError as exc:  # a newer worker's counter: never let it stop the reader
-            log.warning("event=unknown_metric error=%r", str(exc))
+            log.warning("unknown_metric", extra={"fields": {"error": str(exc)}})
     elif kind == "latency":
         metrics.backend_latency(
             str(event.get("backend", "")), float(event.get("seconds", 0.0)), bool(event.get("ok"))
@@ -150,7 +150,7 @@ class WorkerSupervisor:
         try:
             await asyncio.wait_for(self._reported.wait(), timeout)
         except TimeoutError:
-            log.warning("event=worker_slow_start timeout=%.0f", timeout)
+            log.warning("worker_slow_start", extra={"fields": {"timeout": f"{timeout:.0f}"}})
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -185,7 +185,7 @@ class WorkerSupervisor:
                 break
             self.restarts += 1
             self.component.set_down(f"worker exited with {rc}; restarting")
-            log.error("event=worker_died rc=%s restarts=%d", rc, self.restarts)
+            log.error("worker_died", extra={"fields": {"rc": rc, "restarts": self.restarts}})
             # the next worker puts back what this one left `processing` (see Daemon.startup)
             failures = 1 if time.monotonic() - started > 60 else failures + 1
             await asyncio.sleep(retry.SUPERVISOR.delay(failures))
@@ -245,7 +245,7 @@ class WorkerSupervisor:
                 # the next start), so that a stop takes at most drain_timeout + 5 s
                 await asyncio.wait_for(proc.wait(), timeout=grace + STOP_MARGIN)
             except TimeoutError:
-                log.error("event=worker_kill reason=drain_timeout")
+                log.error("worker_kill", extra={"fields": {"reason": "drain_timeout"}})
                 proc.kill()
                 await proc.wait()
         if self._task is not None:

@@ -30,6 +30,7 @@ from gateway.intake.imap import (
     parse_fetch,
     uid_set,
 )
+from gateway.logs import event_text
 from gateway.models import Envelope
 from gateway.spool.base import PutResult
 from gateway.spool.sqlite import SqliteSpool
@@ -180,7 +181,7 @@ def message_ids(raws: list[bytes]) -> list[str]:
 
 
 def events(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if f"event={event} " in r.getMessage() + " "]
+    return [event_text(r) for r in caplog.records if f"event={event} " in event_text(r) + " "]
 
 
 # -- config -------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Log lines: fields taken from the template and the arguments (never split out of rendered text),
-the writing process named on every line, journald priorities kept."""
+"""Log lines: the event's name and its fields as the call site passed them (`extra=`), never
+parsed out of text; the writing process named on every line; journald priorities kept."""
 
 from __future__ import annotations
 
@@ -39,19 +39,63 @@ def captured(
     root.setLevel(level)
 
 
-def test_json_fields_come_from_the_template_and_the_arguments(
+def test_json_fields_are_the_ones_passed(
     captured: tuple[Err, logging.Logger],
 ) -> None:
     stream, log = captured
     logs.setup_logging("info", "json", role="worker")
     tricky = "it's a value with spaces, = and 'quotes'"
-    log.info("event=deferred id=%d error=%r ms=%.0f kind=x", 7, tricky, 12.6)
-    log.info("stored", extra={"fields": {"id": 3, "note": "a b"}})
+    log.info("deferred", extra={"fields": {"id": 7, "error": tricky, "ms": "13", "kind": "x"}})
+    log.info("stored", extra={"fields": {"id": 3, "note": "a b", "ok": True, "s": 0.5}})
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert list(first)[5:] == ["event", "id", "error", "ms", "kind"]  # after ts..pid, in order
     assert first["event"] == "deferred" and first["id"] == 7 and first["error"] == tricky
     assert first["ms"] == "13" and first["kind"] == "x"
     assert first["role"] == "worker" and first["pid"] == os.getpid()
     assert second["event"] == "stored" and second["id"] == 3 and second["note"] == "a b"
+    assert second["ok"] is True and second["s"] == 0.5
+
+
+def test_text_is_never_parsed_for_fields(captured: tuple[Err, logging.Logger]) -> None:
+    stream, log = captured
+    logs.setup_logging("info", "json", role="worker")
+    # a library's line that looks like key=value stays its text: no field is made up from it
+    logging.getLogger("aioimaplib").warning("event=%s user=%s", "fake", "x y")
+    log.info("event=old_style id=%d", 5)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "event=fake user=x y" and "event" not in first and "user" not in first
+    assert second["msg"] == "event=old_style id=5" and "id" not in second
+
+
+def test_every_event_of_ours_passes_its_fields() -> None:
+    """No call site of gateway/ logs a template: each passes the event's name as the message
+    and its fields as `extra={"fields": {...}}` (checked on the source)."""
+    import ast
+    from pathlib import Path
+
+    levels = {"debug", "info", "warning", "error", "exception", "critical"}
+    found, wrong = 0, []
+    for path in sorted((Path(__file__).parent.parent / "gateway").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in levels
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "log"
+            ):
+                continue
+            found += 1
+            extra = next((k.value for k in node.keywords if k.arg == "extra"), None)
+            ok = (
+                len(node.args) == 1
+                and not (isinstance(node.args[0], ast.Constant) and "=" in str(node.args[0].value))
+                and isinstance(extra, ast.Dict)
+                and [ast.literal_eval(k) for k in extra.keys if k is not None] == ["fields"]
+            )
+            if not ok:
+                wrong.append(f"{path.name}:{node.lineno}")
+    assert found > 100 and not wrong, wrong
 
 
 def test_key_value_lines_name_the_process_and_quote_what_needs_it(
@@ -59,13 +103,13 @@ def test_key_value_lines_name_the_process_and_quote_what_needs_it(
 ) -> None:
     stream, log = captured
     logs.setup_logging("info", "kv", role="intake")
-    log.warning("event=refused peer=%s reason=%s", "127.0.0.1", "too many")
+    log.warning("refused", extra={"fields": {"peer": "127.0.0.1", "reason": "too many"}})
     line = stream.getvalue().strip()
     assert f" role=intake pid={os.getpid()} " in line
     assert line.endswith("event=refused peer=127.0.0.1 reason='too many'")
     assert " level=warning logger=gateway.test " in line
     logs.setup_logging("info", "kv")  # a reload keeps the role
-    log.info("event=again")
+    log.info("again", extra={"fields": {}})
     assert "role=intake" in stream.getvalue().splitlines()[-1]
 
 
@@ -75,7 +119,7 @@ def test_journald_keeps_the_priority(
     stream, log = captured
     monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     logs.setup_logging("info", "kv", role="worker")
-    log.error("event=boom")
+    log.error("boom", extra={"fields": {}})
     log.info("free text without fields")
     err, info = stream.getvalue().splitlines()
     assert err.startswith("<3>gateway.test role=worker pid=") and err.endswith(" event=boom")

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.ack import load_templates
 from gateway.backends.base import MemoryProgress
 from gateway.backends.superoffice_soap import SuperOfficeSoapBackend, SuperOfficeSoapConfig
+from gateway.logs import event_text
 from gateway.mail import parse
 from gateway.metrics import Metrics
 from gateway.models import Envelope
@@ -259,7 +260,7 @@ async def test_possible_duplicate_is_counted_and_logged_with_both_ids(
             "gateway_possible_duplicates_total", {"backend": "superoffice-soap"}
         )
         assert value == 1
-        lines = [r.getMessage() for r in caplog.records if "possible_duplicate" in r.getMessage()]
+        lines = [event_text(r) for r in caplog.records if "possible_duplicate" in event_text(r)]
         assert lines == [
             f"event=possible_duplicate id={put.id} backend=superoffice-soap"
             f" ticket={row.ticket_id} first_ticket={first.id}"

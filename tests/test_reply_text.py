@@ -146,6 +146,18 @@ def test_what_is_not_split() -> None:
     assert (mail.new_text, mail.signature, mail.quoted_text) == ("", "", "")
 
 
+def test_a_long_html_only_mail_is_not_cut_into_new_text_and_quote() -> None:
+    # quotequail's own default quotes everything past 1,000 lines; a long mail is no reply
+    rows = "".join(f"<tr><td>Order {n}</td><td>shipped</td></tr>\n" for n in range(1500))
+    raw = (
+        "From: a@example.org\nSubject: report\nContent-Type: text/html; charset=utf-8\n\n"
+        f"<html><body><p>Monthly report</p><table>{rows}</table><p>Regards</p></body></html>\n"
+    ).encode()
+    mail = parse(raw)
+    assert (mail.new_text, mail.quoted_text) == ("", "")
+    assert "Order 1499" in mail.text and mail.text.endswith("Regards")
+
+
 def test_the_modes_of_a_backend() -> None:
     mail = parse(reply("gmail"))
     folded = reply_view(mail, "fold", followup=True)

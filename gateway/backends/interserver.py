@@ -416,11 +416,15 @@ class InterServerBackend:
             ) from None
         finally:
             log.debug(
-                "event=call backend=%s op=%s outcome=%s ms=%.0f",
-                self.name,
-                op,
-                outcome,
-                (time.monotonic() - started) * 1000,
+                "call",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "op": op,
+                        "outcome": outcome,
+                        "ms": f"{(time.monotonic() - started) * 1000:.0f}",
+                    }
+                },
             )
 
     # ------------------------------------------------------------ sessions
@@ -436,11 +440,11 @@ class InterServerBackend:
             raise BackendUnavailable(f"InterServer login failed: {exc}") from None
         sid = result.strip() if isinstance(result, str) else ""
         if not sid:
-            log.warning("event=login_refused backend=%s", self.name)
+            log.warning("login_refused", extra={"fields": {"backend": self.name}})
             raise BackendUnavailable(
                 "InterServer login refused (blank session id): check username and password/API key"
             )
-        log.info("event=login backend=%s", self.name)
+        log.info("login", extra={"fields": {"backend": self.name}})
         return sid
 
     async def _session(self) -> str:
@@ -463,7 +467,10 @@ class InterServerBackend:
             async with self._login_lock:
                 if self._sid == sid:  # another task may have renewed it already
                     self._sid = None
-            log.info("event=session_lost backend=%s op=%s attempt=%d", self.name, op, attempt)
+            log.info(
+                "session_lost",
+                extra={"fields": {"backend": self.name, "op": op, "attempt": attempt}},
+            )
         raise BackendUnavailable(f"InterServer {op}: a fresh session was refused at once")
 
     # ------------------------------------------------------------ Backend
@@ -518,7 +525,7 @@ class InterServerBackend:
         result = await self._with_session("api_openTicket", **params)
         ticket_id = await self._created_id(result, decision, mail, progress)
         await progress.done(STEP_OPEN, id=ticket_id)
-        log.info("event=ticket_opened backend=%s id=%s", self.name, ticket_id)
+        log.info("ticket_opened", extra={"fields": {"backend": self.name, "id": ticket_id}})
         return self._ref(ticket_id)
 
     async def _created_id(
@@ -530,16 +537,20 @@ class InterServerBackend:
         ticket_id = usable_reference(data.get("ticket_reference_id"))
         after_create = _temporary(result) and bool(_AFTER_CREATE.search(text))
         if status in _FAILED and not after_create:
-            log.info("event=open_failed backend=%s status=%s", self.name, status)
+            log.info("open_failed", extra={"fields": {"backend": self.name, "status": status}})
             _raise_failure("InterServer api_openTicket", result)
         if ticket_id is not None and not after_create:
             return ticket_id
         if not (after_create or status in _OK):
-            log.info("event=open_failed backend=%s status=%s", self.name, status or "-")
+            log.info(
+                "open_failed", extra={"fields": {"backend": self.name, "status": status or "-"}}
+            )
             raise PermanentError(f"InterServer api_openTicket: {text or f'status {status!r}'}")
         # The ticket exists (a failure after creating it, or "success" without a usable
         # reference): record that, so that no retry makes a second one, and look it up.
-        log.info("event=created_without_reference backend=%s status=%s", self.name, status)
+        log.info(
+            "created_without_reference", extra={"fields": {"backend": self.name, "status": status}}
+        )
         await progress.done(STEP_OPEN, created=True)
         return await self._look_for_made(decision, mail, progress)
 
@@ -563,7 +574,7 @@ class InterServerBackend:
         result = await self._with_session("api_ticketPost", ticketID=ref.id, content=content)
         _raise_failure(f"InterServer api_ticketPost on ticket {ref.id}", result)
         await progress.done(STEP_POST)
-        log.info("event=message_added backend=%s id=%s", self.name, ref.id)
+        log.info("message_added", extra={"fields": {"backend": self.name, "id": ref.id}})
 
     async def _view(self, ticket_id: str) -> dict[str, Any]:
         result = await self._with_session("api_viewTicket", ticketID=ticket_id)
@@ -620,7 +631,9 @@ class InterServerBackend:
             posts = _items(detail.get("posts"))
             contents = [_norm(str(p.get("contents") or "")) for p in posts]
             if not posts or any(c.startswith(e) for c in contents for e in expected):
-                log.info("event=found_existing backend=%s id=%s", self.name, ticket_id)
+                log.info(
+                    "found_existing", extra={"fields": {"backend": self.name, "id": ticket_id}}
+                )
                 return self._ref(ticket_id)
         return None
 

@@ -298,10 +298,14 @@ class SuperOfficeRestBackend:
             ticket_id = self._id_of(saved, "TicketId", "SaveTicketEntity")
             await progress.done("ticket", id=ticket_id, person=person_id)
             log.info(
-                "event=ticket_created backend=%s ticket=%s person=%s",
-                self.name,
-                ticket_id,
-                person_id if person_id is not None else "-",
+                "ticket_created",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "ticket": ticket_id,
+                        "person": person_id if person_id is not None else "-",
+                    }
+                },
             )
         notify = bool(fields.get("notify", self.cfg.notify))
         await self._post_message(ticket_id, mail, progress, person_id, notify, automatic=False)
@@ -358,7 +362,7 @@ class SuperOfficeRestBackend:
         for row in rows or []:
             if isinstance(row, dict) and row.get("title") == title and row.get("ticketId"):
                 tid = str(row["ticketId"])
-                log.info("event=ticket_found backend=%s ticket=%s", self.name, tid)
+                log.info("ticket_found", extra={"fields": {"backend": self.name, "ticket": tid}})
                 return TicketRef(self.name, SYSTEM, tid, tid)
         return None
 
@@ -447,12 +451,16 @@ class SuperOfficeRestBackend:
             message_id = self._id_of(saved, "EjMessageId", "SaveTicketMessageEntity")
             await progress.done("message", id=message_id)
             log.info(
-                "event=message_added backend=%s ticket=%s message=%s attachments=%d skipped=%d",
-                self.name,
-                ticket_id,
-                message_id,
-                len(att_ids),
-                len(skipped),
+                "message_added",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "ticket": ticket_id,
+                        "message": message_id,
+                        "attachments": len(att_ids),
+                        "skipped": len(skipped),
+                    }
+                },
             )
         else:
             message_id = str(message["id"])
@@ -524,7 +532,9 @@ class SuperOfficeRestBackend:
                 found = None
         ttl = self.cfg.person_cache_seconds if found is not None else NEGATIVE_CACHE_SECONDS
         self._persons[email] = (found, now + min(ttl, self.cfg.person_cache_seconds))
-        log.debug("event=person_lookup backend=%s found=%s", self.name, found is not None)
+        log.debug(
+            "person_lookup", extra={"fields": {"backend": self.name, "found": found is not None}}
+        )
         return found if found is not None else default
 
     # -------------------------------------------------------------------------------- HTTP
@@ -569,15 +579,22 @@ class SuperOfficeRestBackend:
                         )
                 except (httpx.HTTPError, httpx.InvalidURL) as exc:
                     error = type(exc).__name__
-                    log.warning("event=call_failed backend=%s op=%s error=%s", self.name, op, error)
+                    log.warning(
+                        "call_failed",
+                        extra={"fields": {"backend": self.name, "op": op, "error": error}},
+                    )
                     raise transport_error(f"{self.name}: {op}", exc) from exc
                 status = resp.status_code
                 log.debug(
-                    "event=call backend=%s op=%s status=%d ms=%d",
-                    self.name,
-                    op,
-                    status,
-                    (time.monotonic() - started) * 1000,
+                    "call",
+                    extra={
+                        "fields": {
+                            "backend": self.name,
+                            "op": op,
+                            "status": status,
+                            "ms": int((time.monotonic() - started) * 1000),
+                        }
+                    },
                 )
                 renewed = status == 401 and attempt == 1 and await self._renew(headers)
             if renewed:
@@ -599,7 +616,9 @@ class SuperOfficeRestBackend:
             return PermanentError(f"{self.name}: {op}: HTTP 404: {message}")
         err = status_error(f"{self.name}: {op}", status, resp.headers)
         if status in (401, 403):
-            log.error("event=auth_refused backend=%s op=%s status=%d", self.name, op, status)
+            log.error(
+                "auth_refused", extra={"fields": {"backend": self.name, "op": op, "status": status}}
+            )
         return type(err)(f"{err}: {message}", retry_after=err.retry_after)
 
     def _server_message(self, resp: httpx.Response) -> str:
@@ -671,7 +690,7 @@ class SuperOfficeRestBackend:
                 if secret is not None and secret.reread():
                     changed = True
             if changed:
-                log.info("event=credential_reread backend=%s", self.name)
+                log.info("credential_reread", extra={"fields": {"backend": self.name}})
             elif self._token is not None and self._token.value is None:
                 raise BackendUnavailable(f"{self.name}: no bearer token and no way to get one")
             return changed
@@ -710,13 +729,15 @@ class SuperOfficeRestBackend:
                 self._expires_at = time.monotonic() + max(0.0, float(expires_in) - 30.0)
             except (TypeError, ValueError):
                 self._expires_at = None
-            log.info("event=token_refreshed backend=%s", self.name)
+            log.info("token_refreshed", extra={"fields": {"backend": self.name}})
             return
         message = self._server_message(resp)
         err = status_error(f"{self.name}: token refresh", status, resp.headers)
         if isinstance(err, TransientError):
             raise TransientError(f"{err}: {message}", retry_after=err.retry_after)
-        log.error("event=token_refresh_refused backend=%s status=%d", self.name, status)
+        log.error(
+            "token_refresh_refused", extra={"fields": {"backend": self.name, "status": status}}
+        )
         raise BackendUnavailable(f"{self.name}: token refresh: HTTP {status}: {message}")
 
     # -------------------------------------------------------------------------------- misc

@@ -496,16 +496,27 @@ class SuperOfficeSoapBackend:
             except Exception as exc:
                 err = map_exception(op, exc)
                 log.warning(
-                    "event=call_failed backend=%s op=%s error=%s cause=%s ms=%d",
-                    self.name,
-                    op,
-                    type(err).__name__,
-                    type(exc).__name__,
-                    (time.monotonic() - started) * 1000,
+                    "call_failed",
+                    extra={
+                        "fields": {
+                            "backend": self.name,
+                            "op": op,
+                            "error": type(err).__name__,
+                            "cause": type(exc).__name__,
+                            "ms": int((time.monotonic() - started) * 1000),
+                        }
+                    },
                 )
                 raise err from exc
         log.debug(
-            "event=call backend=%s op=%s ms=%d", self.name, op, (time.monotonic() - started) * 1000
+            "call",
+            extra={
+                "fields": {
+                    "backend": self.name,
+                    "op": op,
+                    "ms": int((time.monotonic() - started) * 1000),
+                }
+            },
         )
         return result
 
@@ -523,12 +534,12 @@ class SuperOfficeSoapBackend:
         code = self._code("login", result)
         key = self._out(result, "login")
         if code != 0 or not key:
-            log.error("event=login_refused backend=%s code=%d", self.name, code)
+            log.error("login_refused", extra={"fields": {"backend": self.name, "code": code}})
             name = CODE_NAMES.get(code, "no session key")
             raise BackendUnavailable(
                 f"superoffice-soap code {code}: login refused for {self.cfg.username} ({name})"
             )
-        log.info("event=login backend=%s", self.name)
+        log.info("login", extra={"fields": {"backend": self.name}})
         return str(key)
 
     async def _session_key(self) -> str:
@@ -567,7 +578,8 @@ class SuperOfficeSoapBackend:
             if code == CODE_SESSION:
                 await self._forget(key)
                 log.info(
-                    "event=session_expired backend=%s op=%s attempt=%d", self.name, op, attempt
+                    "session_expired",
+                    extra={"fields": {"backend": self.name, "op": op, "attempt": attempt}},
                 )
                 if attempt == 1:
                     continue
@@ -577,11 +589,15 @@ class SuperOfficeSoapBackend:
             text = await self._error_text(key)
             err = map_code(op, code, text)
             log.warning(
-                "event=call_refused backend=%s op=%s code=%d error=%s",
-                self.name,
-                op,
-                code,
-                type(err).__name__,
+                "call_refused",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "op": op,
+                        "code": code,
+                        "error": type(err).__name__,
+                    }
+                },
             )
             raise err
         raise AssertionError("unreachable")
@@ -670,11 +686,15 @@ class SuperOfficeSoapBackend:
         message_id = str(self._out(result, "addMessage") or "")
         await progress.done("addMessage", message_id=message_id)
         log.info(
-            "event=message_added backend=%s ticket_id=%s attachments=%d skipped=%d",
-            self.name,
-            ticket_id,
-            len(att_ids),
-            len(skipped),
+            "message_added",
+            extra={
+                "fields": {
+                    "backend": self.name,
+                    "ticket_id": ticket_id,
+                    "attachments": len(att_ids),
+                    "skipped": len(skipped),
+                }
+            },
         )
 
     # -- Backend ------------------------------------------------------------------------------
@@ -687,7 +707,7 @@ class SuperOfficeSoapBackend:
         done = progress.data.get("newTicket") or {}
         ticket_id = str(done.get("ticket_id") or "")
         if ticket_id:
-            log.info("event=resume backend=%s ticket_id=%s", self.name, ticket_id)
+            log.info("resume", extra={"fields": {"backend": self.name, "ticket_id": ticket_id}})
         else:
             params = self._ticket_params(decision, mail)
             await progress.begin("newTicket")
@@ -697,10 +717,10 @@ class SuperOfficeSoapBackend:
                 raise BackendUnavailable("superoffice-soap newTicket: answer has no ticketId")
             await progress.done("newTicket", ticket_id=ticket_id)
             log.info(
-                "event=ticket_created backend=%s ticket_id=%s rule=%s",
-                self.name,
-                ticket_id,
-                decision.rule,
+                "ticket_created",
+                extra={
+                    "fields": {"backend": self.name, "ticket_id": ticket_id, "rule": decision.rule}
+                },
             )
         await self._message(ticket_id, mail, progress, automatic=decision.automatic)
         return TicketRef(backend=self.name, system=SYSTEM, id=ticket_id, ref=ticket_id)

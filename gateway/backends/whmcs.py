@@ -304,10 +304,14 @@ class WhmcsBackend:
                     resp = await self._client.post(self.url, data=form)
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 log.warning(
-                    "event=whmcs_connection_error backend=%s action=%s error=%s",
-                    self.name,
-                    action,
-                    type(exc).__name__,
+                    "whmcs_connection_error",
+                    extra={
+                        "fields": {
+                            "backend": self.name,
+                            "action": action,
+                            "error": type(exc).__name__,
+                        }
+                    },
                 )
                 raise transport_error(f"WHMCS {action}", exc) from exc
         elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -315,33 +319,45 @@ class WhmcsBackend:
         if status == 429 or status >= 500:
             busy = status_error(f"WHMCS {action}", status, resp.headers)
             log.warning(
-                "event=whmcs_busy backend=%s action=%s http=%d retry_after=%s ms=%d",
-                self.name,
-                action,
-                status,
-                busy.retry_after,
-                elapsed_ms,
+                "whmcs_busy",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "action": action,
+                        "http": status,
+                        "retry_after": busy.retry_after,
+                        "ms": elapsed_ms,
+                    }
+                },
             )
             raise busy
         data = _parse_body(resp.text)
         message = str(data.get("message", "")).strip() if data else ""
         result = str(data.get("result", "")).lower() if data else ""
         log.info(
-            "event=whmcs_call backend=%s action=%s http=%d result=%s ms=%d",
-            self.name,
-            action,
-            status,
-            result or "-",
-            elapsed_ms,
+            "whmcs_call",
+            extra={
+                "fields": {
+                    "backend": self.name,
+                    "action": action,
+                    "http": status,
+                    "result": result or "-",
+                    "ms": elapsed_ms,
+                }
+            },
         )
         low = message.lower()
         if status in (401, 403) or low.startswith(_UNAVAILABLE_MESSAGES):
             log.error(
-                "event=whmcs_refused backend=%s action=%s http=%d message=%r",
-                self.name,
-                action,
-                status,
-                message,
+                "whmcs_refused",
+                extra={
+                    "fields": {
+                        "backend": self.name,
+                        "action": action,
+                        "http": status,
+                        "message": message,
+                    }
+                },
             )
             raise BackendUnavailable(f"WHMCS refused the API credentials: {message or status}")
         if status >= 300:
@@ -354,7 +370,8 @@ class WhmcsBackend:
             # an error: lookup_client logs it as event=whmcs_client_lookup found=False
             if not (action == "GetClientsDetails" and _NOT_FOUND in low):
                 log.info(
-                    "event=whmcs_error backend=%s action=%s message=%r", self.name, action, message
+                    "whmcs_error",
+                    extra={"fields": {"backend": self.name, "action": action, "message": message}},
                 )
             raise PermanentError(f"WHMCS {action}: {message or 'error without message'}")
         return data
@@ -400,7 +417,10 @@ class WhmcsBackend:
             raw = client.get("id") or client.get("userid") or data.get("userid")
             client_id = str(raw) if raw else None
         self._clients[key] = (now + self.cfg.client_cache_seconds, client_id)
-        log.info("event=whmcs_client_lookup backend=%s found=%s", self.name, client_id is not None)
+        log.info(
+            "whmcs_client_lookup",
+            extra={"fields": {"backend": self.name, "found": client_id is not None}},
+        )
         return client_id
 
     async def _who(self, fields: WhmcsTicket, mail: ParsedMail) -> dict[str, str]:
@@ -474,7 +494,9 @@ class WhmcsBackend:
         try:
             data = await self._call("GetSupportStatuses", {})
         except (PermanentError, TransientError, BackendUnavailable) as exc:
-            log.info("event=whmcs_statuses_unknown backend=%s error=%s", self.name, exc)
+            log.info(
+                "whmcs_statuses_unknown", extra={"fields": {"backend": self.name, "error": exc}}
+            )
             data = {}
         for entry in _listing(data, "statuses", "status"):
             title = str(entry.get("title") or "").strip().lower()
@@ -483,7 +505,10 @@ class WhmcsBackend:
             if title and (active in _FALSE or flagged not in _FALSE):
                 closed.add(title)
         self._closed = (now + STATUSES_TTL, frozenset(closed))
-        log.info("event=whmcs_closed_statuses backend=%s closed=%s", self.name, sorted(closed))
+        log.info(
+            "whmcs_closed_statuses",
+            extra={"fields": {"backend": self.name, "closed": sorted(closed)}},
+        )
         return self._closed[1]
 
     # -- Backend --------------------------------------------------------------------------------
@@ -519,12 +544,16 @@ class WhmcsBackend:
             raise BackendUnavailable("WHMCS OpenTicket: success without id and tid")
         await progress.done(STEP_OPEN, id=ticket_id, tid=tid)
         log.info(
-            "event=ticket_opened backend=%s id=%s ref=%s deptid=%s attachments=%d",
-            self.name,
-            ticket_id,
-            tid,
-            params["deptid"],
-            len(attachments),
+            "ticket_opened",
+            extra={
+                "fields": {
+                    "backend": self.name,
+                    "id": ticket_id,
+                    "ref": tid,
+                    "deptid": params["deptid"],
+                    "attachments": len(attachments),
+                }
+            },
         )
         return TicketRef(self.name, self.system, ticket_id, tid)
 
@@ -549,13 +578,17 @@ class WhmcsBackend:
         await self._call("AddTicketReply", params, attachments)
         await progress.done(STEP_REPLY, ticketid=ticket_id)
         log.info(
-            "event=message_added backend=%s id=%s ref=%s attachments=%d automatic=%s as=%s",
-            self.name,
-            ticket_id,
-            ref.ref,
-            len(attachments),
-            automatic,
-            "client" if "clientid" in who else "guest",
+            "message_added",
+            extra={
+                "fields": {
+                    "backend": self.name,
+                    "id": ticket_id,
+                    "ref": ref.ref,
+                    "attachments": len(attachments),
+                    "automatic": automatic,
+                    "as": "client" if "clientid" in who else "guest",
+                }
+            },
         )
 
     async def ticket_status(self, ref: TicketRef) -> str | None:
@@ -592,10 +625,10 @@ class WhmcsBackend:
             replies = _listing(detail, "replies", "reply")
             if replies and _normalise(str(replies[0].get("message", ""))) == expected:
                 log.info(
-                    "event=ticket_found backend=%s id=%s ref=%s",
-                    self.name,
-                    ticket_id,
-                    ticket.get("tid"),
+                    "ticket_found",
+                    extra={
+                        "fields": {"backend": self.name, "id": ticket_id, "ref": ticket.get("tid")}
+                    },
                 )
                 return TicketRef(self.name, self.system, ticket_id, str(ticket.get("tid", "")))
         return None

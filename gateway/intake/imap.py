@@ -498,7 +498,10 @@ class _Session:
                 if m:
                     uidvalidity = int(m[1])
         if not uidvalidity:
-            log.warning("event=imap_no_uidvalidity mailbox=%s folder=%s", cfg.name, self.folder)
+            log.warning(
+                "imap_no_uidvalidity",
+                extra={"fields": {"mailbox": cfg.name, "folder": self.folder}},
+            )
         self.uidvalidity = uidvalidity
 
     async def _starttls(self, ctx: ssl.SSLContext) -> None:
@@ -570,7 +573,9 @@ class _Session:
             raise ImapError(f"CREATE {name} failed: {_response_text(created)}")
         with contextlib.suppress(ImapError):
             await self.cmd("SUBSCRIBE", self.client.subscribe(arg))
-        log.info("event=imap_folder_created mailbox=%s folder=%s", self.cfg.name, name)
+        log.info(
+            "imap_folder_created", extra={"fields": {"mailbox": self.cfg.name, "folder": name}}
+        )
 
     async def close(self) -> None:
         client, self.client = self.client, None
@@ -745,9 +750,10 @@ class ImapIntake:
         self.idles = 0  # IDLE commands issued (re-issued every idle_timeout)
         if cfg.security != "plain" and not cfg.verify:
             log.warning(
-                "event=imap_tls_unverified mailbox=%s host=%s note=verify_is_false",
-                cfg.name,
-                cfg.host,
+                "imap_tls_unverified",
+                extra={
+                    "fields": {"mailbox": cfg.name, "host": cfg.host, "note": "verify_is_false"}
+                },
             )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -816,29 +822,38 @@ class ImapIntake:
                 slow = True
                 self.login_failures += 1
                 log.error(
-                    "event=imap_login_failed mailbox=%s folder=%s user=%s reason=%r",
-                    name,
-                    folder,
-                    self.cfg.username,
-                    str(exc),
+                    "imap_login_failed",
+                    extra={
+                        "fields": {
+                            "mailbox": name,
+                            "folder": folder,
+                            "user": self.cfg.username,
+                            "reason": str(exc),
+                        }
+                    },
                 )
                 self._set_problem(folder, f"login failed: {exc}")
             except ImapTlsError as exc:
                 failures += 1
                 slow = True
                 log.error(
-                    "event=imap_tls_failed mailbox=%s folder=%s reason=%r", name, folder, str(exc)
+                    "imap_tls_failed",
+                    extra={"fields": {"mailbox": name, "folder": folder, "reason": str(exc)}},
                 )
                 self._set_problem(folder, str(exc))
             except (TimeoutError, ImapError, OSError, ssl.SSLError) as exc:
                 failures += 1
                 reason = str(exc) or type(exc).__name__
                 log.warning(
-                    "event=imap_connection_failed mailbox=%s folder=%s failures=%d reason=%r",
-                    name,
-                    folder,
-                    failures,
-                    reason,
+                    "imap_connection_failed",
+                    extra={
+                        "fields": {
+                            "mailbox": name,
+                            "folder": folder,
+                            "failures": failures,
+                            "reason": reason,
+                        }
+                    },
                 )
                 if failures >= self.down_after:
                     self._set_problem(folder, f"{failures} connection failures: {reason}")
@@ -847,10 +862,8 @@ class ImapIntake:
             except Exception as exc:  # a bug must not end the intake: log it and reconnect
                 failures += 1
                 log.exception(
-                    "event=imap_unexpected_error mailbox=%s folder=%s error=%r",
-                    name,
-                    folder,
-                    str(exc),
+                    "imap_unexpected_error",
+                    extra={"fields": {"mailbox": name, "folder": folder, "error": str(exc)}},
                 )
                 if failures >= self.down_after:
                     self._set_problem(folder, f"unexpected error: {exc}")
@@ -860,31 +873,40 @@ class ImapIntake:
                 break
             delay = self._delay(failures, self.login_retry if slow else self.retry_base)
             log.info(
-                "event=imap_reconnect mailbox=%s folder=%s in_seconds=%.1f", name, folder, delay
+                "imap_reconnect",
+                extra={"fields": {"mailbox": name, "folder": folder, "in_seconds": f"{delay:.1f}"}},
             )
             await _first([self._stopping], delay)
-        log.info("event=imap_stopped mailbox=%s folder=%s", name, folder)
+        log.info("imap_stopped", extra={"fields": {"mailbox": name, "folder": folder}})
 
     def _selected(self, s: _Session) -> None:
         old = self._uidvalidity.get(s.folder)
         if old is not None and old != s.uidvalidity:
             log.warning(
-                "event=imap_uidvalidity_changed mailbox=%s folder=%s old=%d new=%d"
-                " note=mail_still_in_folder_is_stored_again_and_deduplicated_by_the_worker",
-                self.cfg.name,
-                s.folder,
-                old,
-                s.uidvalidity,
+                "imap_uidvalidity_changed",
+                extra={
+                    "fields": {
+                        "mailbox": self.cfg.name,
+                        "folder": s.folder,
+                        "old": old,
+                        "new": s.uidvalidity,
+                        "note": "mail_still_in_folder_is_stored_again_and_deduplicated_by_the_worker",
+                    }
+                },
             )
             prefix = f"imap:{self.cfg.name}:{s.folder}:"
             self._too_large = {k for k in self._too_large if not k.startswith(prefix)}
         self._uidvalidity[s.folder] = s.uidvalidity
         log.info(
-            "event=imap_connected mailbox=%s folder=%s uidvalidity=%d idle=%s",
-            self.cfg.name,
-            s.folder,
-            s.uidvalidity,
-            s.can_idle,
+            "imap_connected",
+            extra={
+                "fields": {
+                    "mailbox": self.cfg.name,
+                    "folder": s.folder,
+                    "uidvalidity": s.uidvalidity,
+                    "idle": s.can_idle,
+                }
+            },
         )
 
     async def _serve(self, s: _Session) -> None:
@@ -897,13 +919,17 @@ class ImapIntake:
                 spool_failures += 1
                 delay = min(self.spool_retry_cap, self._delay(spool_failures, self.retry_base))
                 log.error(
-                    "event=imap_spool_failed mailbox=%s folder=%s failures=%d reason=%r"
-                    " retry_in_seconds=%.1f note=mail_left_untouched",
-                    self.cfg.name,
-                    s.folder,
-                    spool_failures,
-                    str(exc),
-                    delay,
+                    "imap_spool_failed",
+                    extra={
+                        "fields": {
+                            "mailbox": self.cfg.name,
+                            "folder": s.folder,
+                            "failures": spool_failures,
+                            "reason": str(exc),
+                            "retry_in_seconds": f"{delay:.1f}",
+                            "note": "mail_left_untouched",
+                        }
+                    },
                 )
                 self._set_problem(s.folder, f"spool unavailable: {exc}")
                 await _first([self._stopping, s.lost], delay)
@@ -961,13 +987,17 @@ class ImapIntake:
                 if size > self.cfg.max_size:
                     self._too_large.add(keys[uid])
                     log.warning(
-                        "event=imap_message_too_large mailbox=%s folder=%s uid=%d size=%d"
-                        " max_size=%d note=left_in_folder",
-                        self.cfg.name,
-                        s.folder,
-                        uid,
-                        size,
-                        self.cfg.max_size,
+                        "imap_message_too_large",
+                        extra={
+                            "fields": {
+                                "mailbox": self.cfg.name,
+                                "folder": s.folder,
+                                "uid": uid,
+                                "size": size,
+                                "max_size": self.cfg.max_size,
+                                "note": "left_in_folder",
+                            }
+                        },
                     )
                     continue
                 if plan[-1] and plan_bytes + size > BATCH_BYTES:
@@ -999,12 +1029,16 @@ class ImapIntake:
             await s.after(done)
             self.actioned += len(done)
             log.info(
-                "event=imap_batch mailbox=%s folder=%s stored=%d finished=%d uids=%s",
-                self.cfg.name,
-                s.folder,
-                len(stored),
-                len(known),
-                uid_set(done),
+                "imap_batch",
+                extra={
+                    "fields": {
+                        "mailbox": self.cfg.name,
+                        "folder": s.folder,
+                        "stored": len(stored),
+                        "finished": len(known),
+                        "uids": uid_set(done),
+                    }
+                },
             )
         if blocked is not None:
             raise _SpoolBlocked(blocked)
@@ -1023,13 +1057,17 @@ class ImapIntake:
         if not result.duplicate:
             self.stored += 1
         log.debug(
-            "event=imap_stored mailbox=%s folder=%s key=%s id=%d size=%d duplicate=%s",
-            self.cfg.name,
-            folder,
-            key,
-            result.id,
-            len(raw),
-            result.duplicate,
+            "imap_stored",
+            extra={
+                "fields": {
+                    "mailbox": self.cfg.name,
+                    "folder": folder,
+                    "key": key,
+                    "id": result.id,
+                    "size": len(raw),
+                    "duplicate": result.duplicate,
+                }
+            },
         )
         return result.id
 

@@ -100,5 +100,5 @@ def deliver(
     except (SpoolError, OSError) as exc:
         print(f"gateway deliver: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
-    log.info("event=accepted intake=pipe id=%d size=%d", result.id, len(raw))
+    log.info("accepted", extra={"fields": {"intake": "pipe", "id": result.id, "size": len(raw)}})
     return EX_OK

@@ -62,7 +62,7 @@ class IntakeHandler:
         if "@" not in addr:
             return ERR_553_SYNTAX
         if addr not in self.recipients:
-            log.info("event=rcpt_refused peer=%s", _peer_ip(session))
+            log.info("rcpt_refused", extra={"fields": {"peer": _peer_ip(session)}})
             return ERR_550_RCPT.format(addr=address)
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return ERR_452_TOO_MANY_RCPT
@@ -85,11 +85,13 @@ class IntakeHandler:
         try:
             result = await self.spool.put(raw, env)
         except SpoolError as exc:
-            log.error("event=spool_put_failed intake=smtp error=%r", str(exc))
+            log.error("spool_put_failed", extra={"fields": {"intake": "smtp", "error": str(exc)}})
             return ERR_452_DISK_FULL if exc.disk_full else ERR_451_SPOOL
         if self.on_stored is not None:
             self.on_stored(result.id)
-        log.debug("event=accepted intake=smtp id=%d size=%d", result.id, len(raw))
+        log.debug(
+            "accepted", extra={"fields": {"intake": "smtp", "id": result.id, "size": len(raw)}}
+        )
         return OK_QUEUED.format(id=result.id)
 
 
@@ -199,7 +201,7 @@ class SmtpListener:
                 self._factory, self.host, self.port, backlog=1024, reuse_address=True
             )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("event=smtp_listening host=%s port=%d", self.host, self.port)
+        log.info("smtp_listening", extra={"fields": {"host": self.host, "port": self.port}})
 
     def drain(self) -> None:
         """From now on new connections get 421; sessions already open may finish."""

@@ -127,7 +127,10 @@ def split_html(html: str) -> tuple[str, str] | None:
     if not html or len(html) > MAX_HTML:
         return None
     try:
-        parts = quotequail.quote_html(html, quote_intro_line=True)
+        # quotequail treats everything past `limit` lines (default 1,000) as quoted: a long
+        # HTML-only mail would have its end folded (or dropped) as history. No mail has more
+        # lines than characters, so this limit is never reached (MAX_HTML bounds the walk).
+        parts = quotequail.quote_html(html, limit=len(html) + 1, quote_intro_line=True)
     except Exception:  # lxml on broken markup: not split
         return None
     if len(parts) < 2 or not parts[0][0]:

@@ -270,7 +270,7 @@ class InterServerSim:
         if mode == "error":
             raise Busy
         if mode == "auth" or p.get("username") != ACCOUNT_EMAIL or p.get("password") != PASSWORD:
-            log.info("event=sim_login result=refused")
+            log.info("sim_login", extra={"fields": {"result": "refused"}})
             return ""
         sid = secrets.token_hex(16)
         self.sessions[sid] = (self.state.session_epoch, self.state.calls)
@@ -316,7 +316,7 @@ class InterServerSim:
             internal={"ticket_id": number},
         )
         self.state.add_ticket(ticket)
-        log.info("event=sim_open_ticket id=%s", ticket.id)
+        log.info("sim_open_ticket", extra={"fields": {"id": ticket.id}})
         if mode == "error":  # created, then the custom-field update failed (real server)
             return failed(TRY_AGAIN_ROOT_PASS, status="failed")
         return {
@@ -443,7 +443,7 @@ def add_routes(app: web.Application, state: SimState) -> None:
         except Busy:
             raise web.HTTPServiceUnavailable(text="Service temporarily unavailable") from None
         except SoapFault as exc:
-            log.info("event=sim_fault code=%s text=%r", exc.code, exc.text)
+            log.info("sim_fault", extra={"fields": {"code": exc.code, "text": exc.text}})
             return fault(exc.code, exc.text)
 
     app.router.add_get(PATH, get)

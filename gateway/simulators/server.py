@@ -209,7 +209,8 @@ async def serve_forever(listen: str, smtp: str) -> None:
     sims = Simulators(listen, smtp)
     await sims.start()
     log.info(
-        "event=simulate_ready http=%s smtp=%s:%d", sims.base_url, sims.smtp_host, sims.smtp_port
+        "simulate_ready",
+        extra={"fields": {"http": sims.base_url, "smtp": f"{sims.smtp_host}:{sims.smtp_port}"}},
     )
     print(
         f"simulators on {sims.base_url}, SMTP sink on {sims.smtp_host}:{sims.smtp_port}", flush=True

@@ -132,4 +132,6 @@ class SmtpSink:
                     timeout=10,
                 )
             except (aiosmtplib.SMTPException, OSError) as exc:
-                log.info("event=autoreply_refused target=%s error=%r", target, str(exc))
+                log.info(
+                    "autoreply_refused", extra={"fields": {"target": target, "error": str(exc)}}
+                )

@@ -425,9 +425,9 @@ class CustomerPortSim:
                 raise SoapFault("Client", f"unknown operation {call.op}")
             code, parts = await handler(call, mode)
         except SoapFault as exc:
-            log.info("event=soap_fault code=%s", exc.code)
+            log.info("soap_fault", extra={"fields": {"code": exc.code}})
             return fault_xml(exc.code, exc.message)
-        log.debug("event=call op=%s code=%d", call.op, code)
+        log.debug("call", extra={"fields": {"op": call.op, "code": code}})
         if alt is not None:
             outs = [value for _, value in parts]
             if call.op == "getTicket":
@@ -496,7 +496,7 @@ class CustomerPortSim:
         if mode == "auth" or (
             call.text("username") != ACCOUNT_EMAIL or call.raw_text("password") != PASSWORD
         ):
-            log.info("event=login_refused")
+            log.info("login_refused", extra={"fields": {}})
             return E_LOGIN, [("sessionKey", "")]
         key = secrets.token_hex(16)
         self.sessions[key] = Session(epoch=self.state.session_epoch, last_used=time.monotonic())
@@ -547,7 +547,7 @@ class CustomerPortSim:
                 },
             )
         )
-        log.info("event=ticket_created ticket_id=%s", tid)
+        log.info("ticket_created", extra={"fields": {"ticket_id": tid}})
         return OK, [("ticketId", tid)]
 
     async def add_message(self, call: Call, mode: str | None) -> Reply:

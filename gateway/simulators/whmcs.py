@@ -420,7 +420,10 @@ class WhmcsApi:
         code = self.codes.setdefault(ticket.id, "".join(random.choices(string.ascii_letters, k=8)))
         if not noemail:
             self._confirmation(ticket)
-        log.info("event=whmcs_ticket_opened id=%s tid=%s deptid=%s", ticket.id, ticket.ref, deptid)
+        log.info(
+            "whmcs_ticket_opened",
+            extra={"fields": {"id": ticket.id, "tid": ticket.ref, "deptid": deptid}},
+        )
         return {"result": "success", "id": ticket.id, "tid": ticket.ref, "c": code}
 
     def _confirmation(self, ticket: SimTicket) -> None:
@@ -491,7 +494,9 @@ class WhmcsApi:
             ticket.status = "answered"
         else:
             ticket.status = "customer-reply"  # a customer reply reopens a closed ticket, as WHMCS
-        log.info("event=whmcs_ticket_reply id=%s kind=%s", ticket.id, author.split(":")[0])
+        log.info(
+            "whmcs_ticket_reply", extra={"fields": {"id": ticket.id, "kind": author.split(":")[0]}}
+        )
         return {"result": "success"}
 
     def _reply_who(self, m: SimMessage) -> tuple[str, str, str]:
@@ -666,10 +671,8 @@ def add_routes(app: web.Application, state: SimState) -> None:
             result = command(form)
         except ApiError as exc:
             log.info(
-                "event=whmcs_api_error action=%s status=%d message=%r",
-                action,
-                exc.status,
-                exc.message,
+                "whmcs_api_error",
+                extra={"fields": {"action": action, "status": exc.status, "message": exc.message}},
             )
             return _json({"result": "error", "message": exc.message}, status=exc.status)
         return _json(result)

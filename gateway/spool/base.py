@@ -264,13 +264,17 @@ class PurgeResult:
             + self.outbox_deleted
         )
 
-    def log_fields(self) -> str:
-        return (
-            f"raw_purged={self.raw_purged} raw_bytes={self.raw_bytes}"
-            f" messages_deleted={self.messages_deleted} dead_deleted={self.dead_deleted}"
-            f" tickets_deleted={self.tickets_deleted} threads_deleted={self.threads_deleted}"
-            f" outbox_deleted={self.outbox_deleted} batches={self.batches}"
-        )
+    def log_fields(self) -> dict[str, int]:
+        return {
+            "raw_purged": self.raw_purged,
+            "raw_bytes": self.raw_bytes,
+            "messages_deleted": self.messages_deleted,
+            "dead_deleted": self.dead_deleted,
+            "tickets_deleted": self.tickets_deleted,
+            "threads_deleted": self.threads_deleted,
+            "outbox_deleted": self.outbox_deleted,
+            "batches": self.batches,
+        }
 
 
 @dataclass

@@ -394,7 +394,8 @@ def prepare(conn: sqlite3.Connection, path: Path) -> int:
             f" {found} to {SCHEMA_VERSION}: {exc}; the spool is unchanged"
         ) from exc
     log.warning(
-        "event=spool_migrating path=%s from=%d to=%d backup=%s", path, found, SCHEMA_VERSION, bak
+        "spool_migrating",
+        extra={"fields": {"path": path, "from": found, "to": SCHEMA_VERSION, "backup": bak}},
     )
 
     def migrate() -> None:
@@ -407,7 +408,8 @@ def prepare(conn: sqlite3.Connection, path: Path) -> int:
             if step.version > current:
                 step.apply(conn)
                 log.info(
-                    "event=spool_migrated_step version=%d what=%r", step.version, step.description
+                    "spool_migrated_step",
+                    extra={"fields": {"version": step.version, "what": step.description}},
                 )
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
@@ -420,7 +422,9 @@ def prepare(conn: sqlite3.Connection, path: Path) -> int:
             f"{path}: migrating the spool from schema {found} to {SCHEMA_VERSION} failed: {exc};"
             f" nothing was changed (the copy taken before is {bak})"
         ) from exc
-    log.warning("event=spool_migrated path=%s from=%d to=%d", path, found, SCHEMA_VERSION)
+    log.warning(
+        "spool_migrated", extra={"fields": {"path": path, "from": found, "to": SCHEMA_VERSION}}
+    )
     return found
 
 

@@ -387,7 +387,10 @@ class PostgresSpool:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(SCHEMA_VERSION),),
                 )
-                log.info("event=spool_created engine=postgresql version=%d", SCHEMA_VERSION)
+                log.info(
+                    "spool_created",
+                    extra={"fields": {"engine": "postgresql", "version": SCHEMA_VERSION}},
+                )
                 return SCHEMA_VERSION
             if found > SCHEMA_VERSION:
                 raise SpoolError(
@@ -397,7 +400,10 @@ class PostgresSpool:
             for version in range(found + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[version]:
                     await conn.execute(statement.encode())
-                log.warning("event=spool_migrated_step engine=postgresql version=%d", version)
+                log.warning(
+                    "spool_migrated_step",
+                    extra={"fields": {"engine": "postgresql", "version": version}},
+                )
             if found < SCHEMA_VERSION:
                 await conn.execute(
                     "UPDATE meta SET value = %s WHERE key = 'schema_version'",
@@ -448,7 +454,7 @@ class PostgresSpool:
                     **{k: v for k, v in self._kwargs.items() if k == "password"},
                 )
             except psycopg.Error as exc:
-                log.warning("event=spool_session_connect_failed error=%r", str(exc))
+                log.warning("spool_session_connect_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -465,7 +471,9 @@ class PostgresSpool:
                         if got and got[0]:
                             break
                         if not waited:
-                            log.warning("event=waiting_for_owner_lock owner=%s", self.owner)
+                            log.warning(
+                                "waiting_for_owner_lock", extra={"fields": {"owner": self.owner}}
+                            )
                             waited = True
                         await asyncio.sleep(0.5)
                     self._owner_held.set()
@@ -482,7 +490,7 @@ class PostgresSpool:
                         cb()
             except psycopg.Error as exc:
                 if not self._closed:
-                    log.warning("event=spool_session_lost error=%r", str(exc))
+                    log.warning("spool_session_lost", extra={"fields": {"error": str(exc)}})
             finally:
                 self._owner_held.clear()
                 with contextlib.suppress(psycopg.Error):
@@ -547,7 +555,10 @@ class PostgresSpool:
             try:
                 results = await self._put_batch([p for p, _ in batch])
             except SpoolError as exc:
-                log.error("event=spool_commit_failed error=%r batch=%d", str(exc), len(batch))
+                log.error(
+                    "spool_commit_failed",
+                    extra={"fields": {"error": str(exc), "batch": len(batch)}},
+                )
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -1357,7 +1368,7 @@ class PostgresSpool:
                     await conn.execute(sql.SQL("VACUUM FULL {}").format(sql.Identifier(table)))
             er.compacted = True
         except (psycopg.Error, PoolTimeout) as exc:
-            log.warning("event=erase_vacuum_failed error=%r", str(exc))
+            log.warning("erase_vacuum_failed", extra={"fields": {"error": str(exc)}})
             er.compacted = False
         return er
 

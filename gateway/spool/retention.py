@@ -229,11 +229,8 @@ class RetentionTask:
         self.runs += 1
         self.last = result
         if result.changed():
-            log.info(
-                "event=retention %s seconds=%.2f",
-                result.log_fields(),
-                time.monotonic() - started,
-            )
+            seconds = f"{time.monotonic() - started:.2f}"
+            log.info("retention", extra={"fields": {**result.log_fields(), "seconds": seconds}})
         return result
 
     async def run(self) -> None:
@@ -244,7 +241,7 @@ class RetentionTask:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("event=retention_failed error=%r", str(exc))
+                log.error("retention_failed", extra={"fields": {"error": str(exc)}})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.interval)
 

@@ -289,7 +289,9 @@ class SqliteSpool:
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            log.error("event=spool_commit_failed error=%r batch=%d", str(exc), len(batch))
+            log.error(
+                "spool_commit_failed", extra={"fields": {"error": str(exc), "batch": len(batch)}}
+            )
             err = SpoolError(f"spool commit failed: {exc}")
             for job in batch:
                 if not job.future.done():
@@ -484,7 +486,7 @@ class SqliteSpool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.warning("event=waiting_for_owner_lock path=%s", lock_path)
+                log.warning("waiting_for_owner_lock", extra={"fields": {"path": lock_path}})
                 fcntl.flock(fd, fcntl.LOCK_EX)
             return fd
 

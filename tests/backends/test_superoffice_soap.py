@@ -23,6 +23,7 @@ from gateway.backends.superoffice_soap import (
     map_exception,
 )
 from gateway.errors import BackendUnavailable, ConfigError, PermanentError, TransientError
+from gateway.logs import event_text
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.simulators.server import Simulators
 from gateway.simulators.state import ACCOUNT_EMAIL, PASSWORD
@@ -255,7 +256,7 @@ async def test_session_expiry_is_renewed(
     (await sim_api.post("/_sim/sessions/expire")).raise_for_status()
     ref = await backend.open_ticket(decision(), mail(), MemoryProgress())
     assert await backend.ticket_status(ref) == "open"
-    events = [r.getMessage() for r in caplog.records]
+    events = [event_text(r) for r in caplog.records]
     assert sum("event=login " in e for e in events) == 2
     assert any("event=session_expired" in e for e in events)
     assert len(await tickets(sim_api)) == 2
@@ -377,7 +378,7 @@ async def test_concurrent_calls_share_one_login(
         )
     )
     assert len({r.id for r in refs}) == 8
-    assert sum("event=login " in r.getMessage() for r in caplog.records) == 1
+    assert sum("event=login " in event_text(r) for r in caplog.records) == 1
     assert sorted(t["title"] for t in await tickets(sim_api)) == [f"s{i}" for i in range(8)]
 
 
@@ -403,7 +404,7 @@ async def test_logs_hold_no_secrets_or_text(
     await fault(sim_api, "reject", count=1)
     with pytest.raises(PermanentError):
         await backend.open_ticket(decision(), mail(), MemoryProgress())
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    text = "\n".join(event_text(r) for r in caplog.records)
     assert PASSWORD not in text
     assert "SECRET-BODY-TEXT" not in text
     assert not re.search(r"\b[0-9a-f]{32}\b", text)  # no session key

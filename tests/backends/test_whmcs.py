@@ -20,6 +20,7 @@ from gateway.backends.whmcs import (
     encode_customfields,
 )
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
+from gateway.logs import event_text
 from gateway.models import Attachment, Decision, ParsedMail, TicketRef
 from gateway.simulators import whmcs as sim
 from gateway.simulators.server import Simulators
@@ -173,7 +174,7 @@ async def test_unknown_sender_becomes_guest(
     [t] = tickets(sims)
     assert "clientid" not in t.fields and t.fields["email"] == "jane@example.org"
     # "Client Not Found" is the normal answer for a new sender: no whmcs_error in the log
-    events = " ".join(r.getMessage() for r in caplog.records)
+    events = " ".join(event_text(r) for r in caplog.records)
     assert "event=whmcs_client_lookup" in events and "found=False" in events
     assert "whmcs_error" not in events
 
