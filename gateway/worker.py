@@ -424,7 +424,7 @@ class Worker:
             if st in ("queued", "deferred", "processing"):
                 await self.spool.defer(
                     msg_id,
-                    error=f"waiting for earlier copy {earlier}",
+                    error=f"waiting for copy {earlier} (same Message-ID and content) to finish",
                     delay=2.0,
                     count_attempt=False,
                 )

@@ -266,6 +266,33 @@ async def test_pending_original_and_duplicates(spool: Spool) -> None:
     assert await spool.pending_original(["<m1@example.org>"], second) is None
 
 
+async def test_a_later_copy_in_hand_goes_first_and_the_earlier_one_waits(spool: Spool) -> None:
+    """The copy whose identity is recorded first goes on; the other waits for it. After a crash
+    that lost the 250, the sender's second copy may reach its identity before the first copy:
+    both going on would make two tickets (seen in the kill -9 drill)."""
+    first = (await spool.put(mail(1), ENV)).id
+    second = (await spool.put(mail(1), ENV)).id  # the sender sent it again
+    assert await spool.claim_due(5) == [first, second]
+    assert await spool.set_identity(second, "<m1@example.org>", "d1", "mail 1") is None
+    # the earlier copy comes second: the later copy is in hand, so this one waits for it
+    assert await spool.set_identity(first, "<m1@example.org>", "d1", "mail 1") == second
+    assert await spool.state_of(second) == "processing"
+    await spool.defer(first, error="waiting", delay=0.0, count_attempt=False)
+    await spool.finish(second, Outcome(state=State.DONE, backend="x", ticket_ref="1"))
+    assert await spool.claim_due(5) == [first]
+    assert await spool.set_identity(first, "<m1@example.org>", "d1", "mail 1") == second
+    assert await spool.state_of(second) == "done"  # so the worker records it as a duplicate
+
+
+async def test_an_earlier_copy_goes_before_a_later_copy_that_waits(spool: Spool) -> None:
+    first = (await spool.put(mail(1), ENV)).id
+    second = (await spool.put(mail(1), ENV)).id
+    assert await spool.claim_due(5) == [first, second]
+    assert await spool.set_identity(second, "<m1@example.org>", "d1", "mail 1") is None
+    await spool.defer(second, error="interrupted", delay=60.0)  # e.g. a backend outage
+    assert await spool.set_identity(first, "<m1@example.org>", "d1", "mail 1") is None
+
+
 async def test_progress_steps_are_kept(spool: Spool) -> None:
     m = (await spool.put(mail(1), ENV)).id
     await spool.claim_due(1)

@@ -378,9 +378,11 @@ class Spool(Protocol):
     async def set_identity(
         self, msg_id: int, message_id: str, digest: str, subject: str
     ) -> int | None:
-        """Record the parsed Message-ID/digest; return the id of an earlier copy of this mail
-        (same digest and Message-ID, not dead or duplicate), atomically, so that two copies
-        processed at once cannot both miss each other."""
+        """Record the parsed Message-ID/digest; return the id of another copy of this mail
+        (same digest and Message-ID, not dead or duplicate) that goes first, atomically, so that
+        two copies processed at once cannot both miss each other: an earlier copy, or a later one
+        that is done or already in hand (it found no copy when it started); None when this copy
+        goes first (no other, or only later copies that wait)."""
         ...
 
     async def state_of(self, msg_id: int) -> str | None: ...

@@ -745,8 +745,12 @@ class PostgresSpool:
                 (digest, message_id, msg_id),
             )
             row = await cur.fetchone()
-            if row is None or (row["id"] > msg_id and row["state"] not in ("done", "suppressed")):
-                return None  # a later copy that has not finished: this (older) one goes first
+            if row is None:
+                return None
+            if row["id"] > msg_id and row["state"] not in ("done", "suppressed", "processing"):
+                # a later copy that waits (queued, deferred): this (older) one goes first; a later
+                # copy in hand (it found no copy when it started) goes on, and this one waits
+                return None
             return int(row["id"])
 
         return await self._run(go)

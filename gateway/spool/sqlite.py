@@ -675,17 +675,25 @@ class SqliteSpool:
                 " AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
                 (digest, message_id, msg_id),
             ).fetchone()
-            if row is None or (row[0] > msg_id and not self._is_done(conn, row[0])):
-                # a later copy that has not finished: this (older) one goes first
+            if row is None:
                 return None
-            return int(row[0])
+            other = int(row[0])
+            if other > msg_id and self._state(conn, other) not in (
+                "done",
+                "suppressed",
+                "processing",
+            ):
+                # a later copy that waits (queued, deferred): this (older) one goes first; a later
+                # copy in hand (it found no copy when it started) goes on, and this one waits
+                return None
+            return other
 
         return await self._write(job)
 
     @staticmethod
-    def _is_done(conn: sqlite3.Connection, msg_id: int) -> bool:
+    def _state(conn: sqlite3.Connection, msg_id: int) -> str:
         row = conn.execute("SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone()
-        return row is not None and row[0] in ("done", "suppressed")
+        return str(row[0]) if row is not None else ""
 
     async def state_of(self, msg_id: int) -> str | None:
         def q(conn: sqlite3.Connection) -> str | None:
