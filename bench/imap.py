@@ -760,6 +760,7 @@ def main() -> int:
     WORKER_PROCESSES = args.worker_processes
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
+    root.chmod(0o755)  # the peer's Dovecot (its own users) reads its files below it
     common.log(f"work directory {root}; rules: rules/ of the repo")
     results: list[tuple[Phase, Phase, PeerRun | None]] = []
     ok = False
