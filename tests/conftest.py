@@ -9,6 +9,33 @@ import pytest
 
 from gateway.simulators.server import Simulators
 
+# Test files that drive real processes for a long time (drills, installs): collected first, so
+# that with the test files spread over processes (scripts/test, pytest-xdist --dist loadfile) they
+# start at once instead of one of them running alone at the end. The order of the other files, and
+# of the tests within a file, is unchanged.
+SLOW_FIRST = (
+    "test_install.py",
+    "test_stop_after_burst.py",
+    "test_cluster.py",
+    "test_secrets_leak.py",
+    "test_lifecycle.py",
+    "test_crash_drill.py",
+    "test_config_check.py",
+    "test_spool_copy.py",
+    "test_nodes.py",
+    "test_hostile_endpoint.py",
+    "test_metrics_coverage.py",
+    "test_contract_suite.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
 
 @pytest.fixture
 async def sims() -> AsyncIterator[Simulators]:
