@@ -64,7 +64,14 @@ from gateway.spool.base import (
     ThreadHit,
     TicketInfo,
 )
-from gateway.spool.rows import ack_limit_steps, ack_row, message_row, node_info, pick_ticket
+from gateway.spool.rows import (
+    ack_limit_steps,
+    ack_row,
+    copy_going_first,
+    message_row,
+    node_info,
+    pick_ticket,
+)
 
 log = logging.getLogger("gateway.spool")
 
@@ -744,14 +751,7 @@ class PostgresSpool:
                 " AND id != %s AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
                 (digest, message_id, msg_id),
             )
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            if row["id"] > msg_id and row["state"] not in ("done", "suppressed", "processing"):
-                # a later copy that waits (queued, deferred): this (older) one goes first; a later
-                # copy in hand (it found no copy when it started) goes on, and this one waits
-                return None
-            return int(row["id"])
+            return copy_going_first(msg_id, await cur.fetchone())
 
         return await self._run(go)
 

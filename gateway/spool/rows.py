@@ -118,3 +118,14 @@ def ack_limit_steps(
             strangers = max(1, int(limits.global_limit * limits.stranger_share))
             steps.append(LimitStep("global", "known", 0, strangers))
     return steps
+
+
+def copy_going_first(msg_id: int, other: Row | None) -> int | None:
+    """`Spool.set_identity`'s answer, given the lowest-numbered other copy of the mail (`id` and
+    `state`, or None): that copy when it goes first (an earlier copy, or a later one that is done
+    or already in hand: it found no copy when it started), else None (this copy goes first)."""
+    if other is None:
+        return None
+    if other["id"] > msg_id and other["state"] not in ("done", "suppressed", "processing"):
+        return None  # a later copy that waits (queued, deferred): this (older) one goes first
+    return int(other["id"])

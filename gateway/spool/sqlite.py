@@ -56,7 +56,14 @@ from gateway.spool.base import (
     TicketInfo,
 )
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
-from gateway.spool.rows import ack_limit_steps, ack_row, message_row, node_info, pick_ticket
+from gateway.spool.rows import (
+    ack_limit_steps,
+    ack_row,
+    copy_going_first,
+    message_row,
+    node_info,
+    pick_ticket,
+)
 
 __all__ = ["BLOB_STREAM_MIN", "SCHEMA", "SCHEMA_VERSION", "SqliteSpool"]
 
@@ -671,29 +678,13 @@ class SqliteSpool:
                 (message_id, digest, subject[:500], msg_id),
             )
             row = conn.execute(
-                "SELECT id FROM messages WHERE digest = ? AND message_id = ? AND id != ?"
+                "SELECT id, state FROM messages WHERE digest = ? AND message_id = ? AND id != ?"
                 " AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
                 (digest, message_id, msg_id),
             ).fetchone()
-            if row is None:
-                return None
-            other = int(row[0])
-            if other > msg_id and self._state(conn, other) not in (
-                "done",
-                "suppressed",
-                "processing",
-            ):
-                # a later copy that waits (queued, deferred): this (older) one goes first; a later
-                # copy in hand (it found no copy when it started) goes on, and this one waits
-                return None
-            return other
+            return copy_going_first(msg_id, row)
 
         return await self._write(job)
-
-    @staticmethod
-    def _state(conn: sqlite3.Connection, msg_id: int) -> str:
-        row = conn.execute("SELECT state FROM messages WHERE id = ?", (msg_id,)).fetchone()
-        return str(row[0]) if row is not None else ""
 
     async def state_of(self, msg_id: int) -> str | None:
         def q(conn: sqlite3.Connection) -> str | None:
