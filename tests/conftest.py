@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 from gateway.simulators.server import Simulators
+from tests.pg_server import PostgresServer
 
 # Test files that drive real processes for a long time (drills, installs): collected first, so
 # that with the test files spread over processes (scripts/test, pytest-xdist --dist loadfile) they
@@ -53,3 +54,14 @@ async def http(sims: Simulators) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the simulators (their `/_sim` API and the systems' endpoints)."""
     async with httpx.AsyncClient(base_url=sims.base_url, timeout=5) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server on loopback, one per test module that asks for it."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -29,16 +29,6 @@ from tests.pg_server import PostgresServer
 LEASE = 4
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimProcess]:
     s = SimProcess(tmp_path / "sim")

@@ -6,7 +6,7 @@ one engine has (SQLite's blob I/O, migrations of its file) is tested beside it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from gateway.spool.base import (
     ThreadHit,
     TicketInfo,
 )
-from tests.pg_server import PostgresServer
 
 ENV = Envelope(mail_from="a@example.org", rcpt_tos=("support@example.com",), peer="127.0.0.1")
 DAY = 86400.0
@@ -36,16 +35,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 Opener = Callable[..., Awaitable[Spool]]

@@ -24,16 +24,6 @@ from tests.pg_server import PostgresServer
 ENV = Envelope(mail_from="old@example.org", rcpt_tos=("support@example.com",), peer="127.0.0.1")
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def sim(tmp_path: Path) -> Iterator[SimProcess]:
     s = SimProcess(tmp_path / "sim")
