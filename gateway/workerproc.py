@@ -166,9 +166,11 @@ class WorkerSupervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the worker logs to the same stream as the intake
             limit=1 << 20,
-            # its own session: a Ctrl-C in a terminal reaches only the intake, which then
-            # drains the worker with SIGTERM; if the intake dies, stdin EOF stops the worker
-            start_new_session=True,
+            # its own process group: a Ctrl-C in a terminal reaches only the intake, which then
+            # drains the worker with SIGTERM; if the intake dies, stdin EOF stops the worker.
+            # Not its own session: Linux puts each session in its own scheduling autogroup,
+            # where worker_nice would no longer weigh the worker against the intake.
+            process_group=0,
             env=worker_environment(os.environ),
         )
 
