@@ -112,29 +112,41 @@ SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back i
 
 
 class SlotGate:
-    """This process's side of one backend's call slots (the slots themselves are spool rows,
-    counted across the cluster). At most `limit` of its tasks hold or try for a slot at a time;
-    the others wait on `local`, so that a slot this process frees goes at once to the next of
-    its own mails without a round of polling. A task that tried and found every slot taken (by
-    other processes) waits for `freed()`: a release here, or one elsewhere signalled by the
-    spool. Polling stays as the fallback (engines without signals, a dead owner's slot that
-    expires)."""
+    """This process's side of one backend's call slots. A slot is a row in the spool (counted
+    across the cluster, at most `limit` rows per backend); this process holds some of them
+    (`held`, by the label each was taken under) and lends each to one of its mails at a time.
+    A mail whose calls are over hands its slot straight to the next of this process's mails
+    that waits for one (`hand_over`: no spool round trip between one call and the next); only
+    when none waits does the slot go back to the spool, where other processes and nodes can
+    take it (and are signalled). A mail that finds all slots held elsewhere waits for a hand
+    over, or for `freed()` (a release signalled by the spool) to try the spool again; polling
+    stays as the fallback (engines without signals, a dead owner's slot that expires)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.local = asyncio.Semaphore(limit)
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self.held: set[int] = set()  # labels of the slot rows this process holds
+        self._waiting: deque[asyncio.Future[int | None]] = deque()
 
-    def waiter(self) -> asyncio.Future[None]:
-        """Register before trying, so that a release during the try is not missed."""
+    def waiter(self) -> asyncio.Future[int | None]:
+        """Register before trying the spool, so that a release or hand-over during the try is
+        not missed. The result: a slot handed over (its label), or None (try the spool)."""
         while self._waiting and self._waiting[0].done():
             self._waiting.popleft()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
         return fut
 
+    def hand_over(self, label: int) -> bool:
+        """Lend the held slot `label` to the first waiter; False when nobody waits."""
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(label)
+                return True
+        return False
+
     def freed(self) -> None:
-        """A slot came free: the first waiter tries again (one per release, no stampede)."""
+        """A slot came free in the spool: the first waiter tries again (one per release)."""
         while self._waiting:
             fut = self._waiting.popleft()
             if not fut.done():
@@ -143,22 +155,17 @@ class SlotGate:
 
 
 class _SlotHold:
-    """A call slot held for one mail: `release` gives it back once (spool row, gate place)."""
+    """A call slot lent to one mail: `release` passes it on once (see `Worker._give_slot`)."""
 
-    def __init__(self, spool: Spool, gate: SlotGate, backend: str, msg_id: int) -> None:
-        self.spool, self.gate, self.backend, self.msg_id = spool, gate, backend, msg_id
+    def __init__(self, worker: Worker, backend: str, label: int) -> None:
+        self.worker, self.backend, self.label = worker, backend, label
         self._held = True
 
     async def release(self) -> None:
         if not self._held:
             return
         self._held = False
-        try:
-            with contextlib.suppress(SpoolError):  # unreleased, it expires with the lease
-                await self.spool.release_slot(self.backend, self.msg_id)
-        finally:
-            self.gate.local.release()
-            self.gate.freed()
+        await self.worker._give_slot(self.backend, self.label)
 
 
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
@@ -203,6 +210,7 @@ class Worker:
         self._pauses: dict[str, tuple[float, str]] = {}
         self._pauses_read = 0.0
         self._slot_gates: dict[str, SlotGate] = {}
+        self._slot_tasks: set[asyncio.Task[None]] = set()  # slots given back from a finally
         self._dkim: dict[int, DkimResult] = {}  # mail -> the gateway's own DKIM check, if made
         spool.on_work(self.wake.set)  # another node stored or released mail
         spool.on_slot_freed(self._slot_freed)  # another process released a call slot
@@ -247,7 +255,7 @@ class Worker:
         where a backend call was in flight, and the worker looks for the ticket first)."""
         while not self._stopping:
             try:
-                await self.spool.heartbeat(set(self._task_ids.values()))
+                await self.spool.heartbeat(set(self._task_ids.values()), slots=self._held_slots())
                 if self._orphans:  # processing cut short by a spool failure: back to the queue
                     orphans = list(self._orphans)
                     await self.spool.release(orphans)
@@ -502,8 +510,8 @@ class Worker:
         # The backend's concurrency limit holds for the whole cluster: a slot in the spool per
         # call in flight, taken by every worker process of every node.
         limit = self.s.backend_concurrency.get(backend.name, 0)
-        gate = await self._take_slot(backend.name, limit, msg_id) if limit else None
-        if limit and gate is None:
+        label = await self._take_slot(backend.name, limit, msg_id) if limit else None
+        if limit and label is None:
             await self.spool.defer(
                 msg_id,
                 error=f"backend {backend.name}: all {limit} call slots of the cluster busy",
@@ -512,7 +520,9 @@ class Worker:
                 count_attempt=False,
             )
             return
-        hold = _SlotHold(self.spool, gate, backend.name, msg_id) if gate is not None else None
+        hold = None
+        if label is not None:
+            hold = _SlotHold(self, backend.name, label)
         try:
             # the slot goes back as soon as the backend calls are over (before the outcome is
             # written): it stands for a call in flight, and the next mail may start its own
@@ -524,7 +534,10 @@ class Worker:
     def _slot_gate(self, backend: str, limit: int) -> SlotGate:
         gate = self._slot_gates.get(backend)
         if gate is None or gate.limit != limit:  # new, or the limit changed on a reload
-            gate = self._slot_gates[backend] = SlotGate(limit)
+            old, gate = gate, SlotGate(limit)
+            if old is not None:
+                gate.held = old.held  # the rows this process holds stay its own
+            self._slot_gates[backend] = gate
         return gate
 
     def _slot_freed(self, backend: str) -> None:
@@ -532,35 +545,60 @@ class Worker:
         if gate is not None:
             gate.freed()
 
-    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> SlotGate | None:
-        """A call slot of `backend`, waiting a little while all are taken (then None). The caller
-        then holds the slot and a place in the returned gate until it releases both."""
+    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> int | None:
+        """A call slot of `backend` for mail `msg_id` (the label of its spool row): one handed
+        over by another of this process's mails, or a new one from the spool; None when none
+        came within SLOT_WAIT. The caller gives it back with `_give_slot`."""
         gate = self._slot_gate(backend, limit)
         deadline = time.monotonic() + SLOT_WAIT
-        try:
-            await asyncio.wait_for(gate.local.acquire(), timeout=SLOT_WAIT)
-        except TimeoutError:
-            return None
         tries = 0
-        try:
-            while True:
-                woken = gate.waiter()
-                try:
+        while True:
+            woken = gate.waiter()
+            taken: int | None = None
+            try:
+                # a label is one row: never take a second row under a label this process holds
+                if len(gate.held) < limit and msg_id not in gate.held:
                     if await self.spool.acquire_slot(backend, limit, msg_id):
-                        return gate
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._stopping:
-                        gate.local.release()
-                        return None
-                    tries += 1
-                    # a release wakes us at once; the poll is only the fallback
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken, timeout=min(left, SLOT_BACKOFF.delay(tries)))
-                finally:
+                        gate.held.add(msg_id)
+                        taken = msg_id
+                        return msg_id
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    return None
+                tries += 1
+                # a hand-over or a release wakes us at once; the poll is only the fallback
+                await asyncio.wait({woken}, timeout=min(left, SLOT_BACKOFF.delay(tries)))
+                if woken.done() and woken.result() is not None:
+                    taken = woken.result()
+                    return taken
+            finally:
+                if not woken.done():
                     woken.cancel()
-        except BaseException:
-            gate.local.release()
-            raise
+                elif (handed := woken.result()) is not None and handed != taken:
+                    # handed a slot it does not use (it took one from the spool meanwhile, or
+                    # timed out, stopped, was cancelled): on to the next waiter or back
+                    self._give_later(backend, handed)
+
+    async def _give_slot(self, backend: str, label: int) -> None:
+        """A mail's calls are over: its slot goes to the next mail of this process that waits
+        for one, at once; when none does (or the worker stops), back to the spool."""
+        gate = self._slot_gates[backend]
+        if not self._stopping and label in gate.held and gate.hand_over(label):
+            return
+        gate.held.discard(label)
+        try:
+            with contextlib.suppress(SpoolError):  # unreleased, it expires with the lease
+                await self.spool.release_slot(backend, label)
+        finally:
+            gate.freed()  # a mail of this process that came to wait meanwhile tries the spool
+
+    def _give_later(self, backend: str, label: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._give_slot(backend, label))
+        self._slot_tasks.add(task)
+        task.add_done_callback(self._slot_tasks.discard)
+
+    def _held_slots(self) -> set[int]:
+        return set().union(*(g.held for g in self._slot_gates.values()))
 
     async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
         """The backend pauses recorded in the spool (by any process), read at most once a s."""

@@ -408,6 +408,31 @@ async def test_backend_slots_hold_across_owners(open_: Opener) -> None:
     assert await a.acquire_slot("whmcs", b_held + 1, 202) is False
 
 
+async def test_a_slot_lent_on_stays_held_until_its_owner_gives_it_back(open_: Opener) -> None:
+    """A slot is labelled with the mail it was taken for, but the owner lends it to later mails:
+    the labelling mail's outcome or requeue does not free it, another owner cannot take a second
+    row under its label, the owner's heartbeat (`slots=`) keeps it past the lease; `recover`
+    frees what the owner's previous process held."""
+    a, b = await open_(node="a", lease=30), await open_(node="b", lease=30)
+    clock = open_.clock  # type: ignore[attr-defined]
+    m1, m2 = (await a.put(mail(1), ENV)).id, (await a.put(mail(2), ENV)).id
+    assert await a.claim_due(1) == [m1]
+    assert await a.acquire_slot("whmcs", 1, m1)
+    await a.finish(m1, Outcome(state=State.DONE, backend="whmcs", ticket_ref="T1", ticket_id="T1"))
+    assert await b.acquire_slot("whmcs", 1, m2) is False  # still lent (to m2 by now)
+    assert await b.acquire_slot("whmcs", 2, m1) is False  # a's label: not a second row
+    assert await b.claim_due(1) == [m2]
+    await b.release([m2])
+    assert await b.acquire_slot("whmcs", 1, m2) is False
+    clock.t += 20
+    await a.heartbeat([], slots=[m1])  # no claims left, the slot is still held
+    clock.t += 20
+    assert await b.acquire_slot("whmcs", 1, m2) is False
+    again = await open_(node="a")  # a restarts under its own name
+    await again.recover()
+    assert await b.acquire_slot("whmcs", 1, m2)
+
+
 async def test_a_released_slot_is_signalled_to_other_processes(open_: Opener) -> None:
     """Engines with signals (PostgreSQL's NOTIFY) tell every process that a call slot of a
     backend came free, so that a waiter tries again at once; SQLite has none (waiters poll)."""

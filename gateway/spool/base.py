@@ -330,16 +330,20 @@ class Spool(Protocol):
 
     async def recover(self) -> Recovered:
         """Put back what this owner left `processing` (it crashed: no other process runs under
-        its name). Each counts one crash; mails with a backend call in flight become uncertain."""
+        its name). Each counts one crash; mails with a backend call in flight become uncertain.
+        The call slots the owner held are freed."""
         ...
 
     async def take_over(self) -> Recovered:
         """Put back mails whose owner's lease ran out (that process died); counts a crash."""
         ...
 
-    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+    async def heartbeat(
+        self, claims: Collection[int] | None = None, *, slots: Collection[int] | None = None
+    ) -> None:
         """Record the owner alive and renew its leases: on the mails in `claims` (those it is
-        still working on; None: all it holds), on its outbox claims and call slots. A claim not
+        still working on; None: all it holds), on its outbox claims and on the call slots whose
+        labels are in `slots` (None: those labelled with its claims). A claim or slot not
         renewed (its processing ended without an outcome, e.g. the spool was unreachable)
         expires and is taken over like a dead owner's."""
         ...
@@ -456,8 +460,13 @@ class Spool(Protocol):
 
     # -- backend slots (concurrency limits across the cluster) --------------------------------
     async def acquire_slot(self, backend: str, limit: int, msg_id: int) -> bool:
-        """Take one of `limit` call slots of `backend` for `msg_id`; False when all are taken.
-        Slots of a dead owner expire with its lease."""
+        """Take one of `limit` call slots of `backend`, labelled `msg_id` (the mail it is taken
+        for); False when all are taken, or when another owner holds a slot under that label.
+        The owner may lend a slot it holds to one call after another (of other mails) until it
+        gives it back with `release_slot(backend, label)`; it renews its slots with `heartbeat`
+        and a dead owner's slots expire with its lease. No other call frees a slot (an outcome
+        or a requeue of the labelling mail does not: the slot may be lent to another by now),
+        except `recover`, which frees what the owner's previous process held."""
         ...
 
     async def release_slot(self, backend: str, msg_id: int) -> None: ...

@@ -608,6 +608,8 @@ class PostgresSpool:
     # -- recovery, claims and leases -----------------------------------------------------------------
 
     async def recover(self) -> Recovered:
+        # the call slots of this owner's previous process (this one holds none yet)
+        await self._exec("DELETE FROM slots WHERE owner = %s", (self.owner,))
         return await self._requeue("claimed_by IN (%s, '')", [self.owner], crashed=True)
 
     async def take_over(self) -> Recovered:
@@ -644,16 +646,18 @@ class PostgresSpool:
                 (now, 1 if crashed else 0, now, ids),
             )
             n = cur.rowcount
-            await conn.execute("DELETE FROM slots WHERE msg_id = ANY(%s)", (ids,))
             await conn.execute(f"NOTIFY {CHANNEL}")
             return Recovered(requeued=n, uncertain=unc)
 
         return await self._run(go)
 
-    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+    async def heartbeat(
+        self, claims: Collection[int] | None = None, *, slots: Collection[int] | None = None
+    ) -> None:
         now = self.clock()
         until = now + self.lease
         ids = None if claims is None else [int(i) for i in claims]
+        labels = ids if slots is None else [int(i) for i in slots]
 
         async def go(conn: Conn) -> None:
             await conn.execute(
@@ -669,7 +673,7 @@ class PostgresSpool:
             await conn.execute(
                 "UPDATE slots SET until = %s WHERE owner = %s"
                 " AND (%s::bigint[] IS NULL OR msg_id = ANY(%s::bigint[]))",
-                (until, self.owner, ids, ids),
+                (until, self.owner, labels, labels),
             )
             await conn.execute(
                 "INSERT INTO nodes (owner, node, seen_at, started_at) VALUES (%s, %s, %s, %s)"
@@ -843,11 +847,6 @@ class PostgresSpool:
                         " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
                         (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
                     )
-            cur = await conn.execute(
-                "DELETE FROM slots WHERE msg_id = %s RETURNING backend", (msg_id,)
-            )
-            for slot in await cur.fetchall():  # a slot still held: its waiters may go
-                await conn.execute("SELECT pg_notify(%s, %s)", (SLOT_CHANNEL, slot["backend"]))
             ack = outcome.ack
             if ack is None:
                 return ""
@@ -1000,13 +999,14 @@ class PostgresSpool:
             taken = await cur.fetchone()
             if taken is not None and taken["n"] >= limit:
                 return False
-            await conn.execute(
+            # a label another owner holds stays its own (one row, one holder)
+            cur = await conn.execute(
                 "INSERT INTO slots (backend, msg_id, owner, until) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (backend, msg_id) DO UPDATE SET owner = excluded.owner,"
-                " until = excluded.until",
+                " ON CONFLICT (backend, msg_id) DO UPDATE SET until = excluded.until"
+                " WHERE slots.owner = excluded.owner RETURNING 1",
                 (backend, msg_id, self.owner, now + self.lease),
             )
-            return True
+            return await cur.fetchone() is not None
 
         return await self._run(go)
 

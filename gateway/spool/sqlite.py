@@ -503,10 +503,14 @@ class SqliteSpool:
     async def recover(self) -> Recovered:
         """See `Spool.recover`."""
         owner = self.owner
-        return await self._write(
+
+        def job(conn: sqlite3.Connection) -> Recovered:
+            # the call slots of this owner's previous process (this one holds none yet)
+            conn.execute("DELETE FROM slots WHERE owner = ?", (owner,))
             # '' : claimed before claims had owners (a spool of schema 4 or older)
-            lambda conn: self._requeue(conn, "claimed_by IN (?, '')", [owner], crashed=True)
-        )
+            return self._requeue(conn, "claimed_by IN (?, '')", [owner], crashed=True)
+
+        return await self._write(job)
 
     async def take_over(self) -> Recovered:
         """See `Spool.take_over`."""
@@ -535,22 +539,21 @@ class SqliteSpool:
             f"UPDATE messages SET uncertain = 1, last_error = ? WHERE {where} AND inflight != ''",
             ("interrupted during a backend call: the ticket system may already have it", *params),
         ).rowcount
-        ids = [r[0] for r in conn.execute(f"SELECT id FROM messages WHERE {where}", params)]
         n = conn.execute(
             "UPDATE messages SET state = 'queued', inflight = '', next_attempt_at = ?,"
             " claimed_by = '', lease_until = NULL,"
             f" crashes = crashes + ?, updated_at = ? WHERE {where}",
             (now, 1 if crashed else 0, now, *params),
         ).rowcount
-        if ids:
-            marks = ",".join("?" * len(ids))
-            conn.execute(f"DELETE FROM slots WHERE msg_id IN ({marks})", ids)
         return Recovered(requeued=n, uncertain=unc)
 
-    async def heartbeat(self, claims: Collection[int] | None = None) -> None:
+    async def heartbeat(
+        self, claims: Collection[int] | None = None, *, slots: Collection[int] | None = None
+    ) -> None:
         now = self.clock()
         until = now + self.lease
         ids = None if claims is None else [int(i) for i in claims]
+        labels = ids if slots is None else [int(i) for i in slots]
 
         def job(conn: sqlite3.Connection) -> None:
             where = "state = 'processing' AND claimed_by = ?"
@@ -563,13 +566,13 @@ class SqliteSpool:
                 "UPDATE outbox SET lease_until = ? WHERE state = 'pending' AND claimed_by = ?",
                 (until, self.owner),
             )
-            if ids is None:
+            if labels is None:
                 conn.execute("UPDATE slots SET until = ? WHERE owner = ?", (until, self.owner))
-            elif ids:
+            elif labels:
                 conn.execute(
                     f"UPDATE slots SET until = ? WHERE owner = ? AND msg_id IN"
-                    f" ({','.join('?' * len(ids))})",
-                    [until, self.owner, *ids],
+                    f" ({','.join('?' * len(labels))})",
+                    [until, self.owner, *labels],
                 )
             conn.execute(
                 "INSERT INTO nodes (owner, node, seen_at, started_at) VALUES (?, ?, ?, ?)"
@@ -949,11 +952,16 @@ class SqliteSpool:
             ).fetchone()[0]
             if taken >= limit:
                 return False
-            conn.execute(
-                "INSERT OR REPLACE INTO slots (backend, msg_id, owner, until) VALUES (?, ?, ?, ?)",
-                (backend, msg_id, self.owner, now + self.lease),
+            # a label another owner holds stays its own (one row, one holder)
+            return (
+                conn.execute(
+                    "INSERT INTO slots (backend, msg_id, owner, until) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (backend, msg_id) DO UPDATE SET until = excluded.until"
+                    " WHERE slots.owner = excluded.owner",
+                    (backend, msg_id, self.owner, now + self.lease),
+                ).rowcount
+                > 0
             )
-            return True
 
         return await self._write(job)
 
