@@ -66,19 +66,55 @@ log = logging.getLogger("gateway.worker")
 
 
 class SpoolProgress:
-    """`Progress` backed by the spool: every step is durable before the next call. See `Progress`."""
+    """`Progress` backed by the spool: every step is durable before the next call. See `Progress`.
+
+    `done` starts its write at once without waiting for it (the backend goes on building its
+    next request meanwhile); `begin` waits for that write before it records the next call, and
+    `flush` (when the mail's calls are over) before anything else happens to the mail. A `begin`
+    that comes before the write has even started (no await in between: nothing else happened)
+    records both in one statement: one spool round trip between two calls instead of two.
+    """
 
     def __init__(self, spool: Spool, msg_id: int, data: dict[str, Any]) -> None:
         self.spool = spool
         self.msg_id = msg_id
         self.data: dict[str, Any] = dict(data)
+        self._start: asyncio.Handle | None = None  # the done write, not started yet
+        self._write: asyncio.Task[None] | None = None  # the done write, under way
 
     async def begin(self, step: str) -> None:
+        if self._start is not None:  # not started: it goes with this one
+            self._start.cancel()
+            self._start = None
+            await self.spool.begin_step(self.msg_id, step, progress=self.data)
+            return
+        await self.flush()
         await self.spool.begin_step(self.msg_id, step)
 
     async def done(self, step: str, **values: Any) -> None:
         self.data[step] = values
+        if self._start is None:
+            self._start = asyncio.get_running_loop().call_soon(self._start_write)
+
+    def _start_write(self) -> None:
+        self._start = None
+        previous = self._write
+        self._write = asyncio.get_running_loop().create_task(self._done_step(previous))
+
+    async def _done_step(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # in order
+            with contextlib.suppress(Exception):  # its failure is raised by whoever waits
+                await previous
         await self.spool.done_step(self.msg_id, self.data)
+
+    async def flush(self) -> None:
+        """Wait until every `done` so far is durable (raises the spool's error)."""
+        if self._start is not None:
+            self._start.cancel()
+            self._start_write()
+        write, self._write = self._write, None
+        if write is not None:
+            await write
 
 
 @dataclasses.dataclass
@@ -678,6 +714,14 @@ class Worker:
         calls are over, whatever their result (the call slot goes back)."""
         progress = SpoolProgress(self.spool, row.id, row.progress)
         started = time.monotonic()
+
+        async def over() -> None:
+            # the calls are over: the slot goes on at once, then what they returned is durable
+            # before anything else is done with the mail
+            if calls_over is not None:
+                await calls_over()
+            await progress.flush()
+
         action = decision.action
         notes: list[str] = []
         try:
@@ -721,15 +765,13 @@ class Worker:
                     if recreate and not backend.searchable:
                         await self._possible_duplicate(row, backend, ref, mail, notes)
         except TransientError as exc:
-            if calls_over is not None:
-                await calls_over()
+            await over()
             self._observe(backend.name, started, ok=False)
             self._failing[backend.name] = True
             await self._transient(row, backend.name, str(exc), exc.retry_after, decision)
             return
         except PermanentError as exc:
-            if calls_over is not None:
-                await calls_over()
+            await over()
             self._observe(backend.name, started, ok=False)
             await self._finish(
                 row,
@@ -744,8 +786,7 @@ class Worker:
             )
             return
         except BackendUnavailable as exc:
-            if calls_over is not None:
-                await calls_over()
+            await over()
             self._observe(backend.name, started, ok=False)
             self._pause(backend.name, str(exc))
             if self.s.shared_pauses:  # every process and node holds back too
@@ -763,8 +804,13 @@ class Worker:
             if self.metrics:
                 self.metrics.outcome("deferred", row.envelope.intake, decision.rule, backend.name)
             return
-        if calls_over is not None:
-            await calls_over()
+        except BaseException:
+            # anything else (the spool failed, an internal error, a stop): what the calls
+            # returned is still recorded where the spool answers
+            with contextlib.suppress(Exception):
+                await progress.flush()
+            raise
+        await over()
         self._observe(backend.name, started, ok=True)
         if self._resume(backend.name) and self.s.shared_pauses:
             self._pauses.pop(backend.name, None)

@@ -292,6 +292,17 @@ async def test_progress_steps_are_kept(spool: Spool) -> None:
     assert (await spool.release([m])).uncertain == 0  # the step was recorded done
 
 
+async def test_a_step_begun_with_the_progress_so_far_records_both(spool: Spool) -> None:
+    m = (await spool.put(mail(1), ENV)).id
+    await spool.claim_due(1)
+    await spool.begin_step(m, "newTicket")
+    await spool.begin_step(m, "addMessage", progress={"newTicket": {"id": "42"}})
+    row = await spool.load(m)
+    assert row is not None and row.progress == {"newTicket": {"id": "42"}}
+    rec = await spool.release([m])  # cut while addMessage was in flight
+    assert rec.uncertain == 1
+
+
 # -- outbox and limits --------------------------------------------------------------------------------
 
 

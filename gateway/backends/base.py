@@ -16,7 +16,10 @@ class Progress(Protocol):
     """Steps of a multi-call operation, recorded durably as they complete.
 
     A backend calls `begin(step)` right before a call that creates something in the ticket system
-    and `done(step, **data)` right after it answered; both commit to the spool before returning.
+    and `done(step, **data)` right after it answered. `begin` commits to the spool before it
+    returns, and with it every step done before; `done` starts its write at once and the next
+    `begin` (or the end of the mail's calls) waits for it, so a create call never starts before
+    what came before it is durable.
     After a crash, `data` holds what completed steps returned (so the next attempt resumes at the
     next step) and a step that was begun but not done marks the mail `uncertain`.
     """

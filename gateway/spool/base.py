@@ -391,8 +391,11 @@ class Spool(Protocol):
 
     async def state_of(self, msg_id: int) -> str | None: ...
 
-    async def begin_step(self, msg_id: int, step: str) -> None:
-        """A backend call is about to start: a crash from here on makes the mail uncertain."""
+    async def begin_step(
+        self, msg_id: int, step: str, *, progress: dict[str, Any] | None = None
+    ) -> None:
+        """A backend call is about to start: a crash from here on makes the mail uncertain.
+        `progress`: the steps done so far, recorded in the same write (as `done_step`)."""
         ...
 
     async def done_step(self, msg_id: int, progress: dict[str, Any]) -> None: ...

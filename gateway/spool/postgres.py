@@ -763,8 +763,16 @@ class PostgresSpool:
         row = await self._one("SELECT state FROM messages WHERE id = %s", (msg_id,))
         return row["state"] if row else None
 
-    async def begin_step(self, msg_id: int, step: str) -> None:
-        await self._exec("UPDATE messages SET inflight = %s WHERE id = %s", (step, msg_id))
+    async def begin_step(
+        self, msg_id: int, step: str, *, progress: dict[str, Any] | None = None
+    ) -> None:
+        if progress is None:
+            await self._exec("UPDATE messages SET inflight = %s WHERE id = %s", (step, msg_id))
+        else:
+            await self._exec(
+                "UPDATE messages SET progress = %s, inflight = %s WHERE id = %s",
+                (json.dumps(progress), step, msg_id),
+            )
 
     async def done_step(self, msg_id: int, progress: dict[str, Any]) -> None:
         await self._exec(

@@ -696,9 +696,19 @@ class SqliteSpool:
 
         return await self._read(q)
 
-    async def begin_step(self, msg_id: int, step: str) -> None:
+    async def begin_step(
+        self, msg_id: int, step: str, *, progress: dict[str, Any] | None = None
+    ) -> None:
+        done = None if progress is None else json.dumps(progress)
+
         def job(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE messages SET inflight = ? WHERE id = ?", (step, msg_id))
+            if done is None:
+                conn.execute("UPDATE messages SET inflight = ? WHERE id = ?", (step, msg_id))
+            else:
+                conn.execute(
+                    "UPDATE messages SET progress = ?, inflight = ? WHERE id = ?",
+                    (done, step, msg_id),
+                )
 
         await self._write(job)
 
