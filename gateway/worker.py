@@ -154,13 +154,16 @@ class SlotGate:
     A mail whose calls are over hands its slot straight to the next of this process's mails
     that waits for one (`hand_over`: no spool round trip between one call and the next); only
     when none waits does the slot go back to the spool, where other processes and nodes can
-    take it (and are signalled). A mail that finds all slots held elsewhere waits for a hand
-    over, or for `freed()` (a release signalled by the spool) to try the spool again; polling
-    stays as the fallback (engines without signals, a dead owner's slot that expires)."""
+    take it (and are signalled). One mail at a time asks the spool for one slot more
+    (`trying`); a mail that finds all slots held elsewhere waits for a hand over, or for
+    `freed()` (a release signalled by the spool) to try the spool again; polling stays as the
+    fallback (engines without signals, a dead owner's slot that expires). So the mails waiting
+    for a slot never poll the spool all together."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held: set[int] = set()  # labels of the slot rows this process holds
+        self.trying = False  # one of its mails is asking the spool for a slot
         self._waiting: deque[asyncio.Future[int | None]] = deque()
 
     def waiter(self) -> asyncio.Future[int | None]:
@@ -592,11 +595,21 @@ class Worker:
             woken = gate.waiter()
             taken: int | None = None
             try:
-                # a label is one row: never take a second row under a label this process holds
-                if len(gate.held) < limit and msg_id not in gate.held:
-                    if await self.spool.acquire_slot(backend, limit, msg_id):
+                # one of this process's mails at a time asks the spool for one more slot (the
+                # others wait for a hand-over or for its answer); a label is one row: never a
+                # second row under a label this process holds
+                if len(gate.held) < limit and msg_id not in gate.held and not gate.trying:
+                    gate.trying = True
+                    try:
+                        got = await self.spool.acquire_slot(backend, limit, msg_id)
+                    finally:
+                        gate.trying = False
+                    if got:
                         gate.held.add(msg_id)
                         taken = msg_id
+                        woken.cancel()
+                        if len(gate.held) < limit:
+                            gate.freed()  # there may be more: the next waiter asks at once
                         return msg_id
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping:
@@ -610,7 +623,7 @@ class Worker:
             finally:
                 if not woken.done():
                     woken.cancel()
-                elif (handed := woken.result()) is not None and handed != taken:
+                elif not woken.cancelled() and (handed := woken.result()) not in (None, taken):
                     # handed a slot it does not use (it took one from the spool meanwhile, or
                     # timed out, stopped, was cancelled): on to the next waiter or back
                     self._give_later(backend, handed)

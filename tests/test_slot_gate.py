@@ -4,8 +4,15 @@ slot or slot handed over, none lost between a failed try and the wait, and cance
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
-from gateway.worker import SlotGate
+from gateway.rules import load_rules
+from gateway.spool import SpoolSettings, open_spool
+from gateway.worker import SlotGate, Worker, WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ("superoffice-soap", "superoffice-rest", "interserver", "whmcs")
 
 
 async def test_a_freed_slot_wakes_only_the_first_waiter() -> None:
@@ -47,3 +54,47 @@ async def test_a_held_slot_is_handed_to_the_first_waiter() -> None:
     gate.freed()
     assert second.result() is None  # a release in the spool: try it again
     assert not gate.hand_over(7)  # nobody waits: the caller gives the slot back to the spool
+
+
+async def test_mails_share_the_slots_a_process_holds_and_give_them_all_back(
+    tmp_path: Path,
+) -> None:
+    """Worker._take_slot / _give_slot on a real spool: 6 mails through 2 slots; the process never
+    holds more than 2 rows, a mail handed a slot starts without asking the spool, and when no mail
+    waits every slot goes back (none left held, none left in the spool)."""
+    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    other = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite", node="other"))
+    rules = load_rules(ROOT / "rules", {b: b for b in BACKENDS})
+    worker = Worker(spool, {}, rules, {}, WorkerSettings(), tokens={})
+    asks = 0
+    acquire = spool.acquire_slot
+
+    async def counted(*a: Any, **kw: Any) -> bool:
+        nonlocal asks
+        asks += 1
+        return await acquire(*a, **kw)
+
+    spool.acquire_slot = counted  # type: ignore[method-assign]
+    in_calls = 0
+    most = 0
+
+    async def mail(n: int) -> None:
+        nonlocal in_calls, most
+        label = await worker._take_slot("whmcs", 2, n)
+        assert label is not None
+        in_calls += 1
+        most = max(most, in_calls)
+        await asyncio.sleep(0.05)  # the calls
+        in_calls -= 1
+        await worker._give_slot("whmcs", label)
+
+    try:
+        await asyncio.gather(*(mail(n) for n in range(1, 7)))
+        assert most == 2
+        assert asks <= 3  # two rows taken (and perhaps one try that found both held)
+        assert worker._held_slots() == set()
+        assert await other.acquire_slot("whmcs", 2, 100)  # all given back to the spool
+        assert await other.acquire_slot("whmcs", 2, 101)
+    finally:
+        await spool.close()
+        await other.close()
