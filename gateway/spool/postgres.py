@@ -342,6 +342,14 @@ class PostgresSpool:
         async with self._conn(tx=True) as conn:
             return await fn(conn)
 
+    async def _batch(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """`fn`'s statements in one transaction, in pipeline mode: they go to the server
+        together and only reading a result waits for it (BEGIN, the statements up to the
+        first result read, then the rest with COMMIT: two round trips instead of one per
+        statement). The transaction is what `_run` gives, statement for statement."""
+        async with self._conn(tx=False) as conn, conn.pipeline(), conn.transaction():
+            return await fn(conn)
+
     async def _one(self, query: str, params: Any = None) -> dict[str, Any] | None:
         """One statement (its own transaction); its first row."""
         async with self._conn(tx=False) as conn:
@@ -682,7 +690,7 @@ class PostgresSpool:
                 (self.owner, self.node, now, self._started_at),
             )
 
-        await self._run(go)
+        await self._batch(go)
 
     async def nodes(self, within: float) -> list[NodeInfo]:
         rows = await self._all(
@@ -714,21 +722,20 @@ class PostgresSpool:
         return row["t"] if row else None
 
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
-        async def go(conn: Conn) -> MessageRow | None:
-            cur = await conn.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = %s", (msg_id,)
-            )
-            r = await cur.fetchone()
-            if r is None:
-                return None
-            raw = None
-            if with_raw:
-                cur = await conn.execute("SELECT raw FROM bodies WHERE id = %s", (msg_id,))
-                b = await cur.fetchone()
-                raw = bytes(b["raw"]) if b else None
-            return message_row(r, raw)
-
-        return await self._run(go)
+        if not with_raw:
+            r = await self._one(f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = %s", (msg_id,))
+            return None if r is None else message_row(r, None)
+        # one statement (one snapshot): the row and its body together
+        columns = ", ".join(f"m.{c.strip()}" for c in _MSG_COLUMNS.split(","))
+        r = await self._one(
+            f"SELECT {columns}, b.raw AS body FROM messages m LEFT JOIN bodies b ON b.id = m.id"
+            " WHERE m.id = %s",
+            (msg_id,),
+        )
+        if r is None:
+            return None
+        body = r.pop("body")
+        return message_row(r, None if body is None else bytes(body))
 
     async def read_body(self, msg_id: int) -> bytes | None:
         row = await self._one("SELECT raw FROM bodies WHERE id = %s", (msg_id,))
@@ -757,7 +764,7 @@ class PostgresSpool:
             )
             return copy_going_first(msg_id, await cur.fetchone())
 
-        return await self._run(go)
+        return await self._batch(go)
 
     async def state_of(self, msg_id: int) -> str | None:
         row = await self._one("SELECT state FROM messages WHERE id = %s", (msg_id,))
@@ -889,7 +896,7 @@ class PostgresSpool:
                 )
             return ""
 
-        return await self._run(go)
+        return await self._batch(go)
 
     # -- ticket and thread maps ------------------------------------------------------------------------
 
@@ -1016,17 +1023,15 @@ class PostgresSpool:
             )
             return await cur.fetchone() is not None
 
-        return await self._run(go)
+        return await self._batch(go)
 
     async def release_slot(self, backend: str, msg_id: int) -> None:
-        async def go(conn: Conn) -> None:
-            cur = await conn.execute(
-                "DELETE FROM slots WHERE backend = %s AND msg_id = %s", (backend, msg_id)
-            )
-            if cur.rowcount:  # waiters on every node try again (delivered at commit)
-                await conn.execute("SELECT pg_notify(%s, %s)", (SLOT_CHANNEL, backend))
-
-        await self._run(go)
+        # one statement: a slot freed wakes the waiters on every node (delivered at commit)
+        await self._exec(
+            "WITH freed AS (DELETE FROM slots WHERE backend = %s AND msg_id = %s RETURNING 1)"
+            " SELECT pg_notify(%s, %s) FROM freed",
+            (backend, msg_id, SLOT_CHANNEL, backend),
+        )
 
     async def pause_backend(self, backend: str, until: float, reason: str) -> None:
         await self._exec(
