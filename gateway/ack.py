@@ -34,6 +34,24 @@ log = logging.getLogger("gateway.ack")
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
+class FoldedOnce(BaseHeader):
+    """The last base of every acknowledgement header class (`HeaderRegistry(base_class=...)`):
+    a header object folds itself once per policy. The shared ones (`HeaderClasses`) go into
+    every acknowledgement, and folding was a third of writing one out."""
+
+    folds: dict[Any, str]
+
+    def fold(self, *, policy: Any) -> str:
+        try:
+            folds = self.folds
+        except AttributeError:
+            folds = self.folds = {}
+        text = folds.get(policy)
+        if text is None:
+            text = folds[policy] = super().fold(policy=policy)
+        return text
+
+
 class HeaderClasses(HeaderRegistry):
     """The policy's `header_factory` for acknowledgements: `HeaderRegistry` with two savings.
 
@@ -42,7 +60,8 @@ class HeaderClasses(HeaderRegistry):
     made once. And the headers that are the same in every acknowledgement (the RFC 3834 ones,
     and those `set_content` writes: MIME-Version, Content-Type, Content-Transfer-Encoding; Date
     within a second) are parsed once: a header object is an immutable string, so the same one
-    serves every message. Both were half of an acknowledgement's CPU."""
+    serves every message (and folds itself once, `FoldedOnce`). Together these were two thirds
+    of an acknowledgement's CPU."""
 
     MAX_NAMES = 256  # header names whose class is kept (we set few; a bound all the same)
     SHARED = frozenset(
@@ -58,7 +77,7 @@ class HeaderClasses(HeaderRegistry):
     )
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(base_class=FoldedOnce)
         self.classes: dict[str, Any] = {}
         self.shared = functools.lru_cache(maxsize=64)(self.make)
 
