@@ -5,7 +5,7 @@
 cookie jar parsed from the headers, a requests object built) although its SOAP binding
 reads only `status_code`, `content`, `headers` and `encoding` of the answer
 (`SoapBinding.process_reply`), which `httpx.Response` has with the same meaning: that copy was
-a tenth of a SOAP call's CPU in the worker.
+about 8 % of a SOAP call's CPU.
 """
 
 from __future__ import annotations
