@@ -5,6 +5,7 @@ Run by hand (never by CI), from the repo root:
     .venv/bin/python bench/ingest.py                # 8 and 32 clients, 3 x (A, B), 3000 mails each
     .venv/bin/python bench/ingest.py --duration 10  # fixed 10 s per run instead of a count
     .venv/bin/python bench/ingest.py --spool sqlite,postgresql   # both engines, as root
+    .venv/bin/python bench/ingest.py --worker-scheduling batch,idle   # the worker's policies
 
 8 KiB mails, aiosmtplib clients, one message per connection (connect, EHLO, MAIL, RCPT, DATA,
 QUIT). A = a bare aiosmtpd server that discards (its own process). B = `gateway run` with the
@@ -66,6 +67,11 @@ class RunFigures:
     spool_rows: int | None = None
 
 
+def b_kind(engine: str, scheduling: str, args: argparse.Namespace) -> str:
+    """The B column's name: the engine, and the worker's policy when more than one is compared."""
+    return f"B {engine}" + (f" {scheduling}" if len(args.worker_scheduling) > 1 else "")
+
+
 def mail_factory(tag: str) -> common.MailFactory:
     def make(i: int) -> tuple[str, str, bytes]:
         # one customer per mail: each gets its acknowledgement (the rate limit is per sender)
@@ -118,15 +124,20 @@ async def run_b(
     run: int,
     args: argparse.Namespace,
     pg: Any = None,  # tests.pg_server.PostgresServer: the daemon's spool is a fresh database
+    scheduling: str = "batch",  # [gateway] worker_scheduling
+    kind: str = "",
 ) -> RunFigures:
     ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
     engine = "postgresql" if pg is not None else "sqlite"
-    workdir = root / f"gw-{engine}-{clients}-{run}"  # a fresh spool per run
+    workdir = root / f"gw-{engine}-{scheduling}-{clients}-{run}"  # a fresh spool per run
     url = pg.new_database() if pg is not None else ""
     config = common.write_config(
         workdir,
         ports,
-        {"ack": {"envelope_from": args.ack_envelope_from, "global_rate_limit": 0}},
+        {
+            "ack": {"envelope_from": args.ack_envelope_from, "global_rate_limit": 0},
+            "gateway": {"worker_scheduling": scheduling},
+        },
         spool_url=url,
     )
     await sim.reset()
@@ -187,7 +198,7 @@ async def run_b(
         note = f"{note}; daemon logged: {err}" if note else f"daemon logged: {err}"
     rows = pg_rows(url) if url else spool_rows(workdir / "var" / "gateway.sqlite")
     return RunFigures(
-        f"B {engine}",
+        kind or f"B {engine}",
         clients,
         run,
         res.rate,
@@ -244,7 +255,8 @@ async def main_async(args: argparse.Namespace) -> int:
     simulator = common.start_simulator(root, sim_ports)
     sim = common.SimClient(sim_ports.sim_http)
     results: list[RunFigures] = []
-    kinds = ["A"] + [f"B {e}" for e in args.spool]
+    variants = [(e, w) for e in args.spool for w in args.worker_scheduling]
+    kinds = ["A"] + [b_kind(e, w, args) for e, w in variants]
     try:
         for clients in args.clients:
             for run in range(1, args.runs + 1):
@@ -253,8 +265,11 @@ async def main_async(args: argparse.Namespace) -> int:
                     if kind == "A":
                         fig = await run_a(root, clients, run, args)
                     else:
-                        on_pg = pg if kind == "B postgresql" else None
-                        fig = await run_b(root, sim, sim_ports, clients, run, args, on_pg)
+                        engine, sched = variants[kinds.index(kind) - 1]
+                        on_pg = pg if engine == "postgresql" else None
+                        fig = await run_b(
+                            root, sim, sim_ports, clients, run, args, on_pg, sched, kind
+                        )
                     common.log(f"   {fig.rate:.0f} mails/s, errors {fig.errors}")
                     results.append(fig)
     except RuntimeError as exc:
@@ -309,8 +324,8 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     notes = [f"{f.kind} {f.clients}/{f.run}: {f.backlog_note}" for f in results if f.backlog_note]
     summary = []
-    for clients, engine in ((c, e) for c in args.clients for e in args.spool):
-        kind = f"B {engine}"
+    for clients, (engine, sched) in ((c, v) for c in args.clients for v in variants):
+        kind = b_kind(engine, sched, args)
         a = [f.rate for f in results if f.clients == clients and f.kind == "A"]
         b = [f.rate for f in results if f.clients == clients and f.kind == kind]
         pairs = [fb / fa for fa, fb in zip(a, b, strict=False) if fa > 0]
@@ -328,7 +343,7 @@ async def main_async(args: argparse.Namespace) -> int:
         summary.append(
             (
                 clients,
-                engine,
+                kind[2:],
                 f"{ma:.0f}",
                 f"{mb:.0f}",
                 f"{ratio:.2f}x",
@@ -384,6 +399,13 @@ def main() -> int:
     )
     p.add_argument("--count", type=int, default=3000, help="mails per run (default 3000)")
     p.add_argument(
+        "--worker-scheduling",
+        type=lambda s: s.split(","),
+        default=["batch"],
+        help="[gateway] worker_scheduling of B, comma-separated to compare: batch (the default),"
+        " idle, normal",
+    )
+    p.add_argument(
         "--duration", type=float, default=None, help="seconds per run instead of --count"
     )
     p.add_argument("--backlog-timeout", type=float, default=600.0)
@@ -393,6 +415,9 @@ def main() -> int:
         help='[ack] envelope_from for the daemon (default "": the null sender, as in quick start)',
     )
     args = p.parse_args()
+    bad = set(args.worker_scheduling) - {"batch", "idle", "normal"}
+    if bad:
+        p.error(f"--worker-scheduling: unknown {sorted(bad)}; choose batch, idle, normal")
     unknown = set(args.spool) - set(TARGETS)
     if unknown:
         p.error(f"--spool: unknown engine(s) {sorted(unknown)}; choose sqlite, postgresql")

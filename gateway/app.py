@@ -52,7 +52,6 @@ from gateway.worker import Worker, WorkerSettings
 from gateway.workerproc import (
     EventMetrics,
     WorkerSupervisor,
-    lower_priority,
     read_wakeups,
 )
 
@@ -366,8 +365,8 @@ class Daemon:
             self.tasks.append(self._ack_task)
 
     async def _start_worker_role(self) -> None:
-        """The child: lower priority, wake-ups from stdin, status lines to stdout."""
-        lower_priority(self.cfg.gateway.worker_nice)
+        """The child (already at its lower priority: `gateway _worker` set it before any thread
+        started): wake-ups from stdin, status lines to stdout."""
         assert self.worker is not None
         worker = self.worker
 

@@ -343,9 +343,21 @@ def content_digest(raw: bytes | bytearray | memoryview | RawSource) -> str:
                 nl = piece.rfind(b"\n")
             if nl >= 0 and pos + len(piece) < stop:
                 piece = piece[: nl + 1]
-        digest.update(_LINE_END.sub(b"\n", piece))
+        digest.update(_normalise_lines(piece))
         pos += len(piece)
     return digest.hexdigest()
+
+
+def _normalise_lines(piece: bytes) -> bytes:
+    """`_LINE_END.sub(b"\n", piece)`: each line end (LF, or CR LF) as LF with the spaces and tabs
+    before it removed. Line by line with bytes methods: the regular expression tried a match at
+    every space of the text (three quarters of a digest's CPU; `_LINE_END.sub` is the reference
+    of the tests)."""
+    lines = piece.split(b"\n")
+    last = lines.pop()  # after the last line end: not a line end, left as it is
+    out = [(line[:-1] if line.endswith(b"\r") else line).rstrip(b" \t") for line in lines]
+    out.append(last)
+    return b"\n".join(out)
 
 
 # Subject tokens the ticket systems write themselves (recognised besides each backend's own).

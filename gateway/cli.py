@@ -61,14 +61,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The worker process that `gateway run` starts (see gateway.workerproc); not for users."""
+    import logging
+
     from gateway.app import EXIT_CONFIG, Daemon
+    from gateway.workerproc import lower_priority
 
     try:
         cfg = _load(args)
     except ConfigError as exc:
         _print_problems(exc)
         return EXIT_CONFIG
+    # before any thread starts: niceness and policy are per thread, inherited by new ones
+    priority = lower_priority(cfg.gateway.worker_nice, cfg.gateway.worker_scheduling)
     setup_logging(cfg.gateway.log_level, cfg.gateway.log_format, cfg.log_file, role="worker")
+    logging.getLogger("gateway.workerproc").info(
+        "worker_priority",
+        extra={
+            "fields": {
+                "nice": cfg.gateway.worker_nice,
+                "scheduling": cfg.gateway.worker_scheduling,
+                "applied": priority or "none",
+            }
+        },
+    )
     return asyncio.run(Daemon(cfg, role="worker", worker_index=args.index).serve())
 
 

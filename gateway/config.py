@@ -57,6 +57,8 @@ class GatewaySection(_Model):
     # a lower CPU priority, so that accepting mail never waits behind ticket creation.
     worker_process: bool = True
     worker_nice: int = Field(10, ge=0, le=19)  # niceness of the worker process above the intake
+    # the worker's kernel scheduling policy: batch (SCHED_BATCH) | idle (SCHED_IDLE) | normal
+    worker_scheduling: Literal["batch", "idle", "normal"] = "batch"
     parse_processes: int = Field(0, ge=0, le=16)  # 0: parse in the worker; N: a pool of N processes
     timezone: str = "UTC"  # for weekday/time rule conditions (an IANA name)
     followup_closed: Literal["append", "new"] = "append"  # follow-up to a closed ticket

@@ -30,6 +30,7 @@ from gateway.ack import Template, build_ack
 from gateway.ackpolicy import (
     NO_ACK,
     AckPolicy,
+    AckVerdict,
     DkimResult,
     ack_verdict,
     apply_policy,
@@ -251,6 +252,7 @@ class Worker:
         self._slot_gates: dict[str, SlotGate] = {}
         self._slot_tasks: set[asyncio.Task[None]] = set()  # slots given back from a finally
         self._dkim: dict[int, DkimResult] = {}  # mail -> the gateway's own DKIM check, if made
+        self._verdicts: dict[int, AckVerdict] = {}  # mail -> apply_policy's ack verdict
         spool.on_work(self.wake.set)  # another node stored or released mail
         spool.on_slot_freed(self._slot_freed)  # another process released a call slot
         self._sem = asyncio.Semaphore(settings.concurrency)
@@ -375,6 +377,7 @@ class Worker:
                 )
         finally:
             self._dkim.pop(msg_id, None)
+            self._verdicts.pop(msg_id, None)
 
     async def _own_dkim(self, row: MessageRow, mail: ParsedMail) -> DkimResult:
         """The gateway's own DKIM check (`[ack] verify_dkim`), in a thread: DNS and hashing.
@@ -495,7 +498,9 @@ class Worker:
         dkim = None
         if own_dkim_wanted(decision, mail, env, self.s.ack_policy):
             dkim = self._dkim[msg_id] = await self._own_dkim(row, mail)
-        decision, _verdict = apply_policy(decision, mail, env, self.s.ack_policy, dkim)
+        decision, verdict = apply_policy(decision, mail, env, self.s.ack_policy, dkim)
+        if verdict is not None:  # the acknowledgement's recipient: decided once per mail
+            self._verdicts[msg_id] = verdict
         if decision.action == "suppress":
             notice_name = self.rules.notice_for(decision)
             notice = await self._reply(mail, row, notice_name, None) if notice_name else None
@@ -956,7 +961,9 @@ class Worker:
         (`gateway.ackpolicy`: RFC 3834, own and no-reply addresses, sender authentication).
         The hourly limits are checked by the spool when it queues it (`AckLimits`)."""
         s = self.s
-        verdict = ack_verdict(mail, row.envelope, s.ack_policy, self._dkim.get(row.id))
+        verdict = self._verdicts.get(row.id)
+        if verdict is None:  # apply_policy had none: the rules asked for no acknowledgement
+            verdict = ack_verdict(mail, row.envelope, s.ack_policy, self._dkim.get(row.id))
         rcpt = verdict.rcpt
         if rcpt is None:
             log.info("ack_skipped", extra={"fields": {"id": row.id, "reason": verdict.reason}})

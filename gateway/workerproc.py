@@ -300,7 +300,41 @@ def worker_environment(parent: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def lower_priority(steps: int) -> None:
+SCHEDULING_POLICIES = {
+    "batch": getattr(os, "SCHED_BATCH", None),
+    "idle": getattr(os, "SCHED_IDLE", None),
+    "normal": None,
+}
+
+
+def lower_priority(steps: int, scheduling: str = "batch") -> str:
+    """Put the calling process below the intake: `steps` of niceness and a scheduling policy.
+
+    Call it first thing in the worker process, before it starts any thread: on Linux both the
+    niceness and the policy belong to a thread and are inherited by the threads (and parser
+    processes) it starts later.
+
+    - "batch" (SCHED_BATCH, the default): the kernel treats the worker as CPU-bound background
+      work; it does not preempt the intake when it wakes, and the niceness weighs its share.
+    - "idle" (SCHED_IDLE): the worker runs only on CPU time that nothing else on the host wants.
+      The intake keeps a whole core through a burst, but a host kept busy by other work stops
+      ticketing until it has time to spare.
+    - "normal": niceness only.
+
+    Returns what was applied, for the log (`nice=10 policy=batch`); a policy the kernel or the
+    service's sandbox refuses is left out of it, never an error.
+    """
+    applied = []
     if steps > 0:
         with contextlib.suppress(OSError):
             os.nice(steps)
+            applied.append(f"nice={steps}")
+    policy = SCHEDULING_POLICIES.get(scheduling)
+    if policy is not None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError:
+            pass
+        else:
+            applied.append(f"policy={scheduling}")
+    return " ".join(applied)

@@ -84,3 +84,46 @@ def test_missing_subject_and_empty_template_body() -> None:
     msg, _ = build(ParsedMail(), Template("t", "Subject: ack\n\n"))
     assert msg["Subject"] == "[Ticket #1234] ack"  # the token is always there
     assert msg.get_content() == ""
+
+
+def _plain_policy_bytes(
+    policy: email.policy.EmailPolicy, headers: list[tuple[str, str]], body: str
+) -> bytes:
+    msg = EmailMessage(policy=policy)
+    for name, value in headers:
+        msg[name] = value
+    msg.set_content(body, charset="utf-8")
+    return msg.as_bytes()
+
+
+def test_shared_header_objects_write_what_the_standard_policies_write() -> None:
+    """The acknowledgement policies (header classes made once, shared header objects) write
+    byte for byte what email.policy.SMTP / SMTPUTF8 write, message after message."""
+    from gateway.ack import SMTP_7BIT, SMTPUTF8
+
+    cases = [
+        ([("To", "anna@example.org"), ("Subject", "Re: " + "ä" * 300)], "Grüße\n" * 3),
+        ([("To", "bob@example.org"), ("Subject", "plain")], "plain text\n"),
+        ([("To", "jürgen@exämple.org"), ("Subject", "x" * 5000)], "long " + "y" * 2000 + "\n"),
+    ]
+    for _ in range(2):  # the second round reuses what the first made
+        for headers, body in cases:
+            common = [*headers, ("Auto-Submitted", "auto-replied"), ("Precedence", "auto_reply")]
+            assert _plain_policy_bytes(SMTP_7BIT, common, body) == _plain_policy_bytes(
+                email.policy.SMTP.clone(cte_type="7bit"), common, body
+            )
+            assert _plain_policy_bytes(SMTPUTF8, common, body) == _plain_policy_bytes(
+                email.policy.SMTPUTF8, common, body
+            )
+
+
+def test_each_ack_gets_its_own_encoding_and_addresses() -> None:
+    """Shared header objects never carry one acknowledgement's values into the next."""
+    ascii_msg, _ = build(ParsedMail(subject="hello", from_name="Anna"))
+    utf8_msg, _ = build(ParsedMail(subject="héllo " * 40, from_name="Jürgen"))
+    again, _ = build(ParsedMail(subject="hello", from_name="Anna"), rcpt="other@example.net")
+    assert ascii_msg["Content-Transfer-Encoding"] == "7bit"
+    assert utf8_msg["Content-Transfer-Encoding"] in ("quoted-printable", "base64")
+    assert again["Content-Transfer-Encoding"] == "7bit"
+    assert again["To"] == "other@example.net" and ascii_msg["To"] == "anna@example.org"
+    assert ascii_msg["Message-ID"] != again["Message-ID"]

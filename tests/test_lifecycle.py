@@ -883,3 +883,44 @@ def test_deliver_exit_codes(sim: Sim, tmp_path: Path) -> None:
         config.write_text(re.sub(r'(?m)^path = ".*"', 'path = "read-only/spool.sqlite"', text))
         res = deliver(config, mail)
         assert res.returncode == 75, res.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _stat(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rfind(")") + 2 :].split()  # [state, ppid, pgrp, session, ...]
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "policy"), [("batch", os.SCHED_BATCH), ("idle", os.SCHED_IDLE)]
+)
+def test_worker_runs_below_the_intake_in_its_session(
+    make_gateway: Callable[..., Gateway], scheduling: str, policy: int
+) -> None:
+    """The worker shares the intake's session (so Linux's per-session autogroup does not undo its
+    niceness), has a process group of its own (a terminal's Ctrl-C reaches only the intake), and
+    every one of its threads runs at worker_nice with the configured kernel policy."""
+    gw = make_gateway(worker_nice=7, worker_scheduling=scheduling)
+    gw.start_ready()
+    assert gw.proc is not None
+    intake = gw.proc.pid
+    workers = wait_for("the worker process", lambda: _children(intake), 30, diagnose=gw.log_tail)
+    worker = workers[0]
+    assert _stat(worker)[3] == _stat(intake)[3], "worker in a session of its own"
+    assert _stat(worker)[2] == str(worker), "worker not in a process group of its own"
+    assert os.getpriority(os.PRIO_PROCESS, intake) == 0
+    tids = [int(t.name) for t in Path(f"/proc/{worker}/task").iterdir()]
+    assert len(tids) > 1  # the spool's writer thread at least
+    for tid in tids:
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 7, tid
+        assert os.sched_getscheduler(tid) == policy, tid
+    assert os.sched_getscheduler(intake) == os.SCHED_OTHER
+    line = next(ln for ln in gw.logs[-1].read_text().splitlines() if "worker_priority" in ln)
+    assert f"policy={scheduling}" in line and "nice=7" in line, line

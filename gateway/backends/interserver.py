@@ -66,11 +66,11 @@ from zeep.exceptions import Error as ZeepError
 from zeep.exceptions import Fault, TransportError
 from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
-from zeep.transports import AsyncTransport
 
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
+from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
 from gateway.models import Decision, ParsedMail, TicketRef
@@ -161,7 +161,7 @@ class _HttpStatus(Exception):
         self.status, self.headers = status, headers
 
 
-class _QuietTransport(AsyncTransport):
+class _QuietTransport(AnswerTransport):
     """zeep's AsyncTransport without its debug log of every request and reply (those bodies hold
     the password, session ids and mail text), and with HTTP errors that carry no SOAP Fault
     raised as `_HttpStatus` (and a 200 that is not XML as `TransportError`): in non-strict mode

@@ -66,7 +66,6 @@ from zeep.cache import InMemoryCache
 from zeep.exceptions import Error as ZeepError
 from zeep.exceptions import Fault, TransportError
 from zeep.proxy import AsyncServiceProxy
-from zeep.transports import AsyncTransport
 from zeep.wsdl.bindings.soap import SoapBinding
 from zeep.wsdl.utils import etree_to_string
 from zeep.xsd import AnyObject
@@ -75,6 +74,7 @@ from zeep.xsd import Element as XsdElement
 from gateway.backends.base import Progress
 from gateway.backends.config import BackendConfigBase
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
+from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import (
     BackendError,
@@ -158,7 +158,7 @@ class _HttpStatus(Exception):
         self.headers = headers
 
 
-class _Transport(AsyncTransport):
+class _Transport(AnswerTransport):
     """zeep's async transport without its debug log of whole envelopes (password, mail text),
     and with HTTP statuses that carry no SOAP turned into `_HttpStatus` right away."""
 
