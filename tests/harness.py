@@ -90,6 +90,10 @@ class DaemonProcess:
                 stderr=log,
                 env=env,
                 cwd=self.config.parent,
+                # its own session, as under a service manager: Linux gives a session its own
+                # scheduling autogroup, so worker_nice weighs the worker against its own intake,
+                # not against every busy process of the test run
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

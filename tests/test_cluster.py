@@ -163,6 +163,8 @@ def test_a_killed_nodes_claims_are_taken_over(cluster: Cluster, sim: SimProcess)
     assert took <= LEASE + 5 + 1, f"took {took:.1f} s"  # + 1: the log's whole seconds
     sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
     assert wait_for(lambda: all(titles(sim)[s] >= 1 for s in subjects), 120), titles(sim)
+    # a ticket is there at newTicket; its mail is done once addMessage and the outcome are
+    assert wait_for(lambda: {r["state"] for r in queue(b)} == {"done"}, 120), queue(b)
     rows = {r["subject"]: r for r in queue(b)}
     counts = titles(sim)
     for s in subjects:
