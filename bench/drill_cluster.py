@@ -249,8 +249,15 @@ class Db:
 
 
 async def start_all(nodes: Sequence[Node]) -> None:
-    """Start the nodes together (their migrations meet at the spool's advisory lock)."""
-    await asyncio.gather(*(asyncio.to_thread(n.start) for n in nodes))
+    """Start the nodes together (their migrations meet at the spool's advisory lock). When one
+    fails, the others are let finish starting before the error goes on, so that the caller's
+    `stop_all` finds every node that came up (a thread's start cannot be cancelled)."""
+    results = await asyncio.gather(
+        *(asyncio.to_thread(n.start) for n in nodes), return_exceptions=True
+    )
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def stop_all(nodes: Sequence[Node]) -> None:
