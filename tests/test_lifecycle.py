@@ -42,6 +42,8 @@ import aiosmtplib
 import httpx
 import pytest
 
+from tests.harness import child_pids
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO / "config.example.toml"
 HOST = "127.0.0.1"
@@ -885,19 +887,6 @@ def test_deliver_exit_codes(sim: Sim, tmp_path: Path) -> None:
         assert res.returncode == 75, res.stderr
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def _stat(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rfind(")") + 2 :].split()  # [state, ppid, pgrp, session, ...]
-
-
 @pytest.mark.parametrize(
     ("scheduling", "policy"), [("batch", os.SCHED_BATCH), ("idle", os.SCHED_IDLE)]
 )
@@ -911,10 +900,10 @@ def test_worker_runs_below_the_intake_in_its_session(
     gw.start_ready()
     assert gw.proc is not None
     intake = gw.proc.pid
-    workers = wait_for("the worker process", lambda: _children(intake), 30, diagnose=gw.log_tail)
+    workers = wait_for("the worker process", lambda: child_pids(intake), 30, diagnose=gw.log_tail)
     worker = workers[0]
-    assert _stat(worker)[3] == _stat(intake)[3], "worker in a session of its own"
-    assert _stat(worker)[2] == str(worker), "worker not in a process group of its own"
+    assert os.getsid(worker) == os.getsid(intake), "worker in a session of its own"
+    assert os.getpgid(worker) == worker, "worker not in a process group of its own"
     assert os.getpriority(os.PRIO_PROCESS, intake) == 0
     tids = [int(t.name) for t in Path(f"/proc/{worker}/task").iterdir()]
     assert len(tids) > 1  # the spool's writer thread at least
