@@ -773,13 +773,11 @@ class PostgresSpool:
     async def begin_step(
         self, msg_id: int, step: str, *, progress: dict[str, Any] | None = None
     ) -> None:
-        if progress is None:
-            await self._exec("UPDATE messages SET inflight = %s WHERE id = %s", (step, msg_id))
-        else:
-            await self._exec(
-                "UPDATE messages SET progress = %s, inflight = %s WHERE id = %s",
-                (json.dumps(progress), step, msg_id),
-            )
+        done = None if progress is None else json.dumps(progress)
+        await self._exec(
+            "UPDATE messages SET progress = COALESCE(%s, progress), inflight = %s WHERE id = %s",
+            (done, step, msg_id),
+        )
 
     async def done_step(self, msg_id: int, progress: dict[str, Any]) -> None:
         await self._exec(

@@ -702,13 +702,10 @@ class SqliteSpool:
         done = None if progress is None else json.dumps(progress)
 
         def job(conn: sqlite3.Connection) -> None:
-            if done is None:
-                conn.execute("UPDATE messages SET inflight = ? WHERE id = ?", (step, msg_id))
-            else:
-                conn.execute(
-                    "UPDATE messages SET progress = ?, inflight = ? WHERE id = ?",
-                    (done, step, msg_id),
-                )
+            conn.execute(
+                "UPDATE messages SET progress = COALESCE(?, progress), inflight = ? WHERE id = ?",
+                (done, step, msg_id),
+            )
 
         await self._write(job)
 
