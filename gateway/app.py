@@ -831,6 +831,8 @@ class Daemon:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.spool is not None:
             await self.spool.close()
+        if self.events is not None:
+            self.events.flush()  # the last metric lines, before the loop stops
         log.info("stopped", extra={"fields": {"cut_short": cut}})
 
     async def serve(self) -> int:
