@@ -10,7 +10,10 @@ part of the gateway uses it, each with the bounds that fit what it retries:
     ack sender (one ack)     2 s      600 s    0.5     ACK below (attempts bound: max_attempts)
     IMAP poller              1 s      300 s    0.5     [[imap]] retry knobs (tests shorten them)
     worker supervisor        1 s      30 s     0        SUPERVISOR below (restarts of the worker)
-    cluster call slot wait   0.02 s   0.25 s   0.5     SLOT_BACKOFF below (all of a backend's slots busy)
+    cluster call slot wait   0.02 s   0.25 s   0.5     SLOT_BACKOFF below (all of a backend's slots busy;
+                                                       one ask per worker process, not per mail)
+      ... with signals       0.25 s   2 s      0.5     SLOT_POLL_SIGNALLED below (the spool signals every
+                                                       release: the poll only finds expired slots)
     slot requeue             1 s      1 s      0.8     SLOT_REQUEUE below (gave up waiting: queued again)
 
 A `Retry-After` from a system overrides the computed delay where the worker gets one.
@@ -60,4 +63,5 @@ ACK = Backoff(base=2.0, cap=600.0)
 IMAP = Backoff(base=1.0, cap=300.0)
 SUPERVISOR = Backoff(base=1.0, cap=30.0, jitter=0.0)
 SLOT_BACKOFF = Backoff(base=0.02, cap=0.25)
+SLOT_POLL_SIGNALLED = Backoff(base=0.25, cap=2.0)
 SLOT_REQUEUE = Backoff(base=1.0, cap=1.0, jitter=0.8)  # between 0.2 and 1 s

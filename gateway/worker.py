@@ -49,7 +49,14 @@ from gateway.errors import (
 )
 from gateway.mail import parse
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
-from gateway.retry import DEFAULT_BASE, DEFAULT_CAP, SLOT_BACKOFF, SLOT_REQUEUE, Backoff
+from gateway.retry import (
+    DEFAULT_BASE,
+    DEFAULT_CAP,
+    SLOT_BACKOFF,
+    SLOT_POLL_SIGNALLED,
+    SLOT_REQUEUE,
+    Backoff,
+)
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import (
     BLOB_STREAM_MIN,
@@ -159,16 +166,22 @@ class SlotGate:
     that waits for one (`hand_over`: no spool round trip between one call and the next); only
     when none waits does the slot go back to the spool, where other processes and nodes can
     take it (and are signalled). One mail at a time asks the spool for one slot more
-    (`trying`); a mail that finds all slots held elsewhere waits for a hand over, or for
-    `freed()` (a release signalled by the spool) to try the spool again; polling stays as the
-    fallback (engines without signals, a dead owner's slot that expires). So the mails waiting
-    for a slot never poll the spool all together."""
+    (`trying`). When the spool says all slots are held elsewhere, the waiting mails sleep until
+    a hand-over, a release signalled by the spool (`freed()`), or the process's one poll
+    (`missed()`: one ask per process with `backoff`, whatever the number of waiting mails; the
+    fallback for engines without signals and for a dead owner's slot that expires, so slower
+    where the spool signals every release). So the mails waiting for a slot never poll the
+    spool each on its own timer: a node that holds no slot while others hand theirs on costs
+    the spool one ask per poll, not one per waiting mail and backoff step."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, backoff: Backoff = SLOT_BACKOFF) -> None:
         self.limit = limit
+        self.backoff = backoff  # of the poll after a miss
         self.held: set[int] = set()  # labels of the slot rows this process holds
         self.trying = False  # one of its mails is asking the spool for a slot
+        self.misses = 0  # asks in a row that found every slot held elsewhere
         self._waiting: deque[asyncio.Future[int | None]] = deque()
+        self._poll: asyncio.TimerHandle | None = None  # the next ask after a miss
 
     def waiter(self) -> asyncio.Future[int | None]:
         """Register before trying the spool, so that a release or hand-over during the try is
@@ -178,6 +191,11 @@ class SlotGate:
         fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._waiting.append(fut)
         return fut
+
+    def may_ask(self) -> bool:
+        """May a mail that comes to wait ask the spool at once? Not while another asks, nor
+        while the poll after a miss is pending (all slots were held elsewhere a moment ago)."""
+        return not self.trying and self._poll is None
 
     def hand_over(self, label: int) -> bool:
         """Lend the held slot `label` to the first waiter; False when nobody waits."""
@@ -195,6 +213,24 @@ class SlotGate:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+    def got(self) -> None:
+        self.misses = 0
+
+    def missed(self) -> None:
+        """The spool had no slot: the first waiter asks again after the backoff (unless a
+        release or a hand-over comes first)."""
+        self.misses += 1
+        self.poll_later()
+
+    def poll_later(self) -> None:
+        if self._poll is None:
+            delay = self.backoff.delay(max(1, self.misses))
+            self._poll = asyncio.get_running_loop().call_later(delay, self._poll_due)
+
+    def _poll_due(self) -> None:
+        self._poll = None
+        self.freed()
 
 
 class _SlotHold:
@@ -583,7 +619,11 @@ class Worker:
     def _slot_gate(self, backend: str, limit: int) -> SlotGate:
         gate = self._slot_gates.get(backend)
         if gate is None or gate.limit != limit:  # new, or the limit changed on a reload
-            old, gate = gate, SlotGate(limit)
+            # a spool that signals every release needs the poll only for expired slots
+            old, gate = (
+                gate,
+                SlotGate(limit, SLOT_POLL_SIGNALLED if self.spool.signals else SLOT_BACKOFF),
+            )
             if old is not None:
                 gate.held = old.held  # the rows this process holds stay its own
             self._slot_gates[backend] = gate
@@ -600,7 +640,7 @@ class Worker:
         came within SLOT_WAIT. The caller gives it back with `_give_slot`."""
         gate = self._slot_gate(backend, limit)
         deadline = time.monotonic() + SLOT_WAIT
-        tries = 0
+        ask = gate.may_ask()
         while True:
             woken = gate.waiter()
             taken: int | None = None
@@ -608,28 +648,33 @@ class Worker:
                 # one of this process's mails at a time asks the spool for one more slot (the
                 # others wait for a hand-over or for its answer); a label is one row: never a
                 # second row under a label this process holds
-                if len(gate.held) < limit and msg_id not in gate.held and not gate.trying:
-                    gate.trying = True
-                    try:
-                        got = await self.spool.acquire_slot(backend, limit, msg_id)
-                    finally:
-                        gate.trying = False
-                    if got:
-                        gate.held.add(msg_id)
-                        taken = msg_id
-                        woken.cancel()
-                        if len(gate.held) < limit:
-                            gate.freed()  # there may be more: the next waiter asks at once
-                        return msg_id
+                if ask and not gate.trying:
+                    if len(gate.held) < limit and msg_id not in gate.held:
+                        gate.trying = True
+                        try:
+                            got = await self.spool.acquire_slot(backend, limit, msg_id)
+                        finally:
+                            gate.trying = False
+                        if got:
+                            gate.got()
+                            gate.held.add(msg_id)
+                            taken = msg_id
+                            woken.cancel()
+                            if len(gate.held) < limit:
+                                gate.freed()  # there may be more: the next waiter asks at once
+                            return msg_id
+                        gate.missed()
+                    elif len(gate.held) < limit:
+                        gate.poll_later()  # its own label is lent out: the next waiter asks
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stopping:
                     return None
-                tries += 1
-                # a hand-over or a release wakes us at once; the poll is only the fallback
-                await asyncio.wait({woken}, timeout=min(left, SLOT_BACKOFF.delay(tries)))
+                # a hand-over, a release or the process's poll wakes us; else the deadline
+                await asyncio.wait({woken}, timeout=left)
                 if woken.done() and woken.result() is not None:
                     taken = woken.result()
                     return taken
+                ask = woken.done()
             finally:
                 if not woken.done():
                     woken.cancel()

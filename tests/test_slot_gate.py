@@ -98,3 +98,50 @@ async def test_mails_share_the_slots_a_process_holds_and_give_them_all_back(
     finally:
         await spool.close()
         await other.close()
+
+
+async def test_waiting_mails_share_one_poll(tmp_path: Path, monkeypatch: Any) -> None:
+    """All slots are held by another process (no signal between SQLite processes): the mails
+    waiting for one do not each poll the spool; the process asks once per backoff step, and a
+    slot released meanwhile is still found by that poll."""
+    monkeypatch.setattr("gateway.worker.SLOT_WAIT", 1.5)
+    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    other = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite", node="other"))
+    rules = load_rules(ROOT / "rules", {b: b for b in BACKENDS})
+    worker = Worker(spool, {}, rules, {}, WorkerSettings(), tokens={})
+    asks = 0
+    acquire = spool.acquire_slot
+
+    async def counted(*a: Any, **kw: Any) -> bool:
+        nonlocal asks
+        asks += 1
+        return await acquire(*a, **kw)
+
+    spool.acquire_slot = counted  # type: ignore[method-assign]
+    try:
+        assert await other.acquire_slot("whmcs", 2, 100)
+        assert await other.acquire_slot("whmcs", 2, 101)
+        loop = asyncio.get_running_loop()
+        got: dict[int, float] = {}
+
+        async def mail(n: int) -> int | None:
+            label = await worker._take_slot("whmcs", 2, n)
+            if label is not None:
+                got[n] = loop.time()
+            return label
+
+        waiting = [asyncio.create_task(mail(n)) for n in range(1, 9)]
+        await asyncio.sleep(0.6)
+        freed_at = loop.time()
+        await other.release_slot("whmcs", 100)  # no signal: only the poll can find it
+        labels = await asyncio.gather(*waiting)
+        assert len([x for x in labels if x is not None]) == 1
+        assert min(got.values()) - freed_at < 0.5  # found by the next poll (<= 0.25 s apart)
+        # 8 mails waited 1.5 s: one ask per backoff step of the process (about 15: the backoff
+        # starts again after the slot was found), where each mail polling on its own timer
+        # made about 70 in all
+        assert asks <= 24, asks
+        assert worker._held_slots() == {labels[[x is not None for x in labels].index(True)]}
+    finally:
+        await spool.close()
+        await other.close()

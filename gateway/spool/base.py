@@ -311,6 +311,9 @@ class Spool(Protocol):
     engine: str  # "sqlite" | "postgresql"
     node: str
     owner: str  # node/worker: what claims and heartbeats are recorded under
+    # True: `on_work` and `on_slot_freed` carry other processes' signals (PostgreSQL
+    # LISTEN/NOTIFY); False: the intake wakes its own worker and slot waiters only poll
+    signals: bool
 
     # -- intake ------------------------------------------------------------------------------
     async def put(

@@ -253,6 +253,7 @@ class PostgresSpool:
     """See `Spool`. Open with `await PostgresSpool.open(settings)`."""
 
     engine = "postgresql"
+    signals = True  # LISTEN/NOTIFY: on_work, on_slot_freed
 
     def __init__(self, settings: SpoolSettings, *, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -616,8 +617,13 @@ class PostgresSpool:
     # -- recovery, claims and leases -----------------------------------------------------------------
 
     async def recover(self) -> Recovered:
-        # the call slots of this owner's previous process (this one holds none yet)
-        await self._exec("DELETE FROM slots WHERE owner = %s", (self.owner,))
+        # the call slots of this owner's previous process (this one holds none yet); their
+        # waiters on every node are signalled, as by release_slot
+        await self._exec(
+            "WITH freed AS (DELETE FROM slots WHERE owner = %s RETURNING backend)"
+            " SELECT pg_notify(%s, backend) FROM (SELECT DISTINCT backend FROM freed) AS f",
+            (self.owner, SLOT_CHANNEL),
+        )
         return await self._requeue("claimed_by IN (%s, '')", [self.owner], crashed=True)
 
     async def take_over(self) -> Recovered:

@@ -123,6 +123,7 @@ class SqliteSpool:
     """See `Spool`. `clock` is injectable so retention and retry tests control time."""
 
     engine = "sqlite"
+    signals = False  # no signal between processes: see on_work, on_slot_freed
 
     def __init__(
         self,
