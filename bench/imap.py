@@ -38,7 +38,11 @@ CPU: user + system seconds of the daemon's whole process tree from /proc (the ma
 worker and parse processes, whatever it forks; reaped children through cutime/cstime), from spawn
 (IMAP) or from the first send (SMTP) to the end; the simulator's tree and Dovecot's tree
 separately. The daemon's own start-up CPU (measured in the SMTP phase, at /healthz 200 before any
-mail) is printed so that it can be told apart from the per-mail cost in the IMAP figure.
+mail) is printed so that it can be told apart from the per-mail cost in the IMAP figure. The
+gateway package is byte-compiled before the runs, as an installed daemon has it (scripts/install,
+pip): an editable checkout under PYTHONDONTWRITEBYTECODE would compile every module from source
+at every process start (`--no-compile` measures that case). The peer's packages are pip-installed,
+hence compiled too.
 
 Completion is watched cheaply: /_sim/calls (a few bytes) every 50 ms; the full /_sim/tickets list
 (megabytes at 1,000 tickets) is fetched only once the simulator has seen at least two calls per
@@ -755,9 +759,17 @@ def main() -> int:
         help="the backlog: the peer's generator (default) or our own mix",
     )
     ap.add_argument("--peers", type=Path, default=PEERS, help=f"the peers directory ({PEERS})")
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="do not byte-compile the gateway package first (start-up then compiles sources)",
+    )
     args = ap.parse_args()
     global WORKER_PROCESSES
     WORKER_PROCESSES = args.worker_processes
+    if not args.no_compile:
+        common.compile_bytecode()
+        common.log("gateway package byte-compiled first, as an installation has it")
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     root.chmod(0o755)  # the peer's Dovecot (its own users) reads its files below it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import logging
 import re
 import time
@@ -20,14 +21,15 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import aiosmtplib
+from typing import TYPE_CHECKING, Any
 
 from gateway import retry
 from gateway.ackpolicy import safe_subject
 from gateway.models import ParsedMail
 from gateway.spool.base import AckRow, Spool
+
+if TYPE_CHECKING:  # loaded where acknowledgements are sent (the worker), not by the intake
+    import aiosmtplib
 
 log = logging.getLogger("gateway.ack")
 
@@ -324,6 +326,9 @@ class AckSender:
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.parallel = parallel  # connections to the relay at once
+        # the SMTP client library: loaded with the sender (at the worker's start), not by the
+        # first acknowledgement on the event loop; processes that send none never load it
+        importlib.import_module("aiosmtplib")
         self.wake = asyncio.Event()
         self.sent = 0
         self.failed = 0
@@ -368,6 +373,8 @@ class AckSender:
         return (self.host, self.port, self.relay_tls, self.username, self.password)
 
     def _client(self) -> aiosmtplib.SMTP:
+        import aiosmtplib
+
         return aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
@@ -379,6 +386,8 @@ class AckSender:
         )
 
     async def _send_one(self, ack: AckRow, lane: _RelayConnection | None = None) -> None:
+        import aiosmtplib
+
         lane = lane or _RelayConnection()
         try:
             for attempt in (1, 2):

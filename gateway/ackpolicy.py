@@ -68,6 +68,16 @@ class AckPolicy:
 
 
 @dataclass(frozen=True)
+class DkimSettings:
+    """Where the gateway's own DKIM check (gateway.dkimcheck) looks keys up: plain values from
+    `[ack]` (built by app/cli). Here, not in dkimcheck, so that building the worker's settings
+    does not load dkimpy and dnspython, which only that rare check needs."""
+
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = the system's resolver
+    timeout: float = 5.0  # seconds per key look-up
+
+
+@dataclass(frozen=True)
 class DkimResult:
     """What the gateway's own DKIM check found (gateway.dkimcheck.check)."""
 

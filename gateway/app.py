@@ -27,33 +27,38 @@ import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__, classify, ruletests
-from gateway.ack import AckSender, Template, load_templates
-from gateway.ackpolicy import AckPolicy
-from gateway.backends.base import Backend
-from gateway.backends.http import ResponseBudget
-from gateway.backends.registry import make_backend
+from gateway.ack import Template, load_templates
+from gateway.ackpolicy import AckPolicy, DkimSettings
 from gateway.config import Config, load_config, spool_settings
-from gateway.dkimcheck import DkimSettings
 from gateway.errors import ConfigError, GatewayError, Problem
-from gateway.health import HealthServer
-from gateway.intake.smtp import IntakeHandler, SmtpListener
 from gateway.logs import setup_logging
 from gateway.metrics import Metrics
 from gateway.rules import RuleSet, load_rules
 from gateway.secrets import SecretError, resolve_secret
 from gateway.spool import Recovered, Spool, open_spool
-from gateway.spool.base import AckLimits
-from gateway.spool.retention import RetentionPolicy, RetentionTask
+from gateway.spool.base import AckLimits, RetentionPolicy
 from gateway.status import StatusBoard
-from gateway.worker import Worker, WorkerSettings
 from gateway.workerproc import (
     EventMetrics,
     WorkerSupervisor,
     read_wakeups,
 )
+
+# What only one role uses is imported where that role builds it: the intake process never loads
+# the pipeline (the worker, the backends' HTTP stack, the ack sender's SMTP client), and a worker
+# process never loads the listeners (aiohttp for /healthz, aiosmtpd) or the retention task.
+# Every worker (re)start pays its imports: they are most of its start-up CPU.
+if TYPE_CHECKING:
+    from gateway.ack import AckSender
+    from gateway.backends.base import Backend
+    from gateway.backends.http import ResponseBudget
+    from gateway.health import HealthServer
+    from gateway.intake.smtp import SmtpListener
+    from gateway.spool.retention import RetentionTask
+    from gateway.worker import Worker, WorkerSettings
 
 log = logging.getLogger("gateway.app")
 
@@ -181,6 +186,8 @@ def dkim_settings(cfg: Config) -> DkimSettings:
 
 
 def worker_settings(cfg: Config) -> WorkerSettings:
+    from gateway.worker import WorkerSettings
+
     shared = bool(cfg.spool.url) or cfg.gateway.worker_processes > 1
     return WorkerSettings(
         concurrency=cfg.gateway.workers,
@@ -253,8 +260,9 @@ class Daemon:
         self.tasks: list[asyncio.Task[Any]] = []
         self.retention: RetentionTask | None = None
         self._backend_keys: dict[str, tuple[Any, ...]] = {}
-        # what all backends' answers in flight may hold in this process (one budget for all)
-        self._response_budget = ResponseBudget(cfg.gateway.max_response_bytes_in_flight)
+        # what all backends' answers in flight may hold in this process (one budget for all;
+        # made with the backends, in the roles that call them)
+        self._response_budget: ResponseBudget | None = None
         self._retiring: dict[Backend, asyncio.Task[None]] = {}  # replaced on reload, closing
         self.executor: ProcessPoolExecutor | None = None
         self.should_exit = False
@@ -315,8 +323,14 @@ class Daemon:
 
     def _start_pipeline(self) -> None:
         """Backends, the worker and the acknowledgement sender (roles `all` and `worker`)."""
+        from gateway.ack import AckSender
+        from gateway.backends.http import ResponseBudget
+        from gateway.backends.registry import make_backend
+        from gateway.worker import Worker
+
         cfg = self.cfg
         assert self.spool is not None
+        self._response_budget = ResponseBudget(cfg.gateway.max_response_bytes_in_flight)
         metrics: Any = self.metrics
         if self.role == "worker":
             self.events = EventMetrics(sys.stdout)
@@ -423,6 +437,10 @@ class Daemon:
 
     async def _start_intakes(self) -> None:
         """SMTP, IMAP, /healthz, retention, and the worker process (roles `all` and `intake`)."""
+        from gateway.health import HealthServer
+        from gateway.intake.smtp import IntakeHandler, SmtpListener
+        from gateway.spool.retention import RetentionTask
+
         cfg = self.cfg
         assert self.spool is not None
         if self.role == "intake":
@@ -655,7 +673,8 @@ class Daemon:
         except OSError as exc:
             log.error("log_reopen_failed", extra={"fields": {"error": str(exc)}})
         self.cfg = new_cfg
-        self._response_budget.limit = new_cfg.gateway.max_response_bytes_in_flight
+        if self._response_budget is not None:
+            self._response_budget.limit = new_cfg.gateway.max_response_bytes_in_flight
         if self.worker is not None:
             # One assignment each: a mail is routed by the old set or the new set, never a mix.
             self.worker.rules = rules
@@ -671,6 +690,8 @@ class Daemon:
         self, new_cfg: Config
     ) -> dict[str, tuple[Backend, tuple[Any, ...]]]:
         """Build a new backend for each one whose config or secrets changed; all or none."""
+        from gateway.backends.registry import make_backend
+
         built: dict[str, tuple[Backend, tuple[Any, ...]]] = {}
         try:
             for name, bcfg in new_cfg.backends.items():
@@ -810,6 +831,8 @@ class Daemon:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.spool is not None:
             await self.spool.close()
+        if self.events is not None:
+            self.events.flush()  # the last metric lines, before the loop stops
         log.info("stopped", extra={"fields": {"cut_short": cut}})
 
     async def serve(self) -> int:

@@ -24,7 +24,6 @@ Blocking (DNS, hashing): the worker runs `check` in a thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from email import policy as email_policy
 from email.parser import BytesParser
 
@@ -35,7 +34,7 @@ import dns.rdatatype
 import dns.resolver
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from gateway.ackpolicy import DkimResult, org_domain
+from gateway.ackpolicy import DkimResult, DkimSettings, org_domain
 
 __all__ = ["MAX_BYTES", "MAX_SIGNATURES", "DkimSettings", "DnsTxt", "check"]
 
@@ -44,14 +43,6 @@ MAX_BYTES = 10 * 1024 * 1024  # larger mails are not hashed: no acknowledgement 
 MIN_KEY_BITS = 1024  # RFC 8301: shorter RSA keys are not accepted
 
 TxtLookup = Callable[..., bytes | None]  # dkimpy's dnsfunc: (name, timeout=...) -> TXT or None
-
-
-@dataclass(frozen=True)
-class DkimSettings:
-    """Plain values from `[ack]` (built by app/cli)."""
-
-    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; () = the system's resolver
-    timeout: float = 5.0  # seconds per key look-up
 
 
 class DnsTxt:

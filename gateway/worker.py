@@ -22,16 +22,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from gateway import classify, dkimcheck, routing
+from gateway import classify, routing
 from gateway.ack import Template, build_ack
 from gateway.ackpolicy import (
     NO_ACK,
     AckPolicy,
     AckVerdict,
     DkimResult,
+    DkimSettings,
     ack_verdict,
     apply_policy,
     from_domain,
@@ -47,7 +48,6 @@ from gateway.errors import (
     TransientError,
 )
 from gateway.mail import parse
-from gateway.metrics import Metrics
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
 from gateway.retry import (
     DEFAULT_BASE,
@@ -69,6 +69,9 @@ from gateway.spool.base import (
     State,
 )
 from gateway.status import StatusBoard
+
+if TYPE_CHECKING:
+    from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.worker")
 
@@ -140,7 +143,7 @@ class WorkerSettings:
     followup_sender: str = "any"
     # who may get an acknowledgement (see gateway.ackpolicy) and the hourly limits (AckLimits)
     ack_policy: AckPolicy = dataclasses.field(default_factory=AckPolicy)
-    dkim: dkimcheck.DkimSettings = dataclasses.field(default_factory=dkimcheck.DkimSettings)
+    dkim: DkimSettings = dataclasses.field(default_factory=DkimSettings)
     ack_limits: AckLimits = dataclasses.field(default_factory=AckLimits)
     ack_from_address: str = ""
     ack_from_name: str = "Support"
@@ -418,6 +421,8 @@ class Worker:
     async def _own_dkim(self, row: MessageRow, mail: ParsedMail) -> DkimResult:
         """The gateway's own DKIM check (`[ack] verify_dkim`), in a thread: DNS and hashing.
         The raw bytes were let go after parsing; this rare path reads them again."""
+        from gateway import dkimcheck  # dkimpy, dnspython: loaded once, by the first such mail
+
         if row.size > dkimcheck.MAX_BYTES:
             return DkimResult("", f"not verified: larger than {dkimcheck.MAX_BYTES} bytes")
         data = await self.spool.read_body(row.id)

@@ -43,14 +43,38 @@ STOP_MARGIN = 4.0  # seconds the worker may take beyond the drain grace to stop
 
 
 class EventMetrics:
-    """The worker's side of `Metrics`: each observation becomes a JSON line for the parent."""
+    """The worker's side of `Metrics`: each observation becomes a JSON line for the parent.
+
+    The lines of one turn of the event loop go out in one write (a ticket makes several: its
+    outcome, each backend call's latency, its acknowledgement), so the parent wakes once for
+    them, not once per line. Outside a running loop a line goes out at once.
+    """
 
     def __init__(self, out: Any) -> None:
         self.out = out
+        self._lines: list[str] = []
+        self._flush_scheduled = False
 
     def _emit(self, event: dict[str, Any]) -> None:
+        self._lines.append(json.dumps(event, separators=(",", ":")) + "\n")
+        if self._flush_scheduled:
+            return
         try:
-            self.out.write(json.dumps(event, separators=(",", ":")) + "\n")
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the lines not yet written (the loop calls it once per turn; a stop, last)."""
+        self._flush_scheduled = False
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            self.out.write("".join(lines))
             self.out.flush()
         except (OSError, ValueError):  # parent gone: nothing left to tell
             pass

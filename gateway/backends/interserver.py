@@ -56,19 +56,18 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import zeep
 from lxml import etree
-from pydantic import SecretStr, model_validator
 from zeep.exceptions import Error as ZeepError
 from zeep.exceptions import Fault, TransportError
 from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 
 from gateway.backends.base import Progress
-from gateway.backends.config import BackendConfigBase
+from gateway.backends.config import InterServerConfig
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, ticket_text
@@ -117,36 +116,6 @@ _NON_PUBLIC = tuple(
         "fe80::/10",
     )
 )
-
-
-class InterServerConfig(BackendConfigBase):
-    """`[backends.NAME]` for `type = "interserver"`."""
-
-    type: Literal["interserver"]
-    username: str  # the account's e-mail address (api_login username)
-    password: SecretStr | None = None  # the account password or its API key; or:
-    password_file: str | None = None
-    password_env: str | None = None
-    account_email: str | None = None  # user_email of new tickets; default: username
-    default_product: str = ""  # product when no rule sets `product`
-    # The "Root Password (VPS / Dedicated Server)" custom field of new tickets (the API's
-    # box_auth_value, stored encrypted by InterServer). Only from here, never from a rule or a
-    # mail; empty (the default) sends "".
-    box_auth_value: SecretStr | None = None
-    box_auth_value_file: str | None = None
-    box_auth_value_env: str | None = None
-
-    @model_validator(mode="after")
-    def _password_source(self) -> InterServerConfig:
-        if self.password is None and not self.password_file and not self.password_env:
-            raise ValueError("set password, password_file or password_env")
-        if not self.username.strip():
-            raise ValueError("username (the account e-mail) must not be empty")
-        return self
-
-    @property
-    def user_email(self) -> str:
-        return (self.account_email or self.username).strip()
 
 
 class _SessionLost(Exception):

@@ -1,7 +1,9 @@
 """The table from a config's `type = "..."` to its config model and backend class.
 
 Looked up once at start-up (and by `gateway check`): an unknown type stops the config load, not
-the first mail. The modules are imported on first use so that `gateway deliver` stays light.
+the first mail. The config models are in gateway.backends.config; a backend's module (and its
+HTTP/SOAP stack) is imported only when a backend is built, so that `gateway deliver` and the
+intake process stay light.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.backends import config as backend_config
 from gateway.backends.base import Backend
 from gateway.backends.config import BackendConfigBase
 
@@ -34,8 +37,9 @@ BACKEND_TYPES: dict[str, tuple[str, str, str]] = {
 
 
 def config_model(type_name: str) -> type[BackendConfigBase]:
-    module, model, _ = BACKEND_TYPES[type_name]
-    cls: type[BackendConfigBase] = getattr(importlib.import_module(module), model)
+    """The config model of a type: from gateway.backends.config, without the backend's module."""
+    _, model, _ = BACKEND_TYPES[type_name]
+    cls: type[BackendConfigBase] = getattr(backend_config, model)
     return cls
 
 

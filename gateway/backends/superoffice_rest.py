@@ -47,13 +47,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import Field, SecretStr, model_validator
+from pydantic import SecretStr
 
 from gateway.backends.base import Progress
-from gateway.backends.config import BackendConfigBase
+from gateway.backends.config import SuperOfficeRestConfig
 from gateway.backends.html import safe_html
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import header_block, reply_view, select_attachments, ticket_text
@@ -74,70 +74,6 @@ MAX_ERROR_CHARS = 300
 NEGATIVE_CACHE_SECONDS = 300.0  # an unknown sender is asked again after this long
 TICKET_FIELDS = ("category", "priority", "slevel", "person", "notify")
 _SLEVELS = {"external": "External", "internal": "Internal", "2": "External", "1": "Internal"}
-
-
-class SuperOfficeRestConfig(BackendConfigBase):
-    """`[backends.NAME]` with `type = "superoffice-rest"`.
-
-    `url` is the tenant's base, without `/api/v1` (e.g. `https://sod.superoffice.com/Cust12345`,
-    or `http://127.0.0.1:8900/superoffice` for the simulator).
-    """
-
-    type: Literal["superoffice-rest"]
-    auth: Literal["basic", "soticket", "bearer"] = "basic"
-    # basic
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: str | None = None
-    password_env: str | None = None
-    # soticket (required) and bearer (optional: SO-AppToken header, OAuth client secret)
-    app_token: SecretStr | None = None
-    app_token_file: str | None = None
-    app_token_env: str | None = None
-    ticket: SecretStr | None = None
-    ticket_file: str | None = None
-    ticket_env: str | None = None
-    # bearer: an access token, and/or what renews it
-    token: SecretStr | None = None
-    token_file: str | None = None
-    token_env: str | None = None
-    refresh_token: SecretStr | None = None
-    refresh_token_file: str | None = None
-    refresh_token_env: str | None = None
-    token_url: str | None = (
-        None  # OAuth token endpoint, e.g. https://sod.superoffice.com/login/common/oauth/tokens
-    )
-    client_id: str | None = None
-    # ticket defaults (a rule's [rule.ticket] overrides them)
-    default_person: int | None = Field(None, ge=1)  # PersonId for senders not found (or no lookup)
-    default_category: int | None = Field(None, ge=1)  # None: keep the server's default
-    default_priority: int | None = Field(None, ge=1)  # None: keep the server's default
-    default_slevel: Literal["external", "internal"] | None = None
-    notify: bool = False  # let SuperOffice notify on new messages (off: the gateway acknowledges)
-    person_cache_seconds: float = Field(3600.0, ge=0)  # how long a found PersonId is reused
-    find_window_seconds: float = Field(86400.0, gt=0)  # find_existing looks back this far
-    error_fields: list[str] = ["Error", "Message", "ExceptionMessage", "error_description", "error"]
-
-    @model_validator(mode="after")
-    def _credentials_present(self) -> SuperOfficeRestConfig:
-        def has(name: str) -> bool:
-            return any(getattr(self, f"{name}{sfx}") is not None for sfx in ("", "_file", "_env"))
-
-        if self.auth == "basic":
-            if not self.username or not has("password"):
-                raise ValueError("auth = 'basic' needs username and password (or _file/_env)")
-        elif self.auth == "soticket":
-            if not has("ticket") or not has("app_token"):
-                raise ValueError("auth = 'soticket' needs ticket and app_token (or _file/_env)")
-        else:
-            can_refresh = has("refresh_token")
-            if can_refresh and not (self.token_url and self.client_id and has("app_token")):
-                raise ValueError(
-                    "refresh_token needs token_url, client_id and app_token (the client secret)"
-                )
-            if not has("token") and not can_refresh:
-                raise ValueError("auth = 'bearer' needs token (or _file/_env) or refresh_token")
-        return self
 
 
 def validate_ticket_fields(fields: dict[str, Any]) -> list[str]:

@@ -56,12 +56,11 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 import zeep
-from pydantic import Field, SecretStr
 from zeep.cache import InMemoryCache
 from zeep.exceptions import Error as ZeepError
 from zeep.exceptions import Fault, TransportError
@@ -72,7 +71,7 @@ from zeep.xsd import AnyObject
 from zeep.xsd import Element as XsdElement
 
 from gateway.backends.base import Progress
-from gateway.backends.config import BackendConfigBase
+from gateway.backends.config import SuperOfficeSoapConfig
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, select_attachments, ticket_text
@@ -93,8 +92,6 @@ SYSTEM = "superoffice-soap"
 PACKAGED_WSDL = ("gateway.backends", "wsdl", "superoffice_customer.wsdl")
 SOAP_ENCODING = "http://schemas.xmlsoap.org/soap/encoding/"
 SOAP_ENCODING_XSD = ("gateway.backends", "wsdl", "soap-encoding.xsd")
-# EnumTicketBaseStatus (0 unknown, 1 active, 2 closed, 3 postponed, 4 deleted, 5 merged) and words
-DEFAULT_CLOSED_STATUSES = ["2", "4", "5", "closed", "deleted", "merged"]
 OPEN_STATUSES = frozenset({"1", "3", "open", "active", "postponed"})
 MAX_TITLE_CHARS = 255  # the title column's length is undocumented; keep it to a safe size
 LOGOUT_TIMEOUT = 2.0  # seconds aclose() waits for a courtesy logout
@@ -129,24 +126,6 @@ CONTENT_OPS = frozenset({"newTicket", "addMessage", "addAttachment"})
 SLEVELS = {"external": 2, "internal": 1, "2": 2, "1": 1}
 
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
-
-
-class SuperOfficeSoapConfig(BackendConfigBase):
-    """`[backends.NAME]` with `type = "superoffice-soap"` (besides the shared keys)."""
-
-    type: Literal["superoffice-soap"]
-    username: str  # the customer login the gateway uses; it becomes the author of every ticket
-    password: SecretStr | None = None  # or password_file / password_env
-    password_file: str | None = None
-    password_env: str | None = None
-    wsdl: str | None = None  # path (relative to the config file) or URL; default: packaged WSDL
-    slevel: Literal["external", "internal", 1, 2] = "external"  # new tickets, unless a rule says
-    message_slevel: Literal[1, 2] = 2  # sLevel of the messages the gateway adds (2 = external)
-    default_category: Annotated[int, Field(ge=1)] = 1  # categoryId when no rule sets `category`
-    # priorityId when no rule sets `priority`; -1 = let the system decide
-    default_priority: Annotated[int, Field(ge=-1)] = -1
-    # getTicket's ticket.status values (numbers or words, case-insensitive) that mean closed
-    closed_statuses: list[str] = Field(default_factory=lambda: list(DEFAULT_CLOSED_STATUSES))
 
 
 class _HttpStatus(Exception):

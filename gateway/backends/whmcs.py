@@ -38,10 +38,10 @@ from typing import Any, Literal
 from urllib.parse import quote_plus, urlencode
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.backends.base import Progress
-from gateway.backends.config import BackendConfigBase
+from gateway.backends.config import Priority, WhmcsConfig
 from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
 from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
@@ -53,7 +53,6 @@ log = logging.getLogger("gateway.backend.whmcs")
 SYSTEM = "whmcs"
 STEP_OPEN = "OpenTicket"
 STEP_REPLY = "AddTicketReply"
-Priority = Literal["Low", "Medium", "High"]
 
 # Error messages (lower-case prefixes) that mean the installation refuses the gateway itself.
 _UNAVAILABLE_MESSAGES = (
@@ -73,29 +72,6 @@ TICKET_TTL = 30.0  # seconds a GetTicket answer serves the follow-up that asked 
 _FALSE = ("0", "false", "no", "off", "")
 _TAG_RE = re.compile(r"<[^>]*>")
 _SPACE_RE = re.compile(r"\s+")
-
-
-class WhmcsConfig(BackendConfigBase):
-    """`[backends.NAME]` with `type = "whmcs"`; `url` is the WHMCS root or its `.../api.php`."""
-
-    type: Literal["whmcs"]
-    identifier: str = Field(min_length=1)  # API credential identifier
-    secret: SecretStr | None = None  # API credential secret (or secret_file / secret_env)
-    secret_file: str | None = None
-    secret_env: str | None = None
-    accesskey: SecretStr | None = None  # configuration.php $api_access_key: skips the IP check
-    accesskey_file: str | None = None
-    accesskey_env: str | None = None
-    default_deptid: int = Field(1, ge=1)  # department when the rule names none
-    default_priority: Priority = "Medium"
-    noemail: bool = True  # keep WHMCS's own confirmation off: the gateway acknowledges
-    markdown: bool = False  # ask WHMCS to render the ticket text as Markdown
-    client_lookup: bool = True  # find the client by the sender's e-mail unless the rule says
-    client_cache_seconds: float = Field(
-        300.0, ge=0
-    )  # look-up results (found or not) kept this long
-    # statuses that count as closed (case-insensitive); unset: asked of GetSupportStatuses
-    closed_statuses: list[str] | None = None
 
 
 class WhmcsTicket(BaseModel):
