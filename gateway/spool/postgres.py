@@ -215,7 +215,12 @@ _MSG_COLUMNS = (
     " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
 )
 
-_PUT = """
+# One put; in a group (a transaction of several), or alone: then it is one statement in
+# autocommit (its own transaction, one round trip, no BEGIN/COMMIT, no pipeline) that also
+# signals the workers, which a group sends as a NOTIFY of its own. Alone, the put costs half
+# the client CPU it costs as a group of one (0.75 instead of 1.55 ms here), and groups of
+# one are what a node sees when several nodes share the load.
+_PUT_TEMPLATE = """
 WITH m AS (
     INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at, size,
                           source_key, next_attempt_at, updated_at)
@@ -225,11 +230,13 @@ WITH m AS (
 ), b AS (
     INSERT INTO bodies (id, raw) SELECT id, %s FROM m
 )
-SELECT id, false AS duplicate FROM m
+SELECT id, false AS duplicate FROM m{notify}
 UNION ALL
 SELECT id, true AS duplicate FROM messages WHERE %s::text IS NOT NULL AND source_key = %s
     AND NOT EXISTS (SELECT 1 FROM m)
 """
+_PUT = _PUT_TEMPLATE.format(notify="")
+_PUT_ONE = _PUT_TEMPLATE.format(notify=f" CROSS JOIN (SELECT pg_notify('{CHANNEL}', '')) AS w")
 
 
 class _Body:
@@ -607,6 +614,11 @@ class PostgresSpool:
                     fut.set_result(res)
 
     async def _put_batch(self, params: list[tuple[Any, ...]]) -> list[PutResult | None]:
+        if len(params) == 1:  # one statement, committed on return (see _PUT_ONE)
+            row = await self._one(_PUT_ONE, params[0])
+            self.commits += 1
+            return [PutResult(id=row["id"], duplicate=row["duplicate"]) if row else None]
+
         async def go(conn: Conn) -> list[PutResult | None]:
             out: list[PutResult | None] = []
             async with conn.cursor() as cur:
