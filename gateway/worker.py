@@ -308,24 +308,28 @@ class Worker:
     async def run(self) -> None:
         while not self._stopping:
             free = self.s.concurrency - len(self._inflight)
-            ids: list[int] = []
-            if free > 0:
+            if free <= 0:
+                # every seat taken: nothing can be claimed before one frees (the end of its
+                # task sets `wake`). A signal of new work meanwhile (another node's puts, the
+                # intake) is no reason to ask the spool: it used to make this loop ask for the
+                # next due time again and again, as long as the signal stayed set.
                 self.wake.clear()
-                try:
-                    ids = await self.spool.claim_due(free)
-                except SpoolError as exc:
-                    log.error("claim_failed", extra={"fields": {"error": str(exc)}})
-                    await asyncio.sleep(1.0)
-                    continue
-                for msg_id in ids:
-                    task = asyncio.create_task(self._process_guarded(msg_id))
-                    self._inflight.add(task)
-                    self._task_ids[task] = msg_id
-                    task.add_done_callback(self._task_done)
+                await self._wait_wake(1.0)
+                continue
+            self.wake.clear()
+            try:
+                ids = await self.spool.claim_due(free)
+            except SpoolError as exc:
+                log.error("claim_failed", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(1.0)
+                continue
+            for msg_id in ids:
+                task = asyncio.create_task(self._process_guarded(msg_id))
+                self._inflight.add(task)
+                self._task_ids[task] = msg_id
+                task.add_done_callback(self._task_done)
             if ids and len(ids) == free:
-                await asyncio.sleep(0)  # more may be due: claim again once a slot frees
-                if len(self._inflight) >= self.s.concurrency:
-                    await self._wait_wake(1.0)
+                await asyncio.sleep(0)  # more may be due: claim again once a seat frees
                 continue
             await self._wait_wake(await self._idle_timeout())
 

@@ -4,11 +4,13 @@ slot or slot handed over, none lost between a failed try and the wait, and cance
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from gateway.rules import load_rules
 from gateway.spool import SpoolSettings, open_spool
+from gateway.spool.base import Outcome, State
 from gateway.worker import SlotGate, Worker, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,3 +147,61 @@ async def test_waiting_mails_share_one_poll(tmp_path: Path, monkeypatch: Any) ->
     finally:
         await spool.close()
         await other.close()
+
+
+async def test_a_full_worker_does_not_ask_the_spool_at_each_signal(tmp_path: Path) -> None:
+    """Every seat of the worker is taken: signals of new work (another node's puts, the
+    intake's wake-ups) do not make it ask the spool again and again until a seat frees; the
+    mail waiting is claimed once one does."""
+    from gateway.models import Envelope
+
+    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    rules = load_rules(ROOT / "rules", {b: b for b in BACKENDS})
+    worker = Worker(spool, {}, rules, {}, WorkerSettings(concurrency=1), tokens={})
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def process(msg_id: int) -> None:  # the mail's processing, held until released
+        seen.append(msg_id)
+        await release.wait()
+        await spool.finish(msg_id, Outcome(state=State.DEAD, reason="test"))
+
+    worker.process = process  # type: ignore[method-assign]
+    asks = 0
+    for name in ("claim_due", "next_due_at"):
+        real = getattr(spool, name)
+
+        def counted(*a: Any, _real: Any = real, **kw: Any) -> Any:
+            nonlocal asks
+            asks += 1
+            return _real(*a, **kw)
+
+        setattr(spool, name, counted)
+    env = Envelope(intake="smtp", mail_from="a@example.org", rcpt_tos=("b@example.com",))
+    first = await spool.put(b"Subject: 1\r\n\r\nx", env)
+    run = asyncio.create_task(worker.run())
+    try:
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [first.id]
+        second = await spool.put(b"Subject: 2\r\n\r\nx", env)
+        asks = 0
+        for _ in range(50):  # 50 signals over 0.5 s while the only seat is taken
+            worker.notify()
+            await asyncio.sleep(0.01)
+        assert asks <= 2, asks
+        release.set()
+        for _ in range(200):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [first.id, second.id]
+    finally:
+        release.set()
+        await worker.drain(2)
+        run.cancel()
+        with contextlib.suppress(BaseException):
+            await run
+        await spool.close()
