@@ -479,6 +479,40 @@ async def test_a_released_slot_is_signalled_to_other_processes(open_: Opener) ->
     assert heard.empty()
 
 
+async def test_stored_mail_is_signalled_to_other_processes(open_: Opener) -> None:
+    """A put, alone or in a group, wakes the workers of every process (PostgreSQL's NOTIFY at
+    its commit); a duplicate stores nothing and need not. SQLite has no signal (the intake
+    wakes its own worker)."""
+    a, b = await open_(node="a"), await open_(node="b")
+    heard: asyncio.Queue[None] = asyncio.Queue()
+    a.on_work(lambda: heard.put_nowait(None))
+
+    async def signalled() -> bool:
+        try:
+            await asyncio.wait_for(heard.get(), timeout=1.0)
+        except TimeoutError:
+            return False
+        await asyncio.sleep(0.2)
+        while not heard.empty():
+            heard.get_nowait()
+        return True
+
+    if a.engine == "sqlite":
+        await b.put(mail(1), ENV)
+        assert not await signalled()
+        return
+    for _ in range(50):  # until a's listening connection is up (it signals once when it is)
+        if await signalled():
+            break
+    assert await b.put(mail(1), ENV, source_key="k1")  # alone: one statement
+    assert await signalled()
+    assert (await b.put(mail(1), ENV, source_key="k1")).duplicate
+    assert not await signalled()
+    group = await asyncio.gather(*(b.put(mail(n), ENV) for n in range(2, 10)))
+    assert len({r.id for r in group}) == 8
+    assert await signalled()
+
+
 async def test_backend_pauses_are_shared(open_: Opener) -> None:
     a, b = await open_(node="a"), await open_(node="b")
     clock = open_.clock  # type: ignore[attr-defined]

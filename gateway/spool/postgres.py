@@ -215,7 +215,12 @@ _MSG_COLUMNS = (
     " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
 )
 
-_PUT = """
+# One put; in a group (a transaction of several), or alone: then it is one statement in
+# autocommit (its own transaction, one round trip, no BEGIN/COMMIT, no pipeline) that also
+# signals the workers, which a group sends as a NOTIFY of its own. Alone, the put costs half
+# the client CPU it costs as a group of one (0.75 instead of 1.55 ms here), and groups of
+# one are what a node sees when several nodes share the load.
+_PUT_TEMPLATE = """
 WITH m AS (
     INSERT INTO messages (state, intake, mail_from, rcpt_tos, peer, received_at, size,
                           source_key, next_attempt_at, updated_at)
@@ -225,11 +230,13 @@ WITH m AS (
 ), b AS (
     INSERT INTO bodies (id, raw) SELECT id, %s FROM m
 )
-SELECT id, false AS duplicate FROM m
+SELECT id, false AS duplicate FROM m{notify}
 UNION ALL
 SELECT id, true AS duplicate FROM messages WHERE %s::text IS NOT NULL AND source_key = %s
     AND NOT EXISTS (SELECT 1 FROM m)
 """
+_PUT = _PUT_TEMPLATE.format(notify="")
+_PUT_ONE = _PUT_TEMPLATE.format(notify=f" CROSS JOIN (SELECT pg_notify('{CHANNEL}', '')) AS w")
 
 
 class _Body:
@@ -350,6 +357,25 @@ class PostgresSpool:
         statement). The transaction is what `_run` gives, statement for statement."""
         async with self._conn(tx=False) as conn, conn.pipeline(), conn.transaction():
             return await fn(conn)
+
+    async def _script(self, parts: list[tuple[str, tuple[Any, ...]]]) -> dict[str, Any] | None:
+        """Several statements in ONE round trip and one transaction: PostgreSQL runs the
+        statements of one simple query as one implicit transaction, each statement seeing what
+        committed before it started (as in `_run`), so a lock taken by one statement holds for
+        the ones after it and to the commit. The parameters are bound client-side (psycopg's
+        `AsyncClientCursor`, which allows several statements in one query); no pipeline, no
+        BEGIN/COMMIT round trips. The first row of the last statement, if it returns rows.
+
+        Measured against the same statements in a pipelined transaction (`_batch`):
+        set_identity 0.8 instead of 2.4 ms of client CPU, the server's share unchanged."""
+        query = ";\n".join(q for q, _ in parts)
+        params = tuple(p for _, ps in parts for p in ps)
+        async with self._conn(tx=False) as conn:
+            cur = psycopg.AsyncClientCursor(conn)
+            await cur.execute(query, params)
+            while cur.nextset():
+                pass
+            return await cur.fetchone() if cur.description is not None else None
 
     async def _one(self, query: str, params: Any = None) -> dict[str, Any] | None:
         """One statement (its own transaction); its first row."""
@@ -588,6 +614,11 @@ class PostgresSpool:
                     fut.set_result(res)
 
     async def _put_batch(self, params: list[tuple[Any, ...]]) -> list[PutResult | None]:
+        if len(params) == 1:  # one statement, committed on return (see _PUT_ONE)
+            row = await self._one(_PUT_ONE, params[0])
+            self.commits += 1
+            return [PutResult(id=row["id"], duplicate=row["duplicate"]) if row else None]
+
         async def go(conn: Conn) -> list[PutResult | None]:
             out: list[PutResult | None] = []
             async with conn.cursor() as cur:
@@ -763,22 +794,23 @@ class PostgresSpool:
         self, msg_id: int, message_id: str, digest: str, subject: str
     ) -> int | None:
         """See `Spool.set_identity`: under a transaction advisory lock on the digest, so two
-        nodes processing two copies at once see each other."""
-
-        async def go(conn: Conn) -> int | None:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (digest,))
-            await conn.execute(
-                "UPDATE messages SET message_id = %s, digest = %s, subject = %s WHERE id = %s",
-                (message_id, digest, subject[:500], msg_id),
-            )
-            cur = await conn.execute(
-                "SELECT id, state FROM messages WHERE digest = %s AND message_id = %s"
-                " AND id != %s AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
-                (digest, message_id, msg_id),
-            )
-            return copy_going_first(msg_id, await cur.fetchone())
-
-        return await self._batch(go)
+        nodes processing two copies at once see each other (the look-up is a statement after
+        the lock: it sees what the other committed). One round trip (`_script`)."""
+        row = await self._script(
+            [
+                ("SELECT pg_advisory_xact_lock(hashtext(%s))", (digest,)),
+                (
+                    "UPDATE messages SET message_id = %s, digest = %s, subject = %s WHERE id = %s",
+                    (message_id, digest, subject[:500], msg_id),
+                ),
+                (
+                    "SELECT id, state FROM messages WHERE digest = %s AND message_id = %s"
+                    " AND id != %s AND state NOT IN ('dead', 'duplicate') ORDER BY id LIMIT 1",
+                    (digest, message_id, msg_id),
+                ),
+            ]
+        )
+        return copy_going_first(msg_id, row)
 
     async def state_of(self, msg_id: int) -> str | None:
         row = await self._one("SELECT state FROM messages WHERE id = %s", (msg_id,))
@@ -834,10 +866,13 @@ class PostgresSpool:
         return await self._run(go)
 
     async def finish(self, msg_id: int, outcome: Outcome) -> str:
+        """See `Spool.finish`: the outcome, the maps and the acknowledgement in one transaction
+        and one round trip (`_script`). The hourly limits are counted in a statement after the
+        cluster-wide lock, which is held to the commit: workers of several nodes cannot slip
+        past a limit together."""
         now = self.clock()
-
-        async def go(conn: Conn) -> str:
-            await conn.execute(
+        parts: list[tuple[str, tuple[Any, ...]]] = [
+            (
                 "UPDATE messages SET state = %s, last_error = %s, backend = %s, rule = %s,"
                 " action = %s, ticket_ref = %s, ticket_id = %s, inflight = '',"
                 " next_attempt_at = 0, claimed_by = '', lease_until = NULL, updated_at = %s"
@@ -854,8 +889,10 @@ class PostgresSpool:
                     msg_id,
                 ),
             )
-            if outcome.state == State.DONE and outcome.ticket_ref:
-                await conn.execute(
+        ]
+        if outcome.state == State.DONE and outcome.ticket_ref:
+            parts.append(
+                (
                     "INSERT INTO tickets (backend, ref, system, ticket_id, requester, subject,"
                     " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                     (
@@ -868,47 +905,52 @@ class PostgresSpool:
                         now,
                     ),
                 )
-                if outcome.message_id:
-                    await conn.execute(
-                        "INSERT INTO threads (message_id, backend, ref, created_at)"
-                        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (outcome.message_id, outcome.backend, outcome.ticket_ref, now),
-                    )
-            ack = outcome.ack
-            if ack is None:
-                return ""
-            rcpt = ack.rcpt.lower()
-            sender_key = ack.sender_key or rcpt
-            domain = ack.domain or rcpt.rpartition("@")[2]
-            cur = await conn.execute(
-                "SELECT 1 FROM tickets WHERE requester = %s AND created_at < %s LIMIT 1",
-                (rcpt, now),
             )
-            known = await cur.fetchone() is not None  # a ticket conversation from before
-            if ack.limits is not None:
-                # counted and queued under one cluster-wide lock (held to the commit), so that
-                # workers of several nodes cannot slip past a limit together
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ACK_LIMIT_LOCK,))
-                withheld = await _ack_limited(
-                    conn, ack.limits, sender_key, domain, known, now - 3600
-                )
-                if withheld:
-                    return withheld
-            await conn.execute(
-                "INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
-                " next_attempt_at, sender_key, domain, known)"
-                " VALUES (%s, %s, %s, %s, 'pending', %s, 0, %s, %s, %s)",
-                (msg_id, rcpt, ack.mail_from, ack.data, now, sender_key, domain, int(known)),
-            )
-            if ack.message_id and outcome.ticket_ref:
-                await conn.execute(
-                    "INSERT INTO threads (message_id, backend, ref, created_at)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (ack.message_id, outcome.backend, outcome.ticket_ref, now),
-                )
+            if outcome.message_id:
+                parts.append(_thread_insert(outcome.message_id, outcome, now))
+        ack = outcome.ack
+        if ack is None:
+            await self._script(parts)
             return ""
-
-        return await self._batch(go)
+        rcpt = ack.rcpt.lower()
+        sender_key = ack.sender_key or rcpt
+        domain = ack.domain or rcpt.rpartition("@")[2]
+        if ack.limits is not None:
+            parts.append(("SELECT pg_advisory_xact_lock(%s)", (ACK_LIMIT_LOCK,)))
+            verdict, verdict_args = _ack_verdict_sql(ack.limits, sender_key, domain, now - 3600)
+        else:
+            verdict, verdict_args = "''", ()
+        # known: a ticket conversation from before (the split of the global limit)
+        final = (
+            "WITH k AS (SELECT EXISTS (SELECT 1 FROM tickets WHERE requester = %s"
+            "  AND created_at < %s) AS known),"
+            f" v AS (SELECT ({verdict}) AS verdict, known FROM k),"
+            " o AS (INSERT INTO outbox (message_id, rcpt, mail_from, data, state, created_at,"
+            "  next_attempt_at, sender_key, domain, known)"
+            "  SELECT %s, %s, %s, %s, 'pending', %s, 0, %s, %s, known::int FROM v"
+            "  WHERE verdict = '' RETURNING 1)"
+        )
+        args: tuple[Any, ...] = (
+            rcpt,
+            now,
+            *verdict_args,
+            msg_id,
+            rcpt,
+            ack.mail_from,
+            ack.data,
+            now,
+            sender_key,
+            domain,
+        )
+        if ack.message_id and outcome.ticket_ref:  # a reply to the ack threads to the ticket
+            final += (
+                ", t AS (INSERT INTO threads (message_id, backend, ref, created_at)"
+                "  SELECT %s, %s, %s, %s WHERE EXISTS (SELECT 1 FROM o) ON CONFLICT DO NOTHING)"
+            )
+            args += (ack.message_id, outcome.backend, outcome.ticket_ref, now)
+        parts.append((final + " SELECT verdict FROM v", args))
+        row = await self._script(parts)
+        return str(row["verdict"]) if row else ""
 
     # -- ticket and thread maps ------------------------------------------------------------------------
 
@@ -1012,30 +1054,23 @@ class PostgresSpool:
 
     async def acquire_slot(self, backend: str, limit: int, msg_id: int) -> bool:
         now = self.clock()
-
-        async def go(conn: Conn) -> bool:
-            # one taker at a time per backend, across the cluster
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("slot:" + backend,))
-            await conn.execute(
-                "DELETE FROM slots WHERE backend = %s AND until < %s", (backend, now)
-            )
-            cur = await conn.execute(
-                "SELECT COUNT(*) AS n FROM slots WHERE backend = %s AND msg_id != %s",
-                (backend, msg_id),
-            )
-            taken = await cur.fetchone()
-            if taken is not None and taken["n"] >= limit:
-                return False
-            # a label another owner holds stays its own (one row, one holder)
-            cur = await conn.execute(
-                "INSERT INTO slots (backend, msg_id, owner, until) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (backend, msg_id) DO UPDATE SET until = excluded.until"
-                " WHERE slots.owner = excluded.owner RETURNING 1",
-                (backend, msg_id, self.owner, now + self.lease),
-            )
-            return await cur.fetchone() is not None
-
-        return await self._batch(go)
+        # one taker at a time per backend, across the cluster (the lock is held to the commit;
+        # the count is a statement after it); one round trip (`_script`). A label another owner
+        # holds stays its own (one row, one holder).
+        row = await self._script(
+            [
+                ("SELECT pg_advisory_xact_lock(hashtext(%s))", ("slot:" + backend,)),
+                ("DELETE FROM slots WHERE backend = %s AND until < %s", (backend, now)),
+                (
+                    "INSERT INTO slots (backend, msg_id, owner, until) SELECT %s, %s, %s, %s"
+                    " WHERE (SELECT COUNT(*) FROM slots WHERE backend = %s AND msg_id != %s) < %s"
+                    " ON CONFLICT (backend, msg_id) DO UPDATE SET until = excluded.until"
+                    " WHERE slots.owner = excluded.owner RETURNING 1",
+                    (backend, msg_id, self.owner, now + self.lease, backend, msg_id, limit),
+                ),
+            ]
+        )
+        return row is not None
 
     async def release_slot(self, backend: str, msg_id: int) -> None:
         # one statement: a slot freed wakes the waiters on every node (delivered at commit)
@@ -1445,18 +1480,40 @@ class PostgresSpool:
         await self._run(go)
 
 
-async def _ack_limited(
-    conn: Conn, limits: AckLimits, sender_key: str, domain: str, known: bool, since: float
-) -> str:
-    """The hourly limit an acknowledgement would pass ("sender", "domain", "global"), or ""."""
-    for step in ack_limit_steps(limits, sender_key, domain, known):
-        if step.most <= 0:
-            return step.verdict
-        where, args = (f"{step.column} = %s", (step.value,)) if step.column else ("TRUE", ())
-        cur = await conn.execute(
-            f"SELECT COUNT(*) AS n FROM outbox WHERE {where} AND created_at >= %s", (*args, since)
-        )
-        row = await cur.fetchone()
-        if (int(row["n"]) if row else 0) >= step.most:
-            return step.verdict
-    return ""
+def _thread_insert(message_id: str, outcome: Outcome, now: float) -> tuple[str, tuple[Any, ...]]:
+    return (
+        "INSERT INTO threads (message_id, backend, ref, created_at)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (message_id, outcome.backend, outcome.ticket_ref, now),
+    )
+
+
+def _ack_verdict_sql(
+    limits: AckLimits, sender_key: str, domain: str, since: float
+) -> tuple[str, tuple[Any, ...]]:
+    """An SQL expression over `known` (a boolean column beside it): the hourly limit an
+    acknowledgement would pass ("sender", "domain", "global"), or "". The steps are
+    `ack_limit_steps`' for a known sender and for a stranger, checked in their order."""
+
+    def case(known: bool) -> tuple[str, list[Any]]:
+        whens: list[str] = []
+        args: list[Any] = []
+        for step in ack_limit_steps(limits, sender_key, domain, known):
+            if step.most <= 0:
+                whens.append("WHEN TRUE THEN %s")
+                args.append(step.verdict)
+                break
+            where = f"{step.column} = %s" if step.column else "TRUE"
+            whens.append(
+                f"WHEN (SELECT COUNT(*) FROM outbox WHERE {where} AND created_at >= %s) >= %s"
+                " THEN %s"
+            )
+            args += [*((step.value,) if step.column else ()), since, step.most, step.verdict]
+        return "CASE " + " ".join(whens) + " ELSE '' END", args
+
+    known_sql, known_args = case(True)
+    stranger_sql, stranger_args = case(False)
+    return (
+        f"CASE WHEN known THEN {known_sql} ELSE {stranger_sql} END",
+        (*known_args, *stranger_args),
+    )
