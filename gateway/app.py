@@ -871,5 +871,8 @@ class _CountingSpool:
     async def has_source_key(self, source_key: str) -> bool:
         return await self._spool.has_source_key(source_key)
 
+    async def known_source_keys(self, source_keys: Any) -> set[str]:
+        return await self._spool.known_source_keys(source_keys)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spool, name)

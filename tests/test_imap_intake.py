@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -636,6 +636,9 @@ class FlakySpool:
 
     async def has_source_key(self, source_key: str) -> bool:
         return await self.inner.has_source_key(source_key)
+
+    async def known_source_keys(self, source_keys: Collection[str]) -> set[str]:
+        return await self.inner.known_source_keys(source_keys)
 
     async def close(self) -> None:
         await self.inner.close()

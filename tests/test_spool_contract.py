@@ -122,6 +122,11 @@ async def test_a_source_key_stored_before_makes_a_duplicate(spool: Spool) -> Non
     assert b.duplicate and b.id == a.id and not a.duplicate
     assert await spool.has_source_key("imap:box:INBOX:1:7")
     assert not await spool.has_source_key("imap:box:INBOX:1:8")
+    # an IMAP chunk asks for all its keys at once (more keys than one query's parameters)
+    await spool.put(mail(3), ENV, source_key="imap:box:INBOX:1:900")
+    chunk = [f"imap:box:INBOX:1:{uid}" for uid in range(1, 1201)] + ["imap:box:INBOX:1:7"]
+    assert await spool.known_source_keys(chunk) == {"imap:box:INBOX:1:7", "imap:box:INBOX:1:900"}
+    assert await spool.known_source_keys([]) == set()
     both = await asyncio.gather(*(spool.put(mail(2), ENV, source_key="k2") for _ in range(5)))
     assert len({r.id for r in both}) == 1 and sum(not r.duplicate for r in both) == 1
 

@@ -68,7 +68,13 @@ from zeep.proxy import AsyncServiceProxy
 
 from gateway.backends.base import Progress
 from gateway.backends.config import InterServerConfig
-from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
+from gateway.backends.http import (
+    ResponseBudget,
+    make_client,
+    status_error,
+    tls_context,
+    transport_error,
+)
 from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, ticket_text
 from gateway.errors import BackendUnavailable, PermanentError, TransientError
@@ -335,7 +341,8 @@ class InterServerBackend:
             max_response_bytes=cfg.max_response_bytes,
             budget=budget,
         )
-        wsdl_http = httpx.Client(timeout=cfg.timeout)  # only for imports; ours has none
+        # only for imports (ours has none); the process's TLS context, not a CA bundle of its own
+        wsdl_http = httpx.Client(timeout=cfg.timeout, verify=tls_context())
         try:
             transport = _QuietTransport(client=self._http, wsdl_client=wsdl_http)
             settings = zeep.Settings(strict=False, xml_huge_tree=True)

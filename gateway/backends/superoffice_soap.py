@@ -72,7 +72,13 @@ from zeep.xsd import Element as XsdElement
 
 from gateway.backends.base import Progress
 from gateway.backends.config import SuperOfficeSoapConfig
-from gateway.backends.http import ResponseBudget, make_client, status_error, transport_error
+from gateway.backends.http import (
+    ResponseBudget,
+    make_client,
+    status_error,
+    tls_context,
+    transport_error,
+)
 from gateway.backends.soap import AnswerTransport
 from gateway.backends.text import reply_view, select_attachments, ticket_text
 from gateway.errors import (
@@ -440,7 +446,9 @@ class SuperOfficeSoapBackend:
             max_response_bytes=cfg.max_response_bytes,
             budget=budget,
         )
-        wsdl_http = httpx.Client(timeout=cfg.timeout)
+        # fetches a `wsdl` URL and its imports; the process's TLS context (loading a CA bundle
+        # of its own cost more CPU than the rest of the client)
+        wsdl_http = httpx.Client(timeout=cfg.timeout, verify=tls_context())
         try:
             transport = self._transport = _Transport(
                 client=self._http, wsdl_client=wsdl_http, cache=_known_schemas()

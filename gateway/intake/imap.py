@@ -12,9 +12,10 @@ create `move_to` when missing, SELECT the folder and read its UIDVALIDITY. Then 
 
 1. `UID SEARCH` for what is not yet handled: `UNSEEN UNDELETED` with `after = "seen"`, otherwise
    `UNDELETED` (everything still in the folder; handled mail has left it).
-2. In chunks of `batch` UIDs: a UID whose source key `imap:{name}:{folder}:{uidvalidity}:{uid}`
-   is already in the spool is not fetched again, only given its after-action (this completes a
-   move that a crash interrupted, without a second ticket). The others are fetched with
+2. In chunks of `batch` UIDs (their source keys looked up in the spool in one query): a UID
+   whose source key `imap:{name}:{folder}:{uidvalidity}:{uid}` is already in the spool is not
+   fetched again, only given its after-action (this completes a move that a crash
+   interrupted, without a second ticket). The others are fetched with
    `UID FETCH (UID BODY.PEEK[])` (PEEK: fetching never sets \\Seen), stored with `spool.put`, and
    only when every put of the chunk has returned (durable) is the after-action applied to them:
    `UID MOVE` (or COPY + STORE \\Deleted + (UID) EXPUNGE without MOVE), STORE +FLAGS \\Seen, or
@@ -965,15 +966,13 @@ class ImapIntake:
 
     async def _chunk(self, s: _Session, chunk: list[int]) -> int:
         keys = {uid: self._key(s.folder, s.uidvalidity, uid) for uid in chunk}
-        known: list[int] = []
-        fresh: list[int] = []
+        wanted = [uid for uid in chunk if keys[uid] not in self._too_large]
         try:
-            for uid in chunk:
-                if keys[uid] in self._too_large:
-                    continue
-                (known if await self.spool.has_source_key(keys[uid]) else fresh).append(uid)
+            stored_keys = await self.spool.known_source_keys([keys[uid] for uid in wanted])
         except SpoolError as exc:
             raise _SpoolBlocked(exc) from exc
+        known = [uid for uid in wanted if keys[uid] in stored_keys]
+        fresh = [uid for uid in wanted if keys[uid] not in stored_keys]
         stored: list[int] = []
         blocked: SpoolError | None = None
         if fresh:

@@ -325,6 +325,11 @@ class Spool(Protocol):
 
     async def has_source_key(self, source_key: str) -> bool: ...
 
+    async def known_source_keys(self, source_keys: Collection[str]) -> set[str]:
+        """Those of `source_keys` that a stored mail carries: one query for a whole IMAP chunk
+        (its UIDs' keys), not one per UID."""
+        ...
+
     # -- the worker's queue --------------------------------------------------------------------
     async def hold_owner(self) -> None:
         """Wait until no other live process works under this owner name (a predecessor still

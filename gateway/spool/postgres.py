@@ -642,8 +642,16 @@ class PostgresSpool:
         return int(row["id"])
 
     async def has_source_key(self, source_key: str) -> bool:
-        row = await self._one("SELECT 1 AS x FROM messages WHERE source_key = %s", (source_key,))
-        return row is not None
+        return source_key in await self.known_source_keys([source_key])
+
+    async def known_source_keys(self, source_keys: Collection[str]) -> set[str]:
+        keys = list(dict.fromkeys(source_keys))
+        if not keys:
+            return set()
+        rows = await self._all(
+            "SELECT source_key FROM messages WHERE source_key = ANY(%s)", (keys,)
+        )
+        return {row["source_key"] for row in rows}
 
     # -- recovery, claims and leases -----------------------------------------------------------------
 

@@ -72,6 +72,7 @@ log = logging.getLogger("gateway.spool")
 T = TypeVar("T")
 
 BLOB_CHUNK = 1 << 18
+SOURCE_KEYS_PER_QUERY = 500  # parameters of one IN (...) look-up (SQLite allows 32,766)
 
 _MSG_COLUMNS = (
     "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
@@ -473,11 +474,23 @@ class SqliteSpool:
         self._flush_puts(loop)  # what arrived meanwhile is the next batch
 
     async def has_source_key(self, source_key: str) -> bool:
-        def q(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM messages WHERE source_key = ?", (source_key,)
-            ).fetchone()
-            return row is not None
+        return source_key in await self.known_source_keys([source_key])
+
+    async def known_source_keys(self, source_keys: Collection[str]) -> set[str]:
+        keys = list(dict.fromkeys(source_keys))
+        if not keys:
+            return set()
+
+        def q(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(keys), SOURCE_KEYS_PER_QUERY):
+                part = keys[start : start + SOURCE_KEYS_PER_QUERY]
+                marks = ",".join("?" * len(part))
+                rows = conn.execute(
+                    f"SELECT source_key FROM messages WHERE source_key IN ({marks})", part
+                ).fetchall()
+                found.update(row[0] for row in rows)
+            return found
 
         return await self._read(q)
 
