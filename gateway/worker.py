@@ -84,12 +84,24 @@ class SpoolProgress:
     `flush` (when the mail's calls are over) before anything else happens to the mail. A `begin`
     that comes before the write has even started (no await in between: nothing else happened)
     records both in one statement: one spool round trip between two calls instead of two.
+    A `done` the spool cannot take (PostgreSQL restarting) is tried again for as long as the
+    mail's claim holds (`safe_until`): the result exists only in this process until then.
     """
 
-    def __init__(self, spool: Spool, msg_id: int, data: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        msg_id: int,
+        data: dict[str, Any],
+        *,
+        safe_until: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.spool = spool
         self.msg_id = msg_id
         self.data: dict[str, Any] = dict(data)
+        self.safe_until = safe_until  # until when this process's claim on the mail holds
+        self.clock = clock
         self._start: asyncio.Handle | None = None  # the done write, not started yet
         self._write: asyncio.Task[None] | None = None  # the done write, under way
 
@@ -97,8 +109,11 @@ class SpoolProgress:
         if self._start is not None:  # not started: it goes with this one
             self._start.cancel()
             self._start = None
-            await self.spool.begin_step(self.msg_id, step, progress=self.data)
-            return
+            try:
+                await self.spool.begin_step(self.msg_id, step, progress=self.data)
+                return
+            except SpoolError:  # the finished call first, as `done` would have written it
+                await self._durably(self.msg_id, self.data)
         await self.flush()
         await self.spool.begin_step(self.msg_id, step)
 
@@ -116,7 +131,34 @@ class SpoolProgress:
         if previous is not None:  # in order
             with contextlib.suppress(Exception):  # its failure is raised by whoever waits
                 await previous
-        await self.spool.done_step(self.msg_id, self.data)
+        await self._durably(self.msg_id, self.data)
+
+    async def _durably(self, msg_id: int, data: dict[str, Any]) -> None:
+        """Record a finished call, trying again while the spool is away (PostgreSQL restarting,
+        SQLite busy) for as long as this process's claim on the mail holds: what the call
+        returned (a ticket id) is known only here, and a mail put back without it is flagged
+        uncertain and may become a second ticket. Past the claim's lease another node may have
+        taken the mail over, so the write gives up there and the error goes on."""
+        delay = PROGRESS_RETRY_FIRST
+        logged = False
+        while True:
+            try:
+                await self.spool.done_step(msg_id, data)
+            except SpoolError as exc:
+                if self.safe_until is None or self.clock() + delay > self.safe_until():
+                    raise
+                if not logged:
+                    log.warning(
+                        "progress_write_retrying",
+                        extra={"fields": {"id": msg_id, "error": str(exc)}},
+                    )
+                    logged = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PROGRESS_RETRY_MAX)
+            else:
+                if logged:
+                    log.info("progress_write_recovered", extra={"fields": {"id": msg_id}})
+                return
 
     async def flush(self) -> None:
         """Wait until every `done` so far is durable (raises the spool's error)."""
@@ -156,6 +198,10 @@ class WorkerSettings:
 
 
 SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
+DEFAULT_LEASE = 30.0  # [spool] lease until keep_leases says otherwise
+LEASE_MARGIN = 2.0  # s before a claim's lease runs out when a write stops being retried
+PROGRESS_RETRY_FIRST = 0.2  # s before a failed progress write is tried again (doubling)
+PROGRESS_RETRY_MAX = 2.0
 
 
 class SlotGate:
@@ -286,6 +332,9 @@ class Worker:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._orphans: set[int] = set()  # claims whose processing ended without an outcome
+        self._claimed_at: dict[int, float] = {}  # in-flight mail -> when it was claimed
+        self._renewed_at = 0.0  # when the last lease renewal was asked for (it succeeded)
+        self._lease = DEFAULT_LEASE  # [spool] lease, set by keep_leases
         self._pauses: dict[str, tuple[float, str]] = {}
         self._pauses_read = 0.0
         self._slot_gates: dict[str, SlotGate] = {}
@@ -323,7 +372,9 @@ class Worker:
                 log.error("claim_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(1.0)
                 continue
+            claimed = self.clock()
             for msg_id in ids:
+                self._claimed_at[msg_id] = claimed
                 task = asyncio.create_task(self._process_guarded(msg_id))
                 self._inflight.add(task)
                 self._task_ids[task] = msg_id
@@ -337,9 +388,12 @@ class Worker:
         """Renew this process's claims every lease/3 s and put back those of processes whose
         lease ran out (a node or worker killed: its mails come back here, flagged uncertain
         where a backend call was in flight, and the worker looks for the ticket first)."""
+        self._lease = lease
         while not self._stopping:
             try:
+                asked = self.clock()
                 await self.spool.heartbeat(set(self._task_ids.values()), slots=self._held_slots())
+                self._renewed_at = asked
                 if self._orphans:  # processing cut short by a spool failure: back to the queue
                     orphans = list(self._orphans)
                     await self.spool.release(orphans)
@@ -361,8 +415,16 @@ class Worker:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._task_ids.pop(task, None)
+        msg_id = self._task_ids.pop(task, None)
+        if msg_id is not None:
+            self._claimed_at.pop(msg_id, None)
         self.wake.set()
+
+    def _claim_safe_until(self, msg_id: int) -> float:
+        """Until when no other process can take this mail over: its lease from the claim or
+        the last renewal, less a margin for clocks and the renewal's own round trip."""
+        since = max(self._claimed_at.get(msg_id, 0.0), self._renewed_at)
+        return since + self._lease - LEASE_MARGIN
 
     async def _idle_timeout(self) -> float:
         try:
@@ -784,7 +846,13 @@ class Worker:
     ) -> None:
         """The backend calls for one mail, then its outcome. `calls_over` is awaited once the
         calls are over, whatever their result (the call slot goes back)."""
-        progress = SpoolProgress(self.spool, row.id, row.progress)
+        progress = SpoolProgress(
+            self.spool,
+            row.id,
+            row.progress,
+            safe_until=lambda: self._claim_safe_until(row.id),
+            clock=self.clock,
+        )
         started = time.monotonic()
 
         async def over() -> None:

@@ -42,12 +42,14 @@ class Cluster:
         self.tmp, self.sim, self.url = tmp, sim, url
         self.nodes: dict[str, DaemonProcess] = {}
 
-    def node(self, name: str, *, concurrency: int | None = None) -> DaemonProcess:
+    def node(
+        self, name: str, *, concurrency: int | None = None, lease: int = LEASE
+    ) -> DaemonProcess:
         replace = {
             'path = "var/gateway.sqlite"        #': '# path = "var/gateway.sqlite"  #',
             '# url = "postgresql://gateway@db.example.com:5432/gateway"': f'url = "{self.url}"',
             'node = ""': f'node = "{name}"',
-            "lease = 30 ": f"lease = {LEASE} ",
+            "lease = 30 ": f"lease = {lease} ",
         }
         if concurrency is not None:
             replace["[backends.superoffice-soap]\n"] = (
@@ -238,6 +240,47 @@ def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> 
             want = ["before outage", "after outage"]
             assert wait_for(lambda: all(titles(sim)[s] == 1 for s in want), 60), titles(sim)
             assert titles(sim)["during outage"] == 0
+        finally:
+            d.stop(60)
+    finally:
+        server.cleanup()
+
+
+def test_a_ticket_created_while_postgresql_is_down_is_not_created_twice(
+    tmp_path: Path, sim: SimProcess
+) -> None:
+    """newTicket is answered while the spool is away: the worker keeps the ticket id and records
+    it once PostgreSQL is back (within the claim's lease), then adds the message to that ticket.
+    Put back without it, the mail would be flagged uncertain and become a second ticket."""
+    server = PostgresServer()  # a cluster of its own: this test stops it
+    server.start()
+    try:
+        c = Cluster(tmp_path, sim, server.new_database())
+        d = c.node("solo", lease=30)
+        d.start(timeout=90)
+        try:
+            assert send(d.smtp_port, "warm up") == 250  # the SOAP session is made
+            assert wait_for(lambda: titles(sim)["warm up"] == 1, 60), titles(sim)
+            sim.post(
+                "/_sim/fault", {"system": "superoffice-soap", "mode": "slow", "latency_ms": 4000}
+            )
+            assert send(d.smtp_port, "answered during the outage") == 250
+            assert wait_for(lambda: sim.get("/_sim/inflight")["superoffice-soap"]["now"] >= 1, 30)
+            server.stop()  # newTicket is answered ~4 s after it was sent: the spool is away
+            time.sleep(12)  # longer than a pooled connection is waited for: the write fails
+            server.start()
+            sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
+            subject = "answered during the outage"
+
+            def both_done() -> bool:
+                return [r["state"] for r in queue(d)] == ["done", "done"]
+
+            assert wait_for(both_done, 90), (titles(sim), queue(d))
+            time.sleep(2)
+            assert titles(sim)[subject] == 1
+            (ticket,) = [t for t in sim.get("/_sim/tickets") if t["title"] == subject]
+            assert len(ticket["messages"]) == 1  # addMessage went to the ticket it made
+            assert "event=progress_write_retrying" in d.log.read_text()  # the outage was hit
         finally:
             d.stop(60)
     finally:
