@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import smtplib
 import time
@@ -220,32 +221,40 @@ def test_backend_concurrency_and_ack_limit_hold_across_nodes(
     assert acks() == 5
 
 
-def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> None:
-    server = PostgresServer()  # a cluster of its own: this test stops it
+@contextlib.contextmanager
+def node_on_own_server(
+    tmp_path: Path, sim: SimProcess
+) -> Iterator[tuple[PostgresServer, DaemonProcess]]:
+    """One node on a PostgreSQL cluster of its own (the test stops and starts it), with the
+    default lease: a mail in flight when PostgreSQL stops stays this node's claim through the
+    outage (with a lease shorter than the outage it would be put back uncertain)."""
+    server = PostgresServer()
     server.start()
     try:
-        c = Cluster(tmp_path, sim, server.new_database())
-        # the default lease: a mail in flight when PostgreSQL stops stays this node's claim
-        # through the outage (with a lease shorter than the outage it is put back uncertain)
-        d = c.node("solo", lease=30)
+        d = Cluster(tmp_path, sim, server.new_database()).node("solo", lease=30)
         d.start(timeout=90)
         try:
-            assert send(d.smtp_port, "before outage") == 250
-            server.stop()
-            assert send(d.smtp_port, "during outage") == 451  # nothing accepted uncommitted
-            code, body = health(d)
-            assert code == 503 and any(p.startswith("spool:") for p in body["problems"]), body
-            assert body["spool"]["ok"] is False
-            server.start()
-            assert wait_for(lambda: health(d)[0] == 200, 60), health(d)
-            assert send(d.smtp_port, "after outage") == 250
-            want = ["before outage", "after outage"]
-            assert wait_for(lambda: all(titles(sim)[s] == 1 for s in want), 60), titles(sim)
-            assert titles(sim)["during outage"] == 0
+            yield server, d
         finally:
             d.stop(60)
     finally:
         server.cleanup()
+
+
+def test_postgresql_outage_451_then_resumes(tmp_path: Path, sim: SimProcess) -> None:
+    with node_on_own_server(tmp_path, sim) as (server, d):
+        assert send(d.smtp_port, "before outage") == 250
+        server.stop()
+        assert send(d.smtp_port, "during outage") == 451  # nothing accepted uncommitted
+        code, body = health(d)
+        assert code == 503 and any(p.startswith("spool:") for p in body["problems"]), body
+        assert body["spool"]["ok"] is False
+        server.start()
+        assert wait_for(lambda: health(d)[0] == 200, 60), health(d)
+        assert send(d.smtp_port, "after outage") == 250
+        want = ["before outage", "after outage"]
+        assert wait_for(lambda: all(titles(sim)[s] == 1 for s in want), 60), titles(sim)
+        assert titles(sim)["during outage"] == 0
 
 
 def test_a_ticket_created_while_postgresql_is_down_is_not_created_twice(
@@ -254,39 +263,27 @@ def test_a_ticket_created_while_postgresql_is_down_is_not_created_twice(
     """newTicket is answered while the spool is away: the worker keeps the ticket id and records
     it once PostgreSQL is back (within the claim's lease), then adds the message to that ticket.
     Put back without it, the mail would be flagged uncertain and become a second ticket."""
-    server = PostgresServer()  # a cluster of its own: this test stops it
-    server.start()
-    try:
-        c = Cluster(tmp_path, sim, server.new_database())
-        d = c.node("solo", lease=30)
-        d.start(timeout=90)
-        try:
-            assert send(d.smtp_port, "warm up") == 250  # the SOAP session is made
-            assert wait_for(lambda: titles(sim)["warm up"] == 1, 60), titles(sim)
-            sim.post(
-                "/_sim/fault", {"system": "superoffice-soap", "mode": "slow", "latency_ms": 4000}
-            )
-            assert send(d.smtp_port, "answered during the outage") == 250
-            assert wait_for(lambda: sim.get("/_sim/inflight")["superoffice-soap"]["now"] >= 1, 30)
-            server.stop()  # newTicket is answered ~4 s after it was sent: the spool is away
-            time.sleep(12)  # longer than a pooled connection is waited for: the write fails
-            server.start()
-            sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
-            subject = "answered during the outage"
+    with node_on_own_server(tmp_path, sim) as (server, d):
+        assert send(d.smtp_port, "warm up") == 250  # the SOAP session is made
+        assert wait_for(lambda: titles(sim)["warm up"] == 1, 60), titles(sim)
+        sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "slow", "latency_ms": 4000})
+        assert send(d.smtp_port, "answered during the outage") == 250
+        assert wait_for(lambda: sim.get("/_sim/inflight")["superoffice-soap"]["now"] >= 1, 30)
+        server.stop()  # newTicket is answered ~4 s after it was sent: the spool is away
+        time.sleep(12)  # longer than a pooled connection is waited for: the write fails
+        server.start()
+        sim.post("/_sim/fault", {"system": "superoffice-soap", "mode": "ok"})
+        subject = "answered during the outage"
 
-            def both_done() -> bool:
-                return [r["state"] for r in queue(d)] == ["done", "done"]
+        def both_done() -> bool:
+            return [r["state"] for r in queue(d)] == ["done", "done"]
 
-            assert wait_for(both_done, 90), (titles(sim), queue(d))
-            time.sleep(2)
-            assert titles(sim)[subject] == 1
-            (ticket,) = [t for t in sim.get("/_sim/tickets") if t["title"] == subject]
-            assert len(ticket["messages"]) == 1  # addMessage went to the ticket it made
-            assert "event=progress_write_retrying" in d.log.read_text()  # the outage was hit
-        finally:
-            d.stop(60)
-    finally:
-        server.cleanup()
+        assert wait_for(both_done, 90), (titles(sim), queue(d))
+        time.sleep(2)
+        assert titles(sim)[subject] == 1
+        (ticket,) = [t for t in sim.get("/_sim/tickets") if t["title"] == subject]
+        assert len(ticket["messages"]) == 1  # addMessage went to the ticket it made
+        assert "event=progress_write_retrying" in d.log.read_text()  # the outage was hit
 
 
 def test_an_imap_mailbox_is_polled_by_one_node_and_taken_over(

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.errors import SpoolError
 from gateway.models import Envelope
-from gateway.spool import SpoolSettings, open_spool
+from gateway.spool import Spool, SpoolSettings, open_spool
 from gateway.worker import SpoolProgress
 
 ENV = Envelope(mail_from="a@example.org", rcpt_tos=("support@example.com",), peer="127.0.0.1")
@@ -57,6 +57,16 @@ async def test_done_then_begin_records_both_in_one_write(tmp_path: Path) -> None
         await spool.close()
 
 
+async def _claimed(tmp_path: Path, *, lease_left: float = 30) -> tuple[Spool, SpoolProgress]:
+    """A spool with one mail claimed and its first call (newTicket) begun."""
+    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    m = (await spool.put(MAIL, ENV)).id
+    assert await spool.claim_due(1) == [m]
+    progress = SpoolProgress(spool, m, {}, safe_until=lambda: time.time() + lease_left)
+    await progress.begin("newTicket")
+    return spool, progress
+
+
 def _failing(spool: object, name: str, failures: int, calls: list[str]) -> None:
     """Make the spool's `name` write fail `failures` times (as a PostgreSQL restart does)."""
     real = getattr(spool, name)
@@ -75,12 +85,9 @@ def _failing(spool: object, name: str, failures: int, calls: list[str]) -> None:
 async def test_a_finished_call_is_recorded_once_the_spool_is_back(tmp_path: Path) -> None:
     """The spool is away when a call's result (the ticket id) is written: the write is tried
     again while the claim holds, so the mail is not put back uncertain (a second ticket)."""
-    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    spool, progress = await _claimed(tmp_path)
+    m = progress.msg_id
     try:
-        m = (await spool.put(MAIL, ENV)).id
-        assert await spool.claim_due(1) == [m]
-        progress = SpoolProgress(spool, m, {}, safe_until=lambda: time.time() + 30)
-        await progress.begin("newTicket")
         calls: list[str] = []
         _failing(spool, "done_step", 2, calls)
         await progress.done("newTicket", ticket_id="7")
@@ -95,12 +102,9 @@ async def test_a_finished_call_is_recorded_once_the_spool_is_back(tmp_path: Path
 
 
 async def test_a_combined_write_that_fails_still_records_the_result(tmp_path: Path) -> None:
-    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    spool, progress = await _claimed(tmp_path)
+    m = progress.msg_id
     try:
-        m = (await spool.put(MAIL, ENV)).id
-        assert await spool.claim_due(1) == [m]
-        progress = SpoolProgress(spool, m, {}, safe_until=lambda: time.time() + 30)
-        await progress.begin("newTicket")
         calls: list[str] = []
         _failing(spool, "begin_step", 1, calls)
         _failing(spool, "done_step", 1, calls)
@@ -117,12 +121,9 @@ async def test_a_combined_write_that_fails_still_records_the_result(tmp_path: Pa
 async def test_the_write_gives_up_when_the_claim_may_have_passed_on(tmp_path: Path) -> None:
     """Past the lease another node may hold the mail: the error goes on (the mail is put back
     flagged uncertain) instead of writing into a claim that is no longer this process's."""
-    spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
+    spool, progress = await _claimed(tmp_path, lease_left=0.3)
+    m = progress.msg_id
     try:
-        m = (await spool.put(MAIL, ENV)).id
-        assert await spool.claim_due(1) == [m]
-        progress = SpoolProgress(spool, m, {}, safe_until=lambda: time.time() + 0.3)
-        await progress.begin("newTicket")
         calls: list[str] = []
         _failing(spool, "done_step", 100, calls)
         await progress.done("newTicket", ticket_id="7")
