@@ -113,7 +113,7 @@ class SpoolProgress:
                 await self.spool.begin_step(self.msg_id, step, progress=self.data)
                 return
             except SpoolError:  # the finished call first, as `done` would have written it
-                await self._durably(self.msg_id, self.data)
+                await self._durably()
         await self.flush()
         await self.spool.begin_step(self.msg_id, step)
 
@@ -131,9 +131,9 @@ class SpoolProgress:
         if previous is not None:  # in order
             with contextlib.suppress(Exception):  # its failure is raised by whoever waits
                 await previous
-        await self._durably(self.msg_id, self.data)
+        await self._durably()
 
-    async def _durably(self, msg_id: int, data: dict[str, Any]) -> None:
+    async def _durably(self) -> None:
         """Record a finished call, trying again while the spool is away (PostgreSQL restarting,
         SQLite busy) for as long as this process's claim on the mail holds: what the call
         returned (a ticket id) is known only here, and a mail put back without it is flagged
@@ -143,21 +143,21 @@ class SpoolProgress:
         logged = False
         while True:
             try:
-                await self.spool.done_step(msg_id, data)
+                await self.spool.done_step(self.msg_id, self.data)
             except SpoolError as exc:
                 if self.safe_until is None or self.clock() + delay > self.safe_until():
                     raise
                 if not logged:
                     log.warning(
                         "progress_write_retrying",
-                        extra={"fields": {"id": msg_id, "error": str(exc)}},
+                        extra={"fields": {"id": self.msg_id, "error": str(exc)}},
                     )
                     logged = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PROGRESS_RETRY_MAX)
             else:
                 if logged:
-                    log.info("progress_write_recovered", extra={"fields": {"id": msg_id}})
+                    log.info("progress_write_recovered", extra={"fields": {"id": self.msg_id}})
                 return
 
     async def flush(self) -> None:
