@@ -184,25 +184,36 @@ class SimProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 60.0) -> None:  # 60 s: a loaded machine (issue 16)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "simulate",
-                    "--listen",
-                    f"127.0.0.1:{self.http_port}",
-                    "--smtp",
-                    f"127.0.0.1:{self.smtp_port}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        ok = wait_for(self._up, timeout=timeout)
-        if not ok:
-            raise RuntimeError(f"simulators did not come up: {self.log.read_text()[-2000:]}")
+        """Start the simulators. A port that `free_port` found free can be taken by another test
+        process before the simulator binds it: then it starts again on fresh ports (the tests
+        read the ports after `start`)."""
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                logged = log.tell()
+                self.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gateway",
+                        "simulate",
+                        "--listen",
+                        f"127.0.0.1:{self.http_port}",
+                        "--smtp",
+                        f"127.0.0.1:{self.smtp_port}",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            proc = self.proc
+            wait_for(lambda p=proc: self._up() or p.poll() is not None, timeout=timeout)
+            if self._up():
+                return
+            output = self.log.read_bytes()[logged:].decode(errors="replace")
+            if proc.poll() is None or "address already in use" not in output or attempt == 2:
+                self.stop()
+                raise RuntimeError(f"simulators did not come up: {output[-2000:]}")
+            self.http_port, self.smtp_port = free_port(), free_port()
 
     def _up(self) -> bool:
         try:
