@@ -43,13 +43,20 @@ LIMIT = 8
 CALLS = 2  # superoffice-soap: newTicket + addMessage
 
 
-def node_config(work: Path, name: str, ports: common.Ports, url: str, nice: int) -> Path:
+def node_config(
+    work: Path, name: str, ports: common.Ports, url: str, nice: int, scheduling: str
+) -> Path:
     """A node's config; `url` "" = its own SQLite spool (the one-node reference)."""
     return common.write_config(
         work / name,
         ports,
         {
-            "gateway": {"node": name, "workers": 16, "worker_nice": nice},
+            "gateway": {
+                "node": name,
+                "workers": 16,
+                "worker_nice": nice,
+                "worker_scheduling": scheduling,
+            },
             "backends": {"superoffice-soap": {"concurrency": LIMIT}},
         },
         spool_url=url,
@@ -100,7 +107,13 @@ async def tickets_done(sim: common.SimClient, tag: str, count: int) -> bool:
 
 
 async def run_nodes(
-    pg: PostgresServer, work: Path, n: int, count: int, nice: int, sqlite: bool = False
+    pg: PostgresServer,
+    work: Path,
+    n: int,
+    count: int,
+    nice: int,
+    scheduling: str,
+    sqlite: bool = False,
 ) -> dict[str, Any]:
     url = "" if sqlite else pg.new_database()
     sim_ports = common.Ports.pick()
@@ -110,7 +123,8 @@ async def run_nodes(
     try:
         for i in range(n):
             ports = common.Ports.pick(sim_ports.sim_http, sim_ports.sim_smtp)
-            cfg = node_config(work / f"n{n}{'s' if sqlite else ''}", f"n{i + 1}", ports, url, nice)
+            where = work / f"n{n}{'s' if sqlite else ''}-{scheduling}"
+            cfg = node_config(where, f"n{i + 1}", ports, url, nice, scheduling)
             nodes.append((common.start_gateway(cfg, ports, timeout=120), ports))
         await sim.fault("superoffice-soap", "slow", latency_ms=LATENCY_MS)
         smtp = [p.smtp for _, p in nodes]
@@ -190,10 +204,17 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
             runs = [(n, False) for n in args.nodes] + ([(1, True)] if args.sqlite else [])
-            for n, sqlite in runs:
+            several = len(args.worker_scheduling) > 1
+            for (n, sqlite), scheduling in (
+                (run, s) for run in runs for s in args.worker_scheduling
+            ):
                 what = f"{n} node(s){' on SQLite' if sqlite else ''}"
+                if several:
+                    what += f", worker {scheduling}"
                 common.log(f"{what}: {args.count} mails")
-                r = await run_nodes(pg, Path(tmp), n, args.count, args.worker_nice, sqlite)
+                r = await run_nodes(
+                    pg, Path(tmp), n, args.count, args.worker_nice, scheduling, sqlite
+                )
                 common.log(f"{what}: {r['tickets_s']:.1f} tickets/s = {r['share']:.2f} of bound")
                 common.log(
                     f"{what}: node CPU ms/ticket by role: "
@@ -201,7 +222,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 )
                 rows.append(
                     [
-                        f"{n} (SQLite)" if sqlite else str(n),
+                        (f"{n} (SQLite)" if sqlite else str(n))
+                        + (f" {scheduling}" if several else ""),
                         str(args.count),
                         f"{r['tickets_s']:.1f}",
                         f"{r['bound']:.0f}",
@@ -251,7 +273,18 @@ def main() -> int:
         help="[gateway] worker_nice of the nodes (10, the default; 0 on a machine shared with"
         " other jobs, whose share the niced worker would measure)",
     )
-    return asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument(
+        "--worker-scheduling",
+        type=lambda s: s.split(","),
+        default=["batch"],
+        help="[gateway] worker_scheduling of the nodes, comma-separated to compare in one run:"
+        " batch (the default), idle, normal",
+    )
+    args = ap.parse_args()
+    bad = set(args.worker_scheduling) - {"batch", "idle", "normal"}
+    if bad:
+        ap.error(f"--worker-scheduling: unknown {sorted(bad)}; choose batch, idle, normal")
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
