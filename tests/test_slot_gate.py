@@ -111,7 +111,7 @@ async def test_waiting_mails_share_one_poll(tmp_path: Path, monkeypatch: Any) ->
     """All slots are held by another process (no signal between SQLite processes): the mails
     waiting for one do not each poll the spool; the process asks once per backoff step, and a
     slot released meanwhile is still found by that poll."""
-    monkeypatch.setattr("gateway.worker.SLOT_WAIT", 1.5)
+    monkeypatch.setattr("gateway.worker.slots.SLOT_WAIT", 1.5)
     spool = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite"))
     other = await open_spool(SpoolSettings(path=tmp_path / "s.sqlite", node="other"))
     rules = load_rules(ROOT / "rules", {b: b for b in BACKENDS})

@@ -1,13 +1,6 @@
-"""The worker: takes due messages from the spool and runs parse -> classify -> route -> backend ->
-acknowledge, recording each outcome in one spool transaction.
-
-Decisions about failure live here (STYLE 6): a transient backend error is retried with exponential
-backoff and jitter until `retry.deadline`; a permanent one dead-letters the mail with the system's
-reason; `BackendUnavailable` pauses that backend (its mails stay deferred, /healthz says why) and
-never dead-letters; anything unexpected quarantines the mail (state dead, raw bytes kept, the
-traceback as reason) and the worker goes on with the next one. Parsing runs in a process pool so
-that a 10 MiB mail never stalls the SMTP intake on the event loop.
-"""
+"""`Worker`: the loop that claims due mail, one mail's pipeline (parse, classify, route, the
+backend calls, acknowledge), failure decisions and the outcome recorded in one spool transaction.
+See the package docstring (`gateway.worker`)."""
 
 from __future__ import annotations
 
@@ -18,21 +11,18 @@ import functools
 import logging
 import time
 import traceback
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from gateway import classify, routing
 from gateway.ack import Template, build_ack
 from gateway.ackpolicy import (
     NO_ACK,
-    AckPolicy,
     AckVerdict,
     DkimResult,
-    DkimSettings,
     ack_verdict,
     apply_policy,
     from_domain,
@@ -49,19 +39,11 @@ from gateway.errors import (
 )
 from gateway.mail import parse
 from gateway.models import Decision, Envelope, ParsedMail, RawSource, TicketRef
-from gateway.retry import (
-    DEFAULT_BASE,
-    DEFAULT_CAP,
-    SLOT_BACKOFF,
-    SLOT_POLL_SIGNALLED,
-    SLOT_REQUEUE,
-    Backoff,
-)
+from gateway.retry import SLOT_REQUEUE, Backoff
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import (
     BLOB_STREAM_MIN,
     AckDraft,
-    AckLimits,
     BodySource,
     MessageRow,
     Outcome,
@@ -69,234 +51,21 @@ from gateway.spool.base import (
     State,
 )
 from gateway.status import StatusBoard
+from gateway.worker.progress import SpoolProgress
+from gateway.worker.settings import WorkerSettings
+from gateway.worker.slots import CallSlots, SlotGate, _SlotHold
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.worker")
 
-
-class SpoolProgress:
-    """`Progress` backed by the spool: every step is durable before the next call. See `Progress`.
-
-    `done` starts its write at once without waiting for it (the backend goes on building its
-    next request meanwhile); `begin` waits for that write before it records the next call, and
-    `flush` (when the mail's calls are over) before anything else happens to the mail. A `begin`
-    that comes before the write has even started (no await in between: nothing else happened)
-    records both in one statement: one spool round trip between two calls instead of two.
-    A `done` the spool cannot take (PostgreSQL restarting) is tried again for as long as the
-    mail's claim holds (`safe_until`): the result exists only in this process until then.
-    """
-
-    def __init__(
-        self,
-        spool: Spool,
-        msg_id: int,
-        data: dict[str, Any],
-        *,
-        safe_until: Callable[[], float] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.spool = spool
-        self.msg_id = msg_id
-        self.data: dict[str, Any] = dict(data)
-        self.safe_until = safe_until  # until when this process's claim on the mail holds
-        self.clock = clock
-        self._start: asyncio.Handle | None = None  # the done write, not started yet
-        self._write: asyncio.Task[None] | None = None  # the done write, under way
-
-    async def begin(self, step: str) -> None:
-        if self._start is not None:  # not started: it goes with this one
-            self._start.cancel()
-            self._start = None
-            try:
-                await self.spool.begin_step(self.msg_id, step, progress=self.data)
-                return
-            except SpoolError:  # the finished call first, as `done` would have written it
-                await self._durably()
-        await self.flush()
-        await self.spool.begin_step(self.msg_id, step)
-
-    async def done(self, step: str, **values: Any) -> None:
-        self.data[step] = values
-        if self._start is None:
-            self._start = asyncio.get_running_loop().call_soon(self._start_write)
-
-    def _start_write(self) -> None:
-        self._start = None
-        previous = self._write
-        self._write = asyncio.get_running_loop().create_task(self._done_step(previous))
-
-    async def _done_step(self, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:  # in order
-            with contextlib.suppress(Exception):  # its failure is raised by whoever waits
-                await previous
-        await self._durably()
-
-    async def _durably(self) -> None:
-        """Record a finished call, trying again while the spool is away (PostgreSQL restarting,
-        SQLite busy) for as long as this process's claim on the mail holds: what the call
-        returned (a ticket id) is known only here, and a mail put back without it is flagged
-        uncertain and may become a second ticket. Past the claim's lease another node may have
-        taken the mail over, so the write gives up there and the error goes on."""
-        delay = PROGRESS_RETRY_FIRST
-        logged = False
-        while True:
-            try:
-                await self.spool.done_step(self.msg_id, self.data)
-            except SpoolError as exc:
-                if self.safe_until is None or self.clock() + delay > self.safe_until():
-                    raise
-                if not logged:
-                    log.warning(
-                        "progress_write_retrying",
-                        extra={"fields": {"id": self.msg_id, "error": str(exc)}},
-                    )
-                    logged = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, PROGRESS_RETRY_MAX)
-            else:
-                if logged:
-                    log.info("progress_write_recovered", extra={"fields": {"id": self.msg_id}})
-                return
-
-    async def flush(self) -> None:
-        """Wait until every `done` so far is durable (raises the spool's error)."""
-        if self._start is not None:
-            self._start.cancel()
-            self._start_write()
-        write, self._write = self._write, None
-        if write is not None:
-            await write
-
-
-@dataclasses.dataclass
-class WorkerSettings:
-    concurrency: int = 8
-    fallback_charsets: tuple[str, ...] = ()  # [mail] fallback_charsets, for parse
-    retry_base: float = DEFAULT_BASE  # [retry] base, max_delay: see gateway.retry
-    retry_max_delay: float = DEFAULT_CAP
-    retry_deadline: float = 5 * 24 * 3600.0
-    paused_check: float = 60.0
-    max_crashes: int = 5
-    own_addresses: frozenset[str] = frozenset()
-    timezone: str = "UTC"
-    followup_closed: str = "append"
-    followup_sender: str = "any"
-    # who may get an acknowledgement (see gateway.ackpolicy) and the hourly limits (AckLimits)
-    ack_policy: AckPolicy = dataclasses.field(default_factory=AckPolicy)
-    dkim: DkimSettings = dataclasses.field(default_factory=DkimSettings)
-    ack_limits: AckLimits = dataclasses.field(default_factory=AckLimits)
-    ack_from_address: str = ""
-    ack_from_name: str = "Support"
-    ack_envelope_from: str = ""
-    hostname: str = "ticket-gateway.localdomain"
-    wait_original: float = 5.0  # a follow-up whose original is still queued waits this long
-    # backend -> calls in flight allowed across the cluster (`concurrency` of the backend)
-    backend_concurrency: dict[str, int] = dataclasses.field(default_factory=dict)
-    shared_pauses: bool = False  # record and honour backend pauses in the spool
-
-
-SLOT_WAIT = 5.0  # s a mail waits for a backend call slot before it steps back into the queue
 DEFAULT_LEASE = 30.0  # [spool] lease until keep_leases says otherwise
 LEASE_MARGIN = 2.0  # s before a claim's lease runs out when a write stops being retried
-PROGRESS_RETRY_FIRST = 0.2  # s before a failed progress write is tried again (doubling)
-PROGRESS_RETRY_MAX = 2.0
-
-
-class SlotGate:
-    """This process's side of one backend's call slots. A slot is a row in the spool (counted
-    across the cluster, at most `limit` rows per backend); this process holds some of them
-    (`held`, by the label each was taken under) and lends each to one of its mails at a time.
-    A mail whose calls are over hands its slot straight to the next of this process's mails
-    that waits for one (`hand_over`: no spool round trip between one call and the next); only
-    when none waits does the slot go back to the spool, where other processes and nodes can
-    take it (and are signalled). One mail at a time asks the spool for one slot more
-    (`trying`). When the spool says all slots are held elsewhere, the waiting mails sleep until
-    a hand-over, a release signalled by the spool (`freed()`), or the process's one poll
-    (`missed()`: one ask per process with `backoff`, whatever the number of waiting mails; the
-    fallback for engines without signals and for a dead owner's slot that expires, so slower
-    where the spool signals every release). So the mails waiting for a slot never poll the
-    spool each on its own timer: a node that holds no slot while others hand theirs on costs
-    the spool one ask per poll, not one per waiting mail and backoff step."""
-
-    def __init__(self, limit: int, backoff: Backoff = SLOT_BACKOFF) -> None:
-        self.limit = limit
-        self.backoff = backoff  # of the poll after a miss
-        self.held: set[int] = set()  # labels of the slot rows this process holds
-        self.trying = False  # one of its mails is asking the spool for a slot
-        self.misses = 0  # asks in a row that found every slot held elsewhere
-        self._waiting: deque[asyncio.Future[int | None]] = deque()
-        self._poll: asyncio.TimerHandle | None = None  # the next ask after a miss
-
-    def waiter(self) -> asyncio.Future[int | None]:
-        """Register before trying the spool, so that a release or hand-over during the try is
-        not missed. The result: a slot handed over (its label), or None (try the spool)."""
-        while self._waiting and self._waiting[0].done():
-            self._waiting.popleft()
-        fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(fut)
-        return fut
-
-    def may_ask(self) -> bool:
-        """May a mail that comes to wait ask the spool at once? Not while another asks, nor
-        while the poll after a miss is pending (all slots were held elsewhere a moment ago)."""
-        return not self.trying and self._poll is None
-
-    def hand_over(self, label: int) -> bool:
-        """Lend the held slot `label` to the first waiter; False when nobody waits."""
-        while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_result(label)
-                return True
-        return False
-
-    def freed(self) -> None:
-        """A slot came free in the spool: the first waiter tries again (one per release)."""
-        while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-
-    def got(self) -> None:
-        self.misses = 0
-
-    def missed(self) -> None:
-        """The spool had no slot: the first waiter asks again after the backoff (unless a
-        release or a hand-over comes first)."""
-        self.misses += 1
-        self.poll_later()
-
-    def poll_later(self) -> None:
-        if self._poll is None:
-            delay = self.backoff.delay(max(1, self.misses))
-            self._poll = asyncio.get_running_loop().call_later(delay, self._poll_due)
-
-    def _poll_due(self) -> None:
-        self._poll = None
-        self.freed()
-
-
-class _SlotHold:
-    """A call slot lent to one mail: `release` passes it on once (see `Worker._give_slot`)."""
-
-    def __init__(self, worker: Worker, backend: str, label: int) -> None:
-        self.worker, self.backend, self.label = worker, backend, label
-        self._held = True
-
-    async def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        await self.worker._give_slot(self.backend, self.label)
-
-
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 
 
-class Worker:
+class Worker(CallSlots):
     def __init__(
         self,
         spool: Spool,
@@ -681,94 +450,6 @@ class Worker:
         finally:
             if hold is not None:
                 await hold.release()
-
-    def _slot_gate(self, backend: str, limit: int) -> SlotGate:
-        gate = self._slot_gates.get(backend)
-        if gate is None or gate.limit != limit:  # new, or the limit changed on a reload
-            # a spool that signals every release needs the poll only for expired slots
-            old, gate = (
-                gate,
-                SlotGate(limit, SLOT_POLL_SIGNALLED if self.spool.signals else SLOT_BACKOFF),
-            )
-            if old is not None:
-                gate.held = old.held  # the rows this process holds stay its own
-            self._slot_gates[backend] = gate
-        return gate
-
-    def _slot_freed(self, backend: str) -> None:
-        gate = self._slot_gates.get(backend)
-        if gate is not None:
-            gate.freed()
-
-    async def _take_slot(self, backend: str, limit: int, msg_id: int) -> int | None:
-        """A call slot of `backend` for mail `msg_id` (the label of its spool row): one handed
-        over by another of this process's mails, or a new one from the spool; None when none
-        came within SLOT_WAIT. The caller gives it back with `_give_slot`."""
-        gate = self._slot_gate(backend, limit)
-        deadline = time.monotonic() + SLOT_WAIT
-        ask = gate.may_ask()
-        while True:
-            woken = gate.waiter()
-            taken: int | None = None
-            try:
-                # one of this process's mails at a time asks the spool for one more slot (the
-                # others wait for a hand-over or for its answer); a label is one row: never a
-                # second row under a label this process holds
-                if ask and not gate.trying:
-                    if len(gate.held) < limit and msg_id not in gate.held:
-                        gate.trying = True
-                        try:
-                            got = await self.spool.acquire_slot(backend, limit, msg_id)
-                        finally:
-                            gate.trying = False
-                        if got:
-                            gate.got()
-                            gate.held.add(msg_id)
-                            taken = msg_id
-                            woken.cancel()
-                            if len(gate.held) < limit:
-                                gate.freed()  # there may be more: the next waiter asks at once
-                            return msg_id
-                        gate.missed()
-                    elif len(gate.held) < limit:
-                        gate.poll_later()  # its own label is lent out: the next waiter asks
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stopping:
-                    return None
-                # a hand-over, a release or the process's poll wakes us; else the deadline
-                await asyncio.wait({woken}, timeout=left)
-                if woken.done() and woken.result() is not None:
-                    taken = woken.result()
-                    return taken
-                ask = woken.done()
-            finally:
-                if not woken.done():
-                    woken.cancel()
-                elif not woken.cancelled() and (handed := woken.result()) not in (None, taken):
-                    # handed a slot it does not use (it took one from the spool meanwhile, or
-                    # timed out, stopped, was cancelled): on to the next waiter or back
-                    self._give_later(backend, handed)
-
-    async def _give_slot(self, backend: str, label: int) -> None:
-        """A mail's calls are over: its slot goes to the next mail of this process that waits
-        for one, at once; when none does (or the worker stops), back to the spool."""
-        gate = self._slot_gates[backend]
-        if not self._stopping and label in gate.held and gate.hand_over(label):
-            return
-        gate.held.discard(label)
-        try:
-            with contextlib.suppress(SpoolError):  # unreleased, it expires with the lease
-                await self.spool.release_slot(backend, label)
-        finally:
-            gate.freed()  # a mail of this process that came to wait meanwhile tries the spool
-
-    def _give_later(self, backend: str, label: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._give_slot(backend, label))
-        self._slot_tasks.add(task)
-        task.add_done_callback(self._slot_tasks.discard)
-
-    def _held_slots(self) -> set[int]:
-        return set().union(*(g.held for g in self._slot_gates.values()))
 
     async def _cluster_pauses(self) -> dict[str, tuple[float, str]]:
         """The backend pauses recorded in the spool (by any process), read at most once a s."""
