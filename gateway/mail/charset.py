@@ -192,8 +192,9 @@ def decode_bytes(data: bytes, label: str | None) -> tuple[str, str | None]:
     if chain is None:
         codec = _codec(lab)
         if codec is None:
-            text = data.decode("utf-8", "replace")
-            return text, f"unknown charset {label!r}: decoded as UTF-8"
+            # a label nobody knows ("x-unknown-8bit", a typo) says no more than no label
+            text, how = (data.decode("ascii"), "ASCII") if data.isascii() else _decode_guess(data)
+            return text, f"unknown charset {label!r}: decoded as {how}"
         chain = (codec,)
     if chain[0] == "utf_8":
         try:
