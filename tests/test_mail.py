@@ -105,6 +105,9 @@ def test_unknown_charset_with_legacy_8bit_text_is_decoded_as_undeclared_text() -
     assert mail.text.startswith("Café crème, 10 €")
     assert "\ufffd" not in mail.text
     assert any("x-unknown-8bit" in d and "windows-1252" in d for d in mail.defects)
+    # a known name written with a separator inside is that charset, not an unknown one
+    assert decode_bytes(b"\xa4 10", "latin-9") == ("€ 10", None)
+    assert decode_bytes("Привет".encode("cp1251"), "cp-1251") == ("Привет", None)
     assert decode_bytes(b"plain", "x-typo") == (
         "plain",
         "unknown charset 'x-typo': decoded as ASCII",

@@ -88,9 +88,17 @@ def _codec(label: str) -> str | None:
     except KeyError:
         pass
     name: str | None
+    info: codecs.CodecInfo | None
     try:
         info = codecs.lookup(label)
     except (LookupError, ValueError, TypeError):
+        # "latin-9", "cp-1252", "shift-jis": a known name written with a separator inside
+        squeezed = label.replace("-", "").replace("_", "").replace(" ", "")
+        try:
+            info = codecs.lookup(squeezed) if squeezed != label else None
+        except (LookupError, ValueError, TypeError):
+            info = None
+    if info is None:
         name = None
     else:
         name = info.name
