@@ -4,6 +4,7 @@ Run by hand (never by CI), from the repo root, as root (the private PostgreSQL r
 
     .venv/bin/python bench/cluster.py                  # 1, 2 and 3 nodes, 300 mails each
     .venv/bin/python bench/cluster.py --nodes 1,3 --count 400
+    .venv/bin/python bench/cluster.py --rate 0,80      # a burst, then the same mails at 80/s
 
 For each node count N: a fresh database in a private PostgreSQL cluster (tests/pg_server.py), a
 fresh `gateway simulate`, and N `gateway run` processes sharing that database, each with its own
@@ -12,6 +13,14 @@ superoffice-soap (support@: newTicket + addMessage = 2 calls per ticket) has `co
 which the gateway holds for the whole cluster. After a warm-up mail per node (sessions cached),
 `--count` mails are sent over SMTP by 8 concurrent clients, spread round-robin over the nodes; the
 clock runs from the first 250 to the moment the simulator holds all tickets with their message.
+By default the clients send as fast as their mails are accepted (a burst); `--rate R` paces them
+to R mails/s together (above the bound, so that the queue never runs dry).
+
+While a burst comes in, the nodes' intakes take the CPU first (their workers run niced, SCHED_BATCH)
+and, with N nodes on this one machine, N intakes can take all of its cores: ticketing nearly stops
+until the burst is stored. So the table also gives the share of the bound after the last 250
+("x bound after it": the tickets not yet made then, over the time they took), which is what the
+nodes do once the intakes are quiet, and which is what a site with a host per node sees.
 
 The latency bound is concurrency / (calls per ticket x latency) = 8 / 0.2 s = 40 tickets/s,
 whatever the node count: adding nodes must cost nothing (target >= 0.8 of the bound for every N).
@@ -63,19 +72,25 @@ def node_config(
     )
 
 
-async def send_all(ports: list[int], count: int, tag: str, clients: int = 8) -> tuple[float, float]:
+async def send_all(
+    ports: list[int], count: int, tag: str, clients: int = 8, rate: float = 0.0
+) -> tuple[float, float]:
     """Send `count` mails round-robin over `ports` with `clients` senders; times of the first
-    and the last 250."""
+    and the last 250. `rate` > 0: mail i is sent no earlier than i / rate seconds after the
+    start (paced); 0: each sender sends its next mail as soon as the last one is accepted."""
     first: list[float] = []
     last = 0.0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(count):
         queue.put_nowait(i)
+    begin = time.monotonic()
 
     async def sender() -> None:
         nonlocal last
         while not queue.empty():
             i = queue.get_nowait()
+            if rate > 0:
+                await asyncio.sleep(max(0.0, begin + i / rate - time.monotonic()))
             data = common.make_mail(f"c{i % 50}@example.org", "support@example.com", f"{tag} {i}")
             for _ in range(50):
                 try:
@@ -114,6 +129,7 @@ async def run_nodes(
     nice: int,
     scheduling: str,
     sqlite: bool = False,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     url = "" if sqlite else pg.new_database()
     sim_ports = common.Ports.pick()
@@ -138,7 +154,11 @@ async def run_nodes(
             common.tree_cpu_seconds(sim_proc.pid),
             common.tree_cpu_seconds(pg_pid) if pg_pid else 0.0,
         )
-        start, last = await send_all(smtp, count, "burst")
+        calls0 = (await sim.calls()).get("superoffice-soap", 0)
+        start, last = await send_all(smtp, count, "burst", rate=rate)
+        # tickets made while the load was still coming in (2 calls each), for the share of the
+        # bound once it is over: the nodes' intakes no longer compete with their workers
+        made = ((await sim.calls()).get("superoffice-soap", 0) - calls0) / CALLS
         ok = await common.wait_until(lambda: tickets_done(sim, "burst", count), 600, 0.1)
         elapsed = time.monotonic() - start
         split = cpu_by_role([p.pid for p, _ in nodes])
@@ -161,6 +181,7 @@ async def run_nodes(
             "max": inflight["max"],
             "accept_s": count / max(1e-6, last - start),
             "after_s": start + elapsed - last,
+            "after_share": (count - made) / max(1e-6, start + elapsed - last) / bound,
             "cpu_ms": [c * 1000 / count for c in cpu],
             "split": split,
         }
@@ -205,15 +226,16 @@ async def main_async(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
             runs = [(n, False) for n in args.nodes] + ([(1, True)] if args.sqlite else [])
             several = len(args.worker_scheduling) > 1
-            for (n, sqlite), scheduling in (
-                (run, s) for run in runs for s in args.worker_scheduling
+            for (n, sqlite), scheduling, rate in (
+                (run, s, r) for run in runs for s in args.worker_scheduling for r in args.rate
             ):
                 what = f"{n} node(s){' on SQLite' if sqlite else ''}"
                 if several:
                     what += f", worker {scheduling}"
-                common.log(f"{what}: {args.count} mails")
+                sending = f"{rate:g}/s" if rate > 0 else "burst"
+                common.log(f"{what}: {args.count} mails, sent {sending}")
                 r = await run_nodes(
-                    pg, Path(tmp), n, args.count, args.worker_nice, scheduling, sqlite
+                    pg, Path(tmp), n, args.count, args.worker_nice, scheduling, sqlite, rate
                 )
                 common.log(f"{what}: {r['tickets_s']:.1f} tickets/s = {r['share']:.2f} of bound")
                 common.log(
@@ -225,6 +247,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         (f"{n} (SQLite)" if sqlite else str(n))
                         + (f" {scheduling}" if several else ""),
                         str(args.count),
+                        sending,
                         f"{r['tickets_s']:.1f}",
                         f"{r['bound']:.0f}",
                         f"{r['share']:.2f}",
@@ -232,6 +255,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         str(int(r["max"])),
                         f"{r['accept_s']:.1f}",
                         f"{r['after_s']:.1f}",
+                        f"{r['after_share']:.2f}",
                         "/".join(f"{c:.1f}" for c in r["cpu_ms"]),
                     ]
                 )
@@ -241,6 +265,7 @@ async def main_async(args: argparse.Namespace) -> int:
         [
             "nodes",
             "mails",
+            "sent",
             "tickets/s",
             "bound/s",
             "x bound",
@@ -248,6 +273,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "max calls in flight",
             "accepted/s",
             "s after last 250",
+            "x bound after it",
             "CPU ms/ticket nodes/sim/pg",
         ],
         rows,
@@ -279,6 +305,13 @@ def main() -> int:
         default=["batch"],
         help="[gateway] worker_scheduling of the nodes, comma-separated to compare in one run:"
         " batch (the default), idle, normal",
+    )
+    ap.add_argument(
+        "--rate",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.0],
+        help="mails/s the 8 senders together send at, comma-separated to compare in one run;"
+        " 0 (the default) = a burst, each sender as fast as its mails are accepted",
     )
     args = ap.parse_args()
     bad = set(args.worker_scheduling) - {"batch", "idle", "normal"}
