@@ -65,6 +65,7 @@ from gateway.spool.base import (
     TicketInfo,
 )
 from gateway.spool.rows import (
+    MSG_COLUMNS,
     ack_limit_steps,
     ack_row,
     copy_going_first,
@@ -208,12 +209,6 @@ DATA_TABLES = ("messages", "bodies", "tickets", "threads", "outbox")
 # Migrations: version -> statements that bring a spool from version - 1 to it. Never edit a
 # released one; add a new one and raise SCHEMA_VERSION.
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
-
-_MSG_COLUMNS = (
-    "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
-    " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
-    " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
-)
 
 # One put; in a group (a transaction of several), or alone: then it is one statement in
 # autocommit (its own transaction, one round trip, no BEGIN/COMMIT, no pipeline) that also
@@ -768,10 +763,10 @@ class PostgresSpool:
 
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         if not with_raw:
-            r = await self._one(f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = %s", (msg_id,))
+            r = await self._one(f"SELECT {MSG_COLUMNS} FROM messages WHERE id = %s", (msg_id,))
             return None if r is None else message_row(r, None)
         # one statement (one snapshot): the row and its body together
-        columns = ", ".join(f"m.{c.strip()}" for c in _MSG_COLUMNS.split(","))
+        columns = ", ".join(f"m.{c.strip()}" for c in MSG_COLUMNS.split(","))
         r = await self._one(
             f"SELECT {columns}, b.raw AS body FROM messages m LEFT JOIN bodies b ON b.id = m.id"
             " WHERE m.id = %s",
@@ -1128,12 +1123,12 @@ class PostgresSpool:
     async def list_messages(self, state: str | None = None, limit: int = 1000) -> list[MessageRow]:
         if state:
             rows = await self._all(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE state = %s ORDER BY id LIMIT %s",
+                f"SELECT {MSG_COLUMNS} FROM messages WHERE state = %s ORDER BY id LIMIT %s",
                 (state, limit),
             )
         else:
             rows = await self._all(
-                f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT %s", (limit,)
+                f"SELECT {MSG_COLUMNS} FROM messages ORDER BY id LIMIT %s", (limit,)
             )
         return [message_row(r) for r in rows]
 

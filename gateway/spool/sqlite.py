@@ -57,6 +57,7 @@ from gateway.spool.base import (
 )
 from gateway.spool.migrations import SCHEMA, SCHEMA_VERSION
 from gateway.spool.rows import (
+    MSG_COLUMNS,
     ack_limit_steps,
     ack_row,
     copy_going_first,
@@ -73,12 +74,6 @@ T = TypeVar("T")
 
 BLOB_CHUNK = 1 << 18
 SOURCE_KEYS_PER_QUERY = 500  # parameters of one IN (...) look-up (SQLite allows 32,766)
-
-_MSG_COLUMNS = (
-    "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
-    " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
-    " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
-)
 
 
 def read_body(conn: sqlite3.Connection, msg_id: int) -> bytes | None:
@@ -655,7 +650,7 @@ class SqliteSpool:
     async def load(self, msg_id: int, *, with_raw: bool = True) -> MessageRow | None:
         def q(conn: sqlite3.Connection) -> MessageRow | None:
             r = conn.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ?", (msg_id,)
+                f"SELECT {MSG_COLUMNS} FROM messages WHERE id = ?", (msg_id,)
             ).fetchone()
             if r is None:
                 return None
@@ -1054,12 +1049,12 @@ class SqliteSpool:
         def q(conn: sqlite3.Connection) -> list[MessageRow]:
             if state:
                 rows = conn.execute(
-                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE state = ? ORDER BY id LIMIT ?",
+                    f"SELECT {MSG_COLUMNS} FROM messages WHERE state = ? ORDER BY id LIMIT ?",
                     (state, limit),
                 )
             else:
                 rows = conn.execute(
-                    f"SELECT {_MSG_COLUMNS} FROM messages ORDER BY id LIMIT ?", (limit,)
+                    f"SELECT {MSG_COLUMNS} FROM messages ORDER BY id LIMIT ?", (limit,)
                 )
             return [message_row(r) for r in rows]
 
