@@ -707,7 +707,7 @@ def report(run: int, imap: Phase, smtp: Phase, peer: PeerRun | None) -> None:
 def summary(results: list[tuple[Phase, Phase, PeerRun | None]]) -> None:
     if len(results) < 2:
         return
-    rows = []
+    rows: list[list[object]] = []
     nan = float("nan")
     for i, (imap, smtp, peer) in enumerate(results, 1):
         rows.append(

@@ -2,7 +2,7 @@
 
 This package owns everything between the bytes the intake stored and the decoded values the
 rest of the pipeline reads: MIME structure, charsets, RFC 2047 words, addresses, the text body,
-attachments (TNEF included) and the list of what had to be repaired (`ParsedMail.defects`).
+attachments (TNEF and files uuencoded inside a text part included) and the list of what had to be repaired (`ParsedMail.defects`).
 
 Which library does what, and why
     * MIME structure: the standard library's feed parser with `policy.compat32`, fed in chunks.
@@ -22,7 +22,10 @@ Repairs (each recorded in `defects`, except the cp1252 rule, which is how the we
     * ISO-8859-1 / US-ASCII labels are decoded as Windows-1252 (a superset for text), unless
       the bytes are plainly UTF-8; 8-bit data without a usable label is UTF-8 when valid, else
       Windows-1252; "UTF-8" that has no valid multi-byte sequence at all is Windows-1252.
-    * Unknown or unusable charsets: UTF-8 with replacement characters. Known-weak labels get
+    * A known name written with a separator inside ("latin-9", "cp-1251") is that charset.
+    * Unknown charset labels ("x-unknown-8bit", a typo) count as no label: UTF-8 when valid,
+      else the site's `fallback_charsets`, a detector, Windows-1252 (as undeclared 8-bit data).
+      A known codec whose data is invalid: replacement characters. Known-weak labels get
       their superset (ISO-2022-JP → its extensions, Shift_JIS → cp932, GB2312 → GB18030,
       Big5 → Big5-HKSCS, KS C 5601 / EUC-KR → cp949, TIS-620 → cp874); invalid data is
       decoded with replacement characters, never raised.

@@ -88,9 +88,17 @@ def _codec(label: str) -> str | None:
     except KeyError:
         pass
     name: str | None
+    info: codecs.CodecInfo | None
     try:
         info = codecs.lookup(label)
     except (LookupError, ValueError, TypeError):
+        # "latin-9", "cp-1252", "shift-jis": a known name written with a separator inside
+        squeezed = label.replace("-", "").replace("_", "").replace(" ", "")
+        try:
+            info = codecs.lookup(squeezed) if squeezed != label else None
+        except (LookupError, ValueError, TypeError):
+            info = None
+    if info is None:
         name = None
     else:
         name = info.name
@@ -192,8 +200,9 @@ def decode_bytes(data: bytes, label: str | None) -> tuple[str, str | None]:
     if chain is None:
         codec = _codec(lab)
         if codec is None:
-            text = data.decode("utf-8", "replace")
-            return text, f"unknown charset {label!r}: decoded as UTF-8"
+            # a label nobody knows ("x-unknown-8bit", a typo) says no more than no label
+            text, how = (data.decode("ascii"), "ASCII") if data.isascii() else _decode_guess(data)
+            return text, f"unknown charset {label!r}: decoded as {how}"
         chain = (codec,)
     if chain[0] == "utf_8":
         try:
