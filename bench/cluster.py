@@ -420,7 +420,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--worker-scheduling",
-        type=lambda s: s.split(","),
+        type=common.scheduling_list,
         default=["batch"],
         help="[gateway] worker_scheduling of the nodes, comma-separated to compare in one run:"
         " batch (the default), idle, normal",
@@ -441,9 +441,6 @@ def main() -> int:
         " 0 (the default) = a burst, each sender as fast as its mails are accepted",
     )
     args = ap.parse_args()
-    bad = set(args.worker_scheduling) - {"batch", "idle", "normal"}
-    if bad:
-        ap.error(f"--worker-scheduling: unknown {sorted(bad)}; choose batch, idle, normal")
     return asyncio.run(main_async(args))
 
 

@@ -93,6 +93,18 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[rank - 1]
 
 
+SCHEDULING = ("batch", "idle", "normal")  # [gateway] worker_scheduling
+
+
+def scheduling_list(value: str) -> list[str]:
+    """argparse type of `--worker-scheduling`: policies, comma-separated, to compare in one run."""
+    names = value.split(",")
+    bad = sorted(set(names) - set(SCHEDULING))
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose {', '.join(SCHEDULING)}")
+    return names
+
+
 def print_table(
     headers: Sequence[str], rows: Iterable[Sequence[object]], *, title: str = ""
 ) -> None:

@@ -400,7 +400,7 @@ def main() -> int:
     p.add_argument("--count", type=int, default=3000, help="mails per run (default 3000)")
     p.add_argument(
         "--worker-scheduling",
-        type=lambda s: s.split(","),
+        type=common.scheduling_list,
         default=["batch"],
         help="[gateway] worker_scheduling of B, comma-separated to compare: batch (the default),"
         " idle, normal",
@@ -415,9 +415,6 @@ def main() -> int:
         help='[ack] envelope_from for the daemon (default "": the null sender, as in quick start)',
     )
     args = p.parse_args()
-    bad = set(args.worker_scheduling) - {"batch", "idle", "normal"}
-    if bad:
-        p.error(f"--worker-scheduling: unknown {sorted(bad)}; choose batch, idle, normal")
     unknown = set(args.spool) - set(TARGETS)
     if unknown:
         p.error(f"--spool: unknown engine(s) {sorted(unknown)}; choose sqlite, postgresql")

@@ -114,6 +114,31 @@ def test_unknown_charset_with_legacy_8bit_text_is_decoded_as_undeclared_text() -
     )
 
 
+def test_a_file_uuencoded_in_the_text_becomes_an_attachment_and_leaves_the_text() -> None:
+    import binascii
+
+    data = bytes(range(256)) * 3 + bytes(40)  # ends in zero bytes: spaces, stripped on the way
+    block = "".join(
+        binascii.b2a_uu(data[i : i + 45]).decode().rstrip(" \n") + "\n"
+        for i in range(0, len(data), 45)
+    )
+    raw = (
+        "From: notes@customer.example\r\nTo: support@example.com\r\nSubject: log\r\n\r\n"
+        "The log is attached.\r\n\r\nbegin 644 server log.bin\r\n"
+        + block.replace("\n", "\r\n")
+        + "`\r\nend\r\n\r\nRegards\r\n"
+    ).encode()
+    mail = parse(raw)
+    assert [(a.filename, a.data) for a in mail.attachments] == [("server log.bin", data)]
+    assert "begin 644" not in mail.text and "Regards" in mail.text
+    assert mail.text.startswith("The log is attached.")
+    # a sentence that merely looks like a block start, and a block that does not decode, stay
+    prose = b"From: a@customer.example\r\n\r\nbegin 644 is a mode\r\nend\r\nbegin 644 x\r\n!!\r\nend\r\n"
+    mail = parse(prose)
+    assert mail.attachments == [] or all(a.filename != "x" for a in mail.attachments)
+    assert "begin 644 is a mode" in mail.text and "!!" in mail.text
+
+
 def test_raw_utf8_headers_rfc6532() -> None:
     mail = parsed("raw_utf8_headers.eml")
     assert mail.subject == "Ärger mit der Bestellung – 注文"

@@ -2,7 +2,7 @@
 
 This package owns everything between the bytes the intake stored and the decoded values the
 rest of the pipeline reads: MIME structure, charsets, RFC 2047 words, addresses, the text body,
-attachments (TNEF included) and the list of what had to be repaired (`ParsedMail.defects`).
+attachments (TNEF and files uuencoded inside a text part included) and the list of what had to be repaired (`ParsedMail.defects`).
 
 Which library does what, and why
     * MIME structure: the standard library's feed parser with `policy.compat32`, fed in chunks.

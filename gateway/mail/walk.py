@@ -27,6 +27,7 @@ from gateway.mail.mime import (
     _fast_base64,
     _parse_bytes,
 )
+from gateway.mail.uuencode import extract_uuencoded
 
 _TNEF_SIGNATURE = b"\x78\x9f\x3e\x22"
 _TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
@@ -515,6 +516,10 @@ class _Walker:
             if str(part.get_param("format", "") or "").lower() == "flowed":
                 delsp = str(part.get_param("delsp", "") or "").lower() == "yes"
                 text = _unflow(text, delsp)
+            text, files = extract_uuencoded(text)
+            for name, payload in files:
+                name = _safe_filename(name) or self.generated_name("application/octet-stream")
+                self.attachments.append(_Part(name, _guess_type(name), payload))
             return [_Segment(plain=text)]
         data = self.payload(part, path)
         if ctype in _TNEF_TYPES or filename.lower() == "winmail.dat":

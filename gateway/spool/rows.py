@@ -1,5 +1,5 @@
 """What both spool engines do the same way around their queries: rows to typed rows, the ticket a
-reference means, and the order of the acknowledgement limits.
+reference means, the order of the acknowledgement limits, and the column list they select.
 
 Engine-neutral: a row is anything indexed by column name (`sqlite3.Row`, psycopg's dict rows);
 the engines keep their SQL, their transactions and their way of running them.
@@ -18,6 +18,14 @@ from gateway.spool.base import AckLimits, AckRow, MessageRow, NodeInfo, TicketIn
 
 class Row(Protocol):
     def __getitem__(self, key: str) -> Any: ...
+
+
+# the `messages` columns that `message_row` reads, in the engines' SELECTs
+MSG_COLUMNS = (
+    "id, state, intake, mail_from, rcpt_tos, peer, received_at, size, attempts, next_attempt_at,"
+    " first_attempt_at, last_error, backend, rule, action, ticket_ref, ticket_id, message_id,"
+    " subject, progress, uncertain, updated_at, crashes, claimed_by, lease_until"
+)
 
 
 def message_row(r: Row, raw: bytes | None = None) -> MessageRow:
