@@ -13,6 +13,7 @@ Modules (each imports only those above it)
     progress  `SpoolProgress`: a backend's steps for one mail, durable in the spool
     slots     a backend's call slots across the cluster: `SlotGate` (this process's side of
               them) and the worker's methods that take, lend and give back a slot
+    acks      the acknowledgement decisions (who gets one, the own DKIM check, the draft)
     pipeline  `Worker`: the loop, one mail's pipeline, delivery to a backend, its outcome
 """
 

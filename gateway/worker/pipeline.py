@@ -18,16 +18,12 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from gateway import classify, routing
-from gateway.ack import Template, build_ack
+from gateway.ack import Template
 from gateway.ackpolicy import (
-    NO_ACK,
     AckVerdict,
     DkimResult,
-    ack_verdict,
     apply_policy,
-    from_domain,
     own_dkim_wanted,
-    rate_keys,
 )
 from gateway.backends.base import Backend
 from gateway.errors import (
@@ -43,7 +39,6 @@ from gateway.retry import SLOT_REQUEUE, Backoff
 from gateway.rules import RouteContext, RuleSet
 from gateway.spool.base import (
     BLOB_STREAM_MIN,
-    AckDraft,
     BodySource,
     MessageRow,
     Outcome,
@@ -51,6 +46,7 @@ from gateway.spool.base import (
     State,
 )
 from gateway.status import StatusBoard
+from gateway.worker.acks import Acknowledgements
 from gateway.worker.progress import SpoolProgress
 from gateway.worker.settings import WorkerSettings
 from gateway.worker.slots import CallSlots, SlotGate, _SlotHold
@@ -65,7 +61,7 @@ LEASE_MARGIN = 2.0  # s before a claim's lease runs out when a write stops being
 STREAM_BODY_MIN = BLOB_STREAM_MIN  # mails above this size are parsed from the spool in pieces
 
 
-class Worker(CallSlots):
+class Worker(CallSlots, Acknowledgements):
     def __init__(
         self,
         spool: Spool,
@@ -252,29 +248,6 @@ class Worker(CallSlots):
         finally:
             self._dkim.pop(msg_id, None)
             self._verdicts.pop(msg_id, None)
-
-    async def _own_dkim(self, row: MessageRow, mail: ParsedMail) -> DkimResult:
-        """The gateway's own DKIM check (`[ack] verify_dkim`), in a thread: DNS and hashing.
-        The raw bytes were let go after parsing; this rare path reads them again."""
-        from gateway import dkimcheck  # dkimpy, dnspython: loaded once, by the first such mail
-
-        if row.size > dkimcheck.MAX_BYTES:
-            return DkimResult("", f"not verified: larger than {dkimcheck.MAX_BYTES} bytes")
-        data = await self.spool.read_body(row.id)
-        if data is None:
-            return DkimResult("", "not verified: the raw message is gone")
-        result = await asyncio.to_thread(dkimcheck.check, data, from_domain(mail), self.s.dkim)
-        log.info(
-            "dkim_checked",
-            extra={
-                "fields": {
-                    "id": row.id,
-                    "result": "pass" if result.passed else "fail",
-                    "detail": (result.passed or result.why)[:300],
-                }
-            },
-        )
-        return result
 
     async def _parse(self, raw: bytes | RawSource) -> ParsedMail:
         parse_one = functools.partial(parse, fallback_charsets=self.s.fallback_charsets)
@@ -738,72 +711,6 @@ class Worker(CallSlots):
             st = self._backend_status[backend]
             st.extra["last_failure"] = round(time.time(), 3)
 
-    async def _ack(
-        self, mail: ParsedMail, row: MessageRow, decision: Decision, ref: TicketRef, action: str
-    ) -> AckDraft | None:
-        ack_name = decision.ack
-        if ack_name is None and decision.action == "followup" and action == "new":
-            # the follow-up's ticket was unknown or closed: it became a new ticket, which the
-            # sender must learn the reference of
-            ack_name = "default"
-        if ack_name is None or decision.automatic:
-            for reason in decision.reasons:
-                if reason.startswith(NO_ACK):  # the policy's (apply_policy), not the rules'
-                    log.info(
-                        "ack_skipped",
-                        extra={"fields": {"id": row.id, "reason": reason[len(NO_ACK) :]}},
-                    )
-                    self._withheld(reason.removeprefix(NO_ACK))
-            return None
-        return await self._reply(mail, row, ack_name, ref)
-
-    async def _reply(
-        self, mail: ParsedMail, row: MessageRow, template_name: str, ref: TicketRef | None
-    ) -> AckDraft | None:
-        """Render an acknowledgement (or a suppress rule's notice) if the policy allows one
-        (`gateway.ackpolicy`: RFC 3834, own and no-reply addresses, sender authentication).
-        The hourly limits are checked by the spool when it queues it (`AckLimits`)."""
-        s = self.s
-        verdict = self._verdicts.get(row.id)
-        if verdict is None:  # apply_policy had none: the rules asked for no acknowledgement
-            verdict = ack_verdict(mail, row.envelope, s.ack_policy, self._dkim.get(row.id))
-        rcpt = verdict.rcpt
-        if rcpt is None:
-            log.info("ack_skipped", extra={"fields": {"id": row.id, "reason": verdict.reason}})
-            self._withheld(verdict.reason)
-            return None
-        template = self.templates.get(template_name) or self.templates.get("default")
-        if template is None:
-            return None
-        from_address = (
-            s.ack_from_address or next(iter(row.envelope.rcpt_tos), "") or "support@localhost"
-        )
-        if ref is not None:
-            token = self.tokens.get(ref.backend, "[Ticket #{ref}]").replace("{ref}", ref.ref)
-        else:
-            token = ""
-        data, ack_id = build_ack(
-            template,
-            mail,
-            rcpt=rcpt,
-            ref=ref.ref if ref else "",
-            token=token,
-            from_address=from_address,
-            from_name=s.ack_from_name,
-            hostname=s.hostname,
-            backend=ref.backend if ref else "",
-        )
-        sender_key, domain = rate_keys(rcpt)
-        return AckDraft(
-            rcpt=rcpt,
-            mail_from=s.ack_envelope_from,
-            data=data,
-            message_id=ack_id,
-            sender_key=sender_key,
-            domain=domain,
-            limits=s.ack_limits,
-        )
-
     async def _possible_duplicate(
         self, row: MessageRow, backend: Backend, ref: TicketRef, mail: ParsedMail, notes: list[str]
     ) -> None:
@@ -830,15 +737,6 @@ class Worker(CallSlots):
             f" ticket is {first or 'unknown'} ({backend.system} cannot be searched)"
         )
         self._count("possible_duplicates", backend=backend.name)
-
-    def _withheld(self, reason: str) -> None:
-        label = _withheld_label(reason)
-        if label != "disabled":
-            self._count("acks_withheld", reason=label)
-
-    def _count(self, name: str, **labels: str) -> None:
-        if self.metrics is not None:
-            self.metrics.count(name, **labels)
 
     async def _finish(
         self, row: MessageRow, outcome: Outcome, decision: Decision | None = None
@@ -875,17 +773,3 @@ class Worker(CallSlots):
                 State.DUPLICATE: "duplicate",
             }.get(outcome.state, outcome.state.value)
             self.metrics.outcome(name, row.envelope.intake, rule, outcome.backend)
-
-
-def _withheld_label(reason: str) -> str:
-    """A fixed metric label for why the policy allowed no acknowledgement (never an address)."""
-    for prefix, label in (
-        ("sender not authenticated", "unauthenticated"),
-        ("null envelope sender", "null_sender"),
-        ("the reply address is one of our own", "own_address"),
-        ("the reply address is a no-reply", "no_reply_address"),
-        ("acknowledgements are off", "disabled"),
-    ):
-        if reason.startswith(prefix):
-            return label
-    return "no_address"
