@@ -132,6 +132,10 @@ def test_a_file_uuencoded_in_the_text_becomes_an_attachment_and_leaves_the_text(
     assert [(a.filename, a.data) for a in mail.attachments] == [("server log.bin", data)]
     assert "begin 644" not in mail.text and "Regards" in mail.text
     assert mail.text.startswith("The log is attached.")
+    # one short line that lost its trailing space on the way, then the block's end line
+    short = binascii.b2a_uu(b"error at line 42\n").decode().rstrip(" \n")
+    mail = parse(f"From: a@customer.example\n\nLog:\nbegin 644 e.log\n{short}\n`\nend\n".encode())
+    assert [(a.filename, a.data) for a in mail.attachments] == [("e.log", b"error at line 42\n")]
     # a sentence that merely looks like a block start, and a block that does not decode, stay
     prose = b"From: a@customer.example\r\n\r\nbegin 644 is a mode\r\nend\r\nbegin 644 x\r\n!!\r\nend\r\n"
     mail = parse(prose)

@@ -53,7 +53,10 @@ def extract_uuencoded(text: str) -> tuple[str, list[tuple[str, bytes]]]:
         try:
             lines = [_uu_line(line.rstrip("\r")) for line in body if line.strip()]
             data = b"".join(chunk for chunk, _whole in lines)
-            if not data or not any(whole and chunk for chunk, whole in lines):
+            # a whole line of data, or the zero-length line that ends a block, shows that this
+            # is uuencoding (a single short line that lost its trailing spaces has only the end)
+            ended = lines[-1][0] == b"" if lines else False
+            if not data or not (ended or any(whole and chunk for chunk, whole in lines)):
                 raise ValueError("no whole line of data")
         except (binascii.Error, UnicodeEncodeError, ValueError):
             kept.append(text[pos : end.end()])  # not uuencoding after all: text
