@@ -7,7 +7,8 @@ the checks that do not need stored state, so that `gateway route` (the dry run) 
 decide the same way:
 
 * `ack_verdict` picks the recipient (Reply-To only where it is the From's own domain when
-  authentication is required) and says no for automatic mail, our own addresses, no-reply
+  authentication is required) and says no for automatic mail, a sender who asked for no
+  automatic replies (X-Auto-Response-Suppress: All or AutoReply), our own addresses, no-reply
   addresses and, with `require = "authenticated"`, for a sender whose authentication a trusted
   `Authentication-Results` header (RFC 8601) does not vouch for;
 * `sender_authentication` reads those headers: only the topmost one of each trusted
@@ -327,6 +328,18 @@ def from_domain(mail: ParsedMail) -> str:
     return _domain_of(mail.from_addr) if "@" in mail.from_addr else ""
 
 
+# MS-OXCMAIL 2.2.3.2.20: X-Auto-Response-Suppress lists what the sender wants no automatic answer
+# of (DR, NDR, RN, NRN, OOF, AutoReply, All); an acknowledgement is an auto-reply
+_SUPPRESS_AUTOREPLY = frozenset({"all", "autoreply"})
+
+
+def _suppresses_autoreply(value: str | None) -> bool:
+    if not value:
+        return False
+    tokens = {t.strip().lower() for t in re.split(r"[,;\s]+", value) if t.strip()}
+    return bool(tokens & _SUPPRESS_AUTOREPLY)
+
+
 def ack_verdict(
     mail: ParsedMail, envelope: Envelope, policy: AckPolicy, dkim: DkimResult | None = None
 ) -> AckVerdict:
@@ -336,6 +349,10 @@ def ack_verdict(
         return AckVerdict(None, "acknowledgements are off ([ack] enabled = false)")
     if not envelope.mail_from and envelope.intake == "smtp":
         return AckVerdict(None, "null envelope sender: never answered (RFC 3834)")
+    if _suppresses_autoreply(mail.header("X-Auto-Response-Suppress")):
+        return AckVerdict(
+            None, "the sender asked for no automatic replies (X-Auto-Response-Suppress)"
+        )
     authenticated = ""
     from_addr = mail.from_addr.lower()
     if policy.require == "authenticated":

@@ -5,8 +5,11 @@ no spool look-ups: the worker feeds what these return (a reason, a ref, message 
 the spool and to the rules.
 
 * `auto_reason` says why a mail is automatic (RFC 3834 Auto-Submitted, RFC 3464 / RFC 8098
-  reports, Precedence, List-*, X-Autoreply and friends, X-Auto-Response-Suppress, the null
-  envelope sender, MAILER-DAEMON / postmaster, explicit auto-reply or bounce subjects), or None.
+  reports, Precedence, List-*, X-Autoreply and friends, the null envelope sender,
+  MAILER-DAEMON / postmaster, explicit auto-reply or bounce subjects), or None. Not
+  X-Auto-Response-Suppress: Exchange sets it on mail people write too, and it asks only that no
+  automatic reply be sent (the acknowledgement policy honours that, gateway.ackpolicy); as a
+  sign of automatic mail it lost their mail to Discourse, osTicket and Redmine users.
   The subject heuristic alone flags only explicit phrases at the very start of the subject
   ("Automatic reply:", "Abwesenheitsnotiz:", "Out of Office:"...), never "Re: out of office?".
 * `is_own_address` recognises the gateway's own addresses (case-insensitive, +tags ignored).
@@ -146,9 +149,6 @@ def auto_reason(mail: ParsedMail, envelope: Envelope) -> str | None:
         token = _token(value)
         if token in _PRECEDENCE_AUTO:
             return f"precedence: {token}"
-    value = mail.header("X-Auto-Response-Suppress")
-    if value is not None and _token(value) not in _FALSE_VALUES:
-        return "x-auto-response-suppress"
     if mail.header("List-Id") is not None:
         return "list-id"
     if mail.header("List-Unsubscribe") is not None:

@@ -54,7 +54,8 @@ class Metrics:
         self.acks_withheld = Counter(
             "gateway_acks_withheld",
             "Acknowledgements the rules asked for that did not go out, by reason"
-            " (unauthenticated, rate_sender, rate_domain, rate_global, no_reply_address, ...)",
+            " (unauthenticated, rate_sender, rate_domain, rate_global, no_reply_address,"
+            " suppress_requested, ...)",
             ["reason"],
             registry=self.registry,
         )

@@ -173,6 +173,33 @@ def test_never_answered(policy: AckPolicy, env: Envelope, addr: str, why: str) -
     assert verdict.rcpt is None and why in verdict.reason
 
 
+@pytest.mark.parametrize(
+    ("value", "answered"),
+    [
+        ("All", False),
+        ("DR, RN, NRN, OOF, AutoReply", False),
+        ("autoreply", False),
+        ("DR, RN, NRN", True),  # receipts only: an acknowledgement is none of them
+        ("OOF", True),
+        ("", True),
+    ],
+)
+def test_a_sender_who_asks_for_no_automatic_replies_gets_no_acknowledgement(
+    value: str, answered: bool
+) -> None:
+    asked = ParsedMail(
+        subject="help",
+        from_addr="anna@customer.org",
+        headers=(("X-Auto-Response-Suppress", value),),
+    )
+    verdict = ack_verdict(asked, ENV, AckPolicy())
+    if answered:
+        assert verdict.rcpt == "anna@customer.org"
+    else:
+        assert verdict.rcpt is None
+        assert verdict.reason.startswith("the sender asked for no automatic replies")
+
+
 # -- what the default template quotes ----------------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ def reason(name: str, envelope: Envelope | None = None) -> str | None:
         ("autoreply_rfc3834.eml", "auto-submitted: auto-replied"),
         ("dsn_report.eml", "auto-submitted: auto-replied"),  # Auto-Submitted comes first
         ("mdn_report.eml", "disposition notification (RFC 8098)"),
-        ("oof_exchange.eml", "x-auto-response-suppress"),
+        ("oof_exchange.eml", "subject looks like auto reply"),
         ("oof_subject_only.eml", "subject looks like auto reply"),
         ("precedence_bulk.eml", "precedence: bulk"),
         ("list_mail.eml", "list-id"),
@@ -78,6 +78,9 @@ def test_delivery_status_without_other_markers() -> None:
         "forward_rfc822.eml",
         "html_only.eml",
         "inline_cid.eml",
+        # Exchange puts X-Auto-Response-Suppress on mail people write: it asks for no automatic
+        # reply (no acknowledgement), it does not make the mail automatic (no ticket)
+        "outlook_suppress_header.eml",
     ],
 )
 def test_human_mail_is_not_automatic(name: str) -> None:

@@ -138,6 +138,7 @@ def _withheld_label(reason: str) -> str:
         ("null envelope sender", "null_sender"),
         ("the reply address is one of our own", "own_address"),
         ("the reply address is a no-reply", "no_reply_address"),
+        ("the sender asked for no automatic replies", "suppress_requested"),
         ("acknowledgements are off", "disabled"),
     ):
         if reason.startswith(prefix):
