@@ -101,6 +101,9 @@ class Decision:
     ack: str | None = "default"  # template name, None = no acknowledgement
     reasons: tuple[str, ...] = ()
     automatic: bool = False  # the mail is auto-generated (never acknowledged)
+    # a matching rule says match.automatic = true: automatic mail may become a new ticket (else
+    # only a follow-up of a ticket that exists)
+    automatic_ticketed: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {

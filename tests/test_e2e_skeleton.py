@@ -131,6 +131,35 @@ def test_permanent_rejection_dead_letters_with_the_reason_and_retry_replays(
     assert wait_for(lambda: len(tickets_with(sim, "rejected one")) == 1, timeout=30)
 
 
+def test_an_auto_reply_to_an_unknown_ticket_is_suppressed_and_a_person_s_reply_ticketed(
+    stack: tuple[SimProcess, DaemonProcess],
+) -> None:
+    import json
+
+    sim, daemon = stack
+
+    def state_of(subject: str) -> list[str]:
+        out = daemon.gateway("queue", "-c", str(daemon.config), "ls", "--json")
+        rows = json.loads(out.stdout or b"[]")
+        return [r["state"] for r in rows if r.get("subject") == subject]
+
+    # an out-of-office answer to an old or forged token: automatic mail, no ticket of its own
+    msg = EmailMessage()
+    msg["From"] = "Otto Office <otto@example.org>"
+    msg["To"] = "support@example.com"
+    msg["Subject"] = auto = "Automatic reply: [Ticket #4242] Your request"
+    msg["Auto-Submitted"] = "auto-replied"
+    msg.set_content("I am out of the office until Monday.")
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=30) as s:
+        s.send_message(msg, from_addr="otto@example.org", to_addrs=["support@example.com"])
+    # a person answering with the same unknown token: a new ticket, as before
+    send(daemon.smtp_port, human := "Re: [Ticket #4242] Your request", body="Still broken.")
+    assert wait_for(lambda: [t for t in tickets_with(sim, human) if t["messages"]], timeout=30)
+    assert wait_for(lambda: state_of(auto) == ["suppressed"], timeout=30)
+    assert tickets_with(sim, auto) == []
+    assert not [m for m in sim.get("/_sim/outbox") if m["rcpt_tos"] == ["otto@example.org"]]
+
+
 def test_health_reports_components(stack: tuple[SimProcess, DaemonProcess]) -> None:
     _, daemon = stack
     r = httpx.get(f"http://127.0.0.1:{daemon.health_port}/healthz")

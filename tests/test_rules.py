@@ -667,6 +667,13 @@ def test_automatic_followup_is_added_marked_automatic(tmp_path: Path) -> None:
     assert (d.action, d.backend, d.followup_of, d.ack, d.automatic) == (
         "followup", "whmcs", "77", None, True,
     )  # fmt: skip
+    # no rule lets automatic mail become a ticket: if the ticket is gone, the worker suppresses it
+    assert d.automatic_ticketed is False
+    allowing = rules(
+        tmp_path, '[[rule]]\nname = "all"\nbackend = "soap"\n[rule.match]\nautomatic = true\n'
+    )
+    d = route(allowing, auto_reason="X-Autoreply", followup_ref="77")
+    assert (d.action, d.automatic, d.automatic_ticketed) == ("followup", True, True)
 
 
 def test_suppress_rule(tmp_path: Path) -> None:

@@ -143,7 +143,8 @@ class RuleSet:
                 rule_name, "", "suppress", ack=None, automatic=automatic, reasons=tuple(reasons)
             )
 
-        if automatic and not followup and not any(r.match_automatic is True for r in chain):
+        ticketed = any(r.match_automatic is True for r in chain)
+        if automatic and not followup and not ticketed:
             reasons.append(
                 "suppressed: automatic mail is not ticketed unless a matching rule says "
                 "match.automatic = true"
@@ -167,6 +168,7 @@ class RuleSet:
                 followup_of=ctx.followup_ref,
                 ack=ack,
                 automatic=automatic,
+                automatic_ticketed=automatic and ticketed,
                 reasons=tuple(reasons),
             )
         ack = merged.get("ack", "default")
@@ -180,6 +182,7 @@ class RuleSet:
             ticket=ticket,
             ack=ack,
             automatic=automatic,
+            automatic_ticketed=automatic,  # automatic mail gets here only when a rule allows it
             reasons=tuple(reasons),
         )
 

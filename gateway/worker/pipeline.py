@@ -518,6 +518,7 @@ class Worker(CallSlots, Acknowledgements):
 
         action = decision.action
         notes: list[str] = []
+        dropped = False  # an automatic follow-up whose ticket is gone: no new ticket for it
         try:
             ref: TicketRef | None = None
             if decision.action == "followup" and decision.followup_of:
@@ -541,12 +542,20 @@ class Worker(CallSlots, Acknowledgements):
                 if state == "closed" and self.s.followup_closed == "new":
                     notes.append(f"ticket {decision.followup_of} is closed: new ticket (policy)")
                     state = "unknown"
-                if state == "unknown":
+                if state == "unknown" and decision.automatic and not decision.automatic_ticketed:
+                    # an auto-reply to a ticket that is unknown (a forged or old token) or closed
+                    # is automatic mail like any other: suppressed, not a new ticket
+                    dropped = True
+                    notes.append(
+                        "suppressed: automatic mail that follows up no open ticket is not"
+                        " ticketed unless a matching rule says match.automatic = true"
+                    )
+                elif state == "unknown":
                     action = "new"
                 else:
                     await backend.add_message(target, mail, progress, automatic=decision.automatic)
                     ref = target
-            if ref is None:
+            if ref is None and not dropped:
                 action = "new"
                 recreate = row.uncertain and not progress.data
                 if recreate:
@@ -618,6 +627,20 @@ class Worker(CallSlots, Acknowledgements):
                 "backend_recovered",
                 extra={"fields": {"backend": backend.name, "released": released}},
             )
+        if ref is None:  # dropped
+            await self._finish(
+                row,
+                Outcome(
+                    state=State.SUPPRESSED,
+                    reason="; ".join([*decision.reasons, *notes]),
+                    backend=backend.name,
+                    rule=decision.rule,
+                    action="suppress",
+                    message_id=mail.message_id,
+                ),
+                decision=decision,
+            )
+            return
         ack = await self._ack(mail, row, decision, ref, action)
         reasons = [*decision.reasons, *notes]
         await self._finish(
