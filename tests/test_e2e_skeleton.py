@@ -138,10 +138,9 @@ def test_an_auto_reply_to_an_unknown_ticket_is_suppressed_and_a_person_s_reply_t
 
     sim, daemon = stack
 
-    def state_of(subject: str) -> list[str]:
+    def rows_of(subject: str) -> list[dict]:  # type: ignore[type-arg]
         out = daemon.gateway("queue", "-c", str(daemon.config), "ls", "--json")
-        rows = json.loads(out.stdout or b"[]")
-        return [r["state"] for r in rows if r.get("subject") == subject]
+        return [r for r in json.loads(out.stdout or b"[]") if r.get("subject") == subject]
 
     # an out-of-office answer to an old or forged token: automatic mail, no ticket of its own
     msg = EmailMessage()
@@ -155,7 +154,11 @@ def test_an_auto_reply_to_an_unknown_ticket_is_suppressed_and_a_person_s_reply_t
     # a person answering with the same unknown token: a new ticket, as before
     send(daemon.smtp_port, human := "Re: [Ticket #4242] Your request", body="Still broken.")
     assert wait_for(lambda: [t for t in tickets_with(sim, human) if t["messages"]], timeout=30)
-    assert wait_for(lambda: state_of(auto) == ["suppressed"], timeout=30)
+    rows = wait_for(lambda: [r for r in rows_of(auto) if r["state"] == "suppressed"], timeout=30)
+    assert rows and len(rows_of(auto)) == 1
+    why = rows[0]["last_error"]
+    assert "unknown to superoffice-soap" in why and "new ticket" not in why
+    assert "suppressed: automatic mail that follows up no open ticket" in why
     assert tickets_with(sim, auto) == []
     assert not [m for m in sim.get("/_sim/outbox") if m["rcpt_tos"] == ["otto@example.org"]]
 

@@ -536,11 +536,9 @@ class Worker(CallSlots, Acknowledgements):
                     state = await backend.ticket_status(target)
                 except PermanentError as exc:
                     state = "unknown"
-                    notes.append(
-                        f"ticket {decision.followup_of} unknown to {backend.name} ({exc}): new ticket"
-                    )
+                    notes.append(f"ticket {decision.followup_of} unknown to {backend.name} ({exc})")
                 if state == "closed" and self.s.followup_closed == "new":
-                    notes.append(f"ticket {decision.followup_of} is closed: new ticket (policy)")
+                    notes.append(f"ticket {decision.followup_of} is closed (followup_closed = new)")
                     state = "unknown"
                 if state == "unknown" and decision.automatic and not decision.automatic_ticketed:
                     # an auto-reply to a ticket that is unknown (a forged or old token) or closed
@@ -552,6 +550,8 @@ class Worker(CallSlots, Acknowledgements):
                     )
                 elif state == "unknown":
                     action = "new"
+                    if notes:  # said why just above
+                        notes[-1] += ": new ticket"
                 else:
                     await backend.add_message(target, mail, progress, automatic=decision.automatic)
                     ref = target
