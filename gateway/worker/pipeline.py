@@ -518,7 +518,6 @@ class Worker(CallSlots, Acknowledgements):
 
         action = decision.action
         notes: list[str] = []
-        dropped = False  # an automatic follow-up whose ticket is gone: no new ticket for it
         try:
             ref: TicketRef | None = None
             if decision.action == "followup" and decision.followup_of:
@@ -543,7 +542,7 @@ class Worker(CallSlots, Acknowledgements):
                 if state == "unknown" and decision.automatic and not decision.automatic_ticketed:
                     # an auto-reply to a ticket that is unknown (a forged or old token) or closed
                     # is automatic mail like any other: suppressed, not a new ticket
-                    dropped = True
+                    action = "suppress"
                     notes.append(
                         "suppressed: automatic mail that follows up no open ticket is not"
                         " ticketed unless a matching rule says match.automatic = true"
@@ -555,7 +554,7 @@ class Worker(CallSlots, Acknowledgements):
                 else:
                     await backend.add_message(target, mail, progress, automatic=decision.automatic)
                     ref = target
-            if ref is None and not dropped:
+            if ref is None and action != "suppress":
                 action = "new"
                 recreate = row.uncertain and not progress.data
                 if recreate:
@@ -627,7 +626,7 @@ class Worker(CallSlots, Acknowledgements):
                 "backend_recovered",
                 extra={"fields": {"backend": backend.name, "released": released}},
             )
-        if ref is None:  # dropped
+        if ref is None:  # action "suppress": an automatic follow-up of no open ticket
             await self._finish(
                 row,
                 Outcome(
